@@ -1,0 +1,67 @@
+"""Shared plumbing of the commands: error reporting, JSON output, exit codes."""
+
+import functools
+import json
+import sys
+import traceback
+
+import click
+
+from iterconv_keras import errors
+
+
+def report_errors(func):
+    """Turn library errors into one line on stderr and the documented exit code.
+
+    `IterconvError` carries its own code; `ValueError` from argument validation
+    is a usage error (2); anything else is an unexpected failure (1). With
+    ``--debug`` on the root command, the traceback is shown as well.
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        ctx = click.get_current_context()
+        debug = bool((ctx.find_root().obj or {}).get("debug"))
+        try:
+            return func(*args, **kwargs)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except errors.IterconvError as exc:
+            _fail(exc, exc.exit_code, debug)
+        except ValueError as exc:
+            _fail(exc, 2, debug)
+        except KeyboardInterrupt:
+            click.echo("iterconv: interrupted", err=True)
+            sys.exit(130)
+        except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
+            _fail(f"unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", 1, debug)
+
+    return wrapper
+
+
+def _fail(message, code, debug):
+    if debug:
+        traceback.print_exc()
+    text = " ".join(str(message).split()) or type(message).__name__
+    click.echo(f"iterconv: error: {text}", err=True)
+    sys.exit(code)
+
+
+def emit_json(document):
+    """Print exactly one JSON document on stdout."""
+    click.echo(json.dumps(document, indent=2, sort_keys=False, default=_json_default))
+
+
+def _json_default(value):
+    # numpy scalars and arrays reach here from metrics.
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def quiet_keras_for_json(json_output):
+    """Send Keras' progress output to stderr so stdout holds only the JSON."""
+    if json_output:
+        import keras
+
+        keras.config.disable_interactive_logging()
