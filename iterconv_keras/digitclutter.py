@@ -23,7 +23,7 @@ per layer on 32x32 cells, vectorised over a batch. The only approximation is whe
 the edges of two digits meet inside one output pixel; the fidelity test bounds the
 difference against a full-size PIL render.
 
-Determinism: parameters come from ``numpy.random.default_rng(seed)`` in a fixed order;
+Determinism: parameters come from ``numpy.random.default_rng([seed, block])`` in a fixed order;
 coverage tables are integer sums; compositing uses only element-wise IEEE float64
 operations (no reductions whose order could depend on the CPU), so the same seed
 gives the same bytes on any machine with the same font file (its sha256 and a hash
@@ -53,6 +53,8 @@ MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 128
 # Images composited per vectorised batch: large enough to amortise numpy call
 # overhead, small enough to stay in cache.
 _BATCH = 512
+# Images per independent random stream (see `generate`).
+_SEED_BLOCK = 4096
 
 
 @dataclasses.dataclass
@@ -111,13 +113,15 @@ def font_sha256():
         return hashlib.sha256(handle.read()).hexdigest()
 
 
-def _validate(n_digits, count, image_size):
+def _validate(n_digits, count, image_size, seed=0):
     if isinstance(n_digits, bool) or not isinstance(n_digits, (int, np.integer)):
         raise ValueError(f"n_digits must be an integer in {MIN_DIGITS}..{MAX_DIGITS}, got {n_digits!r}")
     if not MIN_DIGITS <= n_digits <= MAX_DIGITS:
         raise ValueError(f"n_digits must be in {MIN_DIGITS}..{MAX_DIGITS}, got {n_digits!r}")
     if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
         raise ValueError(f"count must be a non-negative integer, got {count!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)):
         raise ValueError(f"image_size must be an integer, got {image_size!r}")
     if not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
@@ -235,17 +239,20 @@ def sample_params(n_digits, count, rng, image_size=32):
     Args:
         n_digits: digits per image (distinct), 2..5.
         count: number of images.
-        rng: a ``numpy.random.Generator``; draws digits, then x, then y offsets.
+        rng: a ``numpy.random.Generator``; one row of ``10 + 2n`` uniforms per image.
         image_size: output side length (the hi-res canvas is 16 times larger).
 
     Returns:
         `Params` with hi-res top-left corners of each glyph's box.
     """
+    # One row of uniforms per image (10 sort keys, n x, n y), so the parameters of
+    # image i do not depend on how many images are drawn after it.
+    uniforms = rng.random((count, 10 + 2 * n_digits))
     # Distinct digits: the first n of a random permutation per image (stable
     # argsort so ties, however unlikely, resolve identically everywhere).
-    digits = np.argsort(rng.random((count, 10)), axis=1, kind="stable")[:, :n_digits]
-    dx = rng.uniform(*X_RANGE, size=(count, n_digits))
-    dy = rng.uniform(*Y_RANGE, size=(count, n_digits))
+    digits = np.argsort(uniforms[:, :10], axis=1, kind="stable")[:, :n_digits]
+    dx = X_RANGE[0] + (X_RANGE[1] - X_RANGE[0]) * uniforms[:, 10 : 10 + n_digits]
+    dy = Y_RANGE[0] + (Y_RANGE[1] - Y_RANGE[0]) * uniforms[:, 10 + n_digits :]
     side = RENDER_SCALE * image_size
     glyphs = _glyphs(image_size)
     heights = np.array([a.shape[0] for a in glyphs.outline])
@@ -356,8 +363,10 @@ def generate(n_digits, count, seed, *, image_size=32, progress=None):
     Args:
         n_digits: int, distinct digits per image, 2..5 (Spoerer et al. used 3, 4, 5).
         count: int, number of images.
-        seed: int, seed of ``numpy.random.default_rng``; the same seed gives the
-            same bytes on any machine with the same font file.
+        seed: int (non-negative); block b of 4096 images draws from
+            ``numpy.random.default_rng([seed, b])``, so the same seed gives the same
+            bytes on any machine with the same font file, and a smaller count gives
+            a prefix of a larger one.
         image_size: int, output side in pixels, default 32 (8..128).
         progress: optional callable receiving the number of images done so far.
 
@@ -372,18 +381,18 @@ def generate(n_digits, count, seed, *, image_size=32, progress=None):
 
     Reference: Spoerer, McClure & Kriegeskorte (2017), Front. Psychol. 8:1551.
     """
-    _validate(n_digits, count, image_size)
-    rng = np.random.default_rng(seed)
-    params = sample_params(n_digits, count, rng, image_size)
+    _validate(n_digits, count, image_size, seed)
     images = np.empty((count, image_size, image_size, 1), np.uint8)
-    # Parameters are drawn up front, so chunking for progress cannot change the bytes.
-    chunk = 8 * _BATCH
-    for start in range(0, count, chunk):
-        stop = min(start + chunk, count)
-        part = Params(params.digits[start:stop], params.top[start:stop], params.left[start:stop], image_size)
-        images[start:stop, :, :, 0] = render(part)
+    digits = np.empty((count, n_digits), np.int64)
+    # Each block of images has its own stream, default_rng([seed, block]), so a
+    # smaller count gives a prefix of a larger one and chunking cannot change bytes.
+    for block, start in enumerate(range(0, count, _SEED_BLOCK)):
+        stop = min(start + _SEED_BLOCK, count)
+        params = sample_params(n_digits, stop - start, np.random.default_rng([seed, block]), image_size)
+        images[start:stop, :, :, 0] = render(params)
+        digits[start:stop] = params.digits
         if progress is not None:
             progress(stop)
     labels = np.zeros((count, 10), np.float32)
-    np.put_along_axis(labels, params.digits, 1.0, axis=1)
-    return Clutter(images, labels, params.digits.astype(np.int8), recipe_info(n_digits, seed, image_size))
+    np.put_along_axis(labels, digits, 1.0, axis=1)
+    return Clutter(images, labels, digits.astype(np.int8), recipe_info(n_digits, seed, image_size))
