@@ -24,9 +24,9 @@ def cli(ctx, debug):
 def _register():
     # Each command module keeps TensorFlow out of its import; the heavy work is
     # imported inside the command functions.
-    from iterconv_cli import train_cmd
+    from iterconv_cli import data_cmd, train_cmd
 
-    for module in (train_cmd,):
+    for module in (train_cmd, data_cmd):
         cli.add_command(module.COMMAND)
 
 
