@@ -353,10 +353,14 @@ def load_tfds_arrays(tfds_name, data_dir):
 
     arrays = []
     for split in ("train", "test"):
-        data = tfds.as_numpy(
-            tfds.load(tfds_name, split=split, data_dir=data_dir, download=False, batch_size=-1)
-        )
-        arrays += [np.asarray(data["image"]), np.asarray(data["label"])]
+        dataset = tfds.load(tfds_name, split=split, data_dir=data_dir, download=False)
+        # Batched iteration rather than batch_size=-1: the latter aborted TensorFlow
+        # 2.21 with std::length_error on generator-backed datasets here.
+        images, labels = [], []
+        for batch in tfds.as_numpy(dataset.batch(8192)):
+            images.append(np.asarray(batch["image"]))
+            labels.append(np.asarray(batch["label"]))
+        arrays += [np.concatenate(images), np.concatenate(labels)]
     return tuple(arrays)
 
 
