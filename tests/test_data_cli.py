@@ -1,0 +1,86 @@
+"""``iterconv data``: digitclutter writer and info table, run in-process with CliRunner."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from iterconv_keras import datasets, digitclutter
+
+
+@pytest.fixture(scope="module")
+def cli():
+    try:
+        from iterconv_cli.main import cli as root
+    except ImportError as exc:  # the train command is written in parallel
+        if "train_cmd" not in str(exc):
+            raise
+        import click
+
+        from iterconv_cli import data_cmd
+
+        root = click.Group("iterconv", commands={"data": data_cmd.COMMAND})
+    return root
+
+
+@pytest.fixture
+def runner(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv(datasets.ENV_VAR, raising=False)
+    return CliRunner()
+
+
+def test_digitclutter_writes_the_generated_set(cli, runner, tmp_path):
+    out = tmp_path / "sub" / "clutter.npz"
+    result = runner.invoke(cli, ["data", "digitclutter", "--n-digits", "4", "--count", "300", "--seed", "5", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["count"] == 300 and summary["path"] == str(out)
+    expected = digitclutter.generate(4, 300, seed=5)
+    with np.load(out) as archive:
+        np.testing.assert_array_equal(archive["images"], expected.images)
+        np.testing.assert_array_equal(archive["labels"], expected.labels)
+        np.testing.assert_array_equal(archive["order"], expected.order)
+        info = json.loads(str(archive["info"]))
+    assert info["font_sha256"] == expected.info["font_sha256"] and info["seed"] == 5
+    # Atomic write: no temporary file is left next to the output.
+    assert os.listdir(out.parent) == ["clutter.npz"]
+
+
+@pytest.mark.parametrize(
+    "args, echoed",
+    [
+        (["--n-digits", "7"], "got 7"),
+        (["--count", "-3"], "got -3"),
+        (["--seed", "-1"], "got -1"),
+        (["--out-name", "x.txt"], "x.txt'"),
+    ],
+)
+def test_digitclutter_refuses_bad_values(cli, runner, tmp_path, args, echoed):
+    out = str(tmp_path / "c.npz")
+    if args[0] == "--out-name":
+        args, out = [], str(tmp_path / args[1])
+    result = runner.invoke(cli, ["data", "digitclutter", "--count", "10", "--out", out, *args])
+    assert result.exit_code == 2
+    assert echoed in result.output
+    assert not os.path.exists(out)
+
+
+def test_info_lists_datasets_as_json_and_table(cli, runner, tmp_path):
+    folder = tmp_path / "data" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (folder / name).write_bytes(b"")  # info locates files; it does not parse them
+    result = runner.invoke(cli, ["data", "info", "--data-dir", str(tmp_path / "data"), "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {row["name"]: row for row in json.loads(result.stdout)["datasets"]}
+    assert set(rows) == set(datasets.DATASET_NAMES)
+    assert rows["cifar10"]["available"] and rows["cifar10"]["where"] == str(folder)
+    assert not rows["cifar100"]["available"]
+    table = runner.invoke(cli, ["data", "info", "--data-dir", str(tmp_path / "data")])
+    assert table.exit_code == 0
+    lines = {line.split()[0]: line for line in table.stdout.splitlines()}
+    assert " yes " in lines["cifar10"] and str(folder) in lines["cifar10"]
+    assert " no " in lines["cifar100"] and "cifar-100-python.tar.gz" in lines["cifar100"]
