@@ -1,0 +1,136 @@
+"""The residual block: ``x <- x + f(x)`` with no activation after the addition.
+
+Because nothing follows the addition, applying a block twice is exactly two
+iterations of the map ``x -> x + f(x)``; this is what lets a schedule repeat,
+drop or extend blocks (method.md section 2).
+"""
+
+import keras
+
+NORMS = ("batch", "sync_batch", "none")
+ACTIVATIONS = ("relu", "gelu", "tanh", "silu")
+
+
+def make_norm(norm, momentum, name):
+    """The normalisation layer named by ``norm`` (one of `NORMS`)."""
+    if norm == "none":
+        return keras.layers.Identity(name=name)
+    return keras.layers.BatchNormalization(
+        momentum=momentum, synchronized=norm == "sync_batch", name=name
+    )
+
+
+@keras.saving.register_keras_serializable(package="iterconv")
+class ResidualBlock(keras.layers.Layer):
+    """Pre-activation residual block ``x + f(x)`` that keeps the input's shape.
+
+    ``f`` is ``norm -> act -> conv -> norm -> act -> conv`` (He et al. 2016,
+    "Identity mappings in deep residual networks"). The block is its own layer
+    so a model can address it by (stage, index) and run it any number of times
+    (Lippl, Peters & Kriegeskorte, PLoS One 2024, e0293440).
+
+    Args:
+        filters: int, channels of the input, the output and both convolutions.
+        kernel_size: int, odd spatial size of both kernels. Default 3.
+        norm: ``"batch"`` (BatchNormalization), ``"sync_batch"`` (batch statistics
+            synchronised across `tf.distribute` replicas, so a multi-device step
+            equals the one-device step) or ``"none"``. Default ``"batch"``.
+        norm_momentum: float in (0, 1), moving-average momentum of batch
+            normalisation. Default 0.9, so short CPU runs get usable statistics.
+        activation: one of ``"relu"``, ``"gelu"``, ``"tanh"``, ``"silu"``.
+            Default ``"relu"``.
+        kernel_initializer: initializer of both kernels. Default ``"he_normal"``.
+        **kwargs: standard layer arguments (``name``, ``dtype``).
+
+    Example:
+        >>> block = ResidualBlock(16)
+        >>> y = block(keras.ops.zeros((2, 8, 8, 16)))
+    """
+
+    def __init__(
+        self,
+        filters,
+        kernel_size=3,
+        norm="batch",
+        norm_momentum=0.9,
+        activation="relu",
+        kernel_initializer="he_normal",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if not isinstance(filters, int) or filters < 1:
+            raise ValueError(f"filters must be a positive int, got {filters!r}")
+        if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        if not 0.0 < float(norm_momentum) < 1.0:
+            raise ValueError(f"norm_momentum must be in (0, 1), got {norm_momentum!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        self.filters = filters
+        self.kernel_size = kernel_size
+        self.norm = norm
+        self.norm_momentum = float(norm_momentum)
+        self.activation = activation
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+
+        self.norm1 = self._make_norm("norm1")
+        self.conv1 = self._make_conv("conv1")
+        self.norm2 = self._make_norm("norm2")
+        self.conv2 = self._make_conv("conv2")
+        self.act = keras.layers.Activation(activation, name="act")
+
+    def _make_norm(self, name):
+        return make_norm(self.norm, self.norm_momentum, name)
+
+    def _make_conv(self, name):
+        return keras.layers.Conv2D(
+            self.filters,
+            self.kernel_size,
+            padding="same",
+            use_bias=self.norm == "none",
+            kernel_initializer=self.kernel_initializer,
+            name=name,
+        )
+
+    def build(self, input_shape):
+        if input_shape[-1] != self.filters:
+            raise ValueError(
+                f"{self.name}: a residual block keeps the shape, so its input needs "
+                f"{self.filters} channels, got input shape {tuple(input_shape)}"
+            )
+        self.norm1.build(input_shape)
+        self.conv1.build(input_shape)
+        self.norm2.build(input_shape)
+        self.conv2.build(input_shape)
+
+    @property
+    def convolutions(self):
+        """The convolutions of ``f``, in order (what a Lipschitz constraint acts on)."""
+        return (self.conv1, self.conv2)
+
+    def residual(self, x, training=None):
+        """``f(x)``: the update the block adds to its input."""
+        h = self.conv1(self.act(self.norm1(x, training=training)))
+        return self.conv2(self.act(self.norm2(h, training=training)))
+
+    def call(self, x, training=None):
+        return x + self.residual(x, training=training)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "filters": self.filters,
+                "kernel_size": self.kernel_size,
+                "norm": self.norm,
+                "norm_momentum": self.norm_momentum,
+                "activation": self.activation,
+                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+            }
+        )
+        return config

@@ -1,0 +1,74 @@
+"""Named architectures: one generic model, variants as rows of keyword arguments.
+
+Input shape and number of classes come from the dataset; a variant fixes the
+rest. ``tiny`` is for tests, ``small`` trains in minutes on a 2-core CPU at
+32x32, the ``paper_*`` rows are GPU-scale networks for MNIST-like (28x28x1)
+and CIFAR-like (32x32x3) inputs. Their depths and widths are this project's
+choice (the paper's exact architectures were not available to us; see
+``docs/method.md``).
+"""
+
+_REGISTRY = {}
+
+
+def register_variant(name, description, **kwargs):
+    """Add a named row of `IterativeResNet` keyword arguments.
+
+    Raises:
+        ValueError: if ``name`` is already registered.
+    """
+    if name in _REGISTRY:
+        raise ValueError(f"variant {name!r} is already registered")
+    _REGISTRY[name] = {"description": description, "kwargs": dict(kwargs)}
+
+
+def variant_names():
+    """Names of all registered variants, in registration order."""
+    return list(_REGISTRY)
+
+
+def variant_kwargs(name):
+    """The architecture keyword arguments of variant ``name`` (a copy)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown variant {name!r}; choose one of {', '.join(_REGISTRY)}")
+    return dict(_REGISTRY[name]["kwargs"])
+
+
+def variant_description(name):
+    variant_kwargs(name)
+    return _REGISTRY[name]["description"]
+
+
+def build_model(variant, image_shape, num_classes, **overrides):
+    """Build an `IterativeResNet` from a named variant.
+
+    Args:
+        variant: name of a registered variant.
+        image_shape: ``(H, W, C)`` of the inputs.
+        num_classes: number of outputs.
+        **overrides: any `IterativeResNet` argument (``coupling``,
+            ``multi_label``, ``input_mean``, ...) added to or replacing the row.
+    """
+    from iterconv_keras.model import IterativeResNet
+
+    kwargs = variant_kwargs(variant)
+    kwargs.update(overrides)
+    return IterativeResNet(image_shape, num_classes, **kwargs)
+
+
+register_variant(
+    "tiny", "2 stages x 2 blocks, 4/8 channels: unit tests",
+    stage_widths=(4, 8), blocks_per_stage=2, stem_stride=1,
+)
+register_variant(
+    "small", "3 stages x 4 blocks, 16/32/64 channels, stride-2 stem: minutes on a 2-core CPU",
+    stage_widths=(16, 32, 64), blocks_per_stage=4, stem_stride=2,
+)
+register_variant(
+    "paper_mnist", "3 stages x 8 blocks, 32/64/128 channels: 28x28x1 inputs, GPU scale",
+    stage_widths=(32, 64, 128), blocks_per_stage=8, stem_stride=1,
+)
+register_variant(
+    "paper_cifar", "3 stages x 8 blocks, 64/128/256 channels: 32x32x3 inputs, GPU scale",
+    stage_widths=(64, 128, 256), blocks_per_stage=8, stem_stride=1,
+)
