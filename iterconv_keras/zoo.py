@@ -137,10 +137,11 @@ def read_manifest(root=None):
 
 
 def _write_json_atomic(path, document):
-    _write_text_atomic(path, json.dumps(document, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(path, json.dumps(document, indent=2, sort_keys=True) + "\n")
 
 
-def _write_text_atomic(path, text):
+def write_text_atomic(path, text):
+    """Write ``text`` to ``path`` via a temporary file and `os.replace` (readers never see half)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=folder)
@@ -296,7 +297,7 @@ def _register_version(root, name, version, checksums, card):
     manifest["schema"] = MANIFEST_SCHEMA
     _write_json_atomic(os.path.join(root, MANIFEST), manifest)
     # Keep the serving config in step so a server polling it sees new models.
-    _write_text_atomic(os.path.join(root, SERVING_CONFIG), _serving_config_text(root, manifest))
+    write_text_atomic(os.path.join(root, SERVING_CONFIG), _serving_config_text(root, manifest))
 
 
 # -- lookup
@@ -556,7 +557,7 @@ def serving_config(root=None, write=True):
     with _locked(root):
         text = _serving_config_text(root, read_manifest(root))
         if write:
-            _write_text_atomic(os.path.join(root, SERVING_CONFIG), text)
+            write_text_atomic(os.path.join(root, SERVING_CONFIG), text)
     return text
 
 

@@ -1,0 +1,34 @@
+"""``iterconv export``: write a model as the next version of a zoo name."""
+
+import click
+
+from iterconv_cli._common import emit_json, report_errors
+
+
+@click.command("export")
+@click.argument("model")
+@click.option("--name", required=True, help="Zoo name: lower-case letters, digits, '_', '.', '-'.")
+@click.option("--zoo", "zoo_dir", type=click.Path(file_okay=False), default=None,
+              help="Zoo directory (default: $ITERCONV_ZOO, then the repository's zoo/).")
+@click.option("--json", "json_output", is_flag=True, help="Print a JSON summary on stdout.")
+@report_errors
+def COMMAND(model, name, zoo_dir, json_output):
+    """Export MODEL to the zoo as the next integer version of NAME; print its path.
+
+    MODEL is a run directory, a .keras file, a zoo version directory or
+    NAME[@VERSION]. The version is a SavedModel (signatures serving_default and
+    classify, for TensorFlow Serving) with the full Keras model and a model card
+    in assets.extra/. For a run directory the card takes the recipe from
+    config.json, test metrics from metrics.json and indices from eval.json.
+    The version appears atomically; concurrent exports get distinct versions.
+    """
+    from iterconv_keras import zoo
+
+    # Validate before loading TensorFlow and the model.
+    zoo.validate_name(name)
+    path = zoo.export_version(model, name, root=zoo_dir)
+    if json_output:
+        version = int(path.rstrip("/").rsplit("/", 1)[-1])
+        emit_json({"name": name, "version": version, "reference": f"{name}@{version}", "path": path})
+    else:
+        click.echo(path)

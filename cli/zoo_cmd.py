@@ -1,0 +1,145 @@
+"""``iterconv zoo``: list, show and verify zoo models; write the TF Serving config."""
+
+import json
+
+import click
+
+from iterconv_cli._common import emit_json, report_errors
+
+_ZOO_OPTION = click.option(
+    "--zoo", "zoo_dir", type=click.Path(file_okay=False), default=None,
+    help="Zoo directory (default: $ITERCONV_ZOO, then the repository's zoo/).",
+)
+_JSON_OPTION = click.option("--json", "json_output", is_flag=True, help="Print JSON on stdout.")
+
+
+@click.group("zoo")
+def COMMAND():
+    """The versioned model zoo (see docs/serving.md for TensorFlow Serving)."""
+
+
+@COMMAND.command("list")
+@_ZOO_OPTION
+@_JSON_OPTION
+@report_errors
+def list_command(zoo_dir, json_output):
+    """Models of the zoo with their versions, default version and accuracy."""
+    from iterconv_keras import zoo
+
+    rows = zoo.list_models(zoo_dir)
+    if json_output:
+        emit_json({"zoo": zoo.resolve_root(zoo_dir), "models": rows})
+        return
+    if not rows:
+        click.echo(f"the zoo at {zoo.resolve_root(zoo_dir)} is empty")
+        return
+    table = [("NAME", "DEFAULT", "VERSIONS", "DATASET", "ACCURACY", "PARAMS")]
+    for row in rows:
+        table.append((
+            row["name"], str(row["default_version"]), ",".join(map(str, row["versions"])),
+            row["dataset"] or "-", _number(row["metrics"].get("accuracy")), str(row["parameters"] or "-"),
+        ))
+    _echo_table(table)
+
+
+@COMMAND.command("show")
+@click.argument("reference", metavar="NAME[@VERSION]")
+@_ZOO_OPTION
+@_JSON_OPTION
+@report_errors
+def show_command(reference, zoo_dir, json_output):
+    """The model card of a version (default: the default version)."""
+    from iterconv_keras import zoo
+
+    info = zoo.show(reference, zoo_dir)
+    if json_output:
+        emit_json(info)
+        return
+    card = info["card"]
+    indices = card.get("indices") or {}
+    metrics = card.get("metrics") or {}
+    rows = [
+        ("model", f"{info['name']}@{info['version']}"),
+        ("path", info["path"]),
+        ("created", card.get("created")),
+        ("dataset", card.get("dataset")),
+        ("variant", card.get("variant")),
+        ("image shape", "x".join(map(str, card.get("image_shape") or []))),
+        ("classes", f"{card.get('num_classes')} ({card.get('probabilities')})"),
+        ("coupling", card.get("coupling")),
+        ("lipschitz", (card.get("constraint") or {}).get("lipschitz")),
+        ("parameters", card.get("parameters")),
+        ("effective parameters", card.get("effective_parameters")),
+        *((f"test {k}", _number(v)) for k, v in metrics.items()),
+        *((f"{k} index", _number(indices.get(k))) for k in ("recurrence", "divergence", "convergence")),
+        ("occlusion AUC", _number(card.get("occlusion_auc"))),
+        ("recipe", json.dumps(card.get("recipe"), sort_keys=True) if card.get("recipe") else None),
+        ("libraries", ", ".join(f"{k} {v}" for k, v in (card.get("libraries") or {}).items())),
+        ("files", len(info["files"])),
+    ]
+    _echo_table([(key, "-" if value is None else str(value)) for key, value in rows])
+
+
+@COMMAND.command("verify")
+@click.argument("reference", metavar="[NAME[@VERSION]]", required=False)
+@click.option("--no-load", is_flag=True, help="Only compare checksums; do not load each version.")
+@_ZOO_OPTION
+@_JSON_OPTION
+@report_errors
+def verify_command(reference, no_load, zoo_dir, json_output):
+    """Check every file's sha256 against MANIFEST.json and that each version loads.
+
+    Exits 5 naming the bad file when a check fails, 4 for an unknown name.
+    """
+    from iterconv_keras import zoo
+    from iterconv_keras.errors import IntegrityError
+
+    report = zoo.verify_report(reference, zoo_dir, load_models=not no_load)
+    if json_output:
+        emit_json({"zoo": zoo.resolve_root(zoo_dir), "ok": all(r["ok"] for r in report), "versions": report})
+    else:
+        for result in report:
+            status = "ok" if result["ok"] else "FAILED"
+            click.echo(f"{result['name']}@{result['version']}  {status}")
+            for problem in result["problems"]:
+                click.echo(f"  {problem}")
+    problems = [p for r in report for p in r["problems"]]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise IntegrityError(f"zoo verification failed: {problems[0]}{more}")
+
+
+@COMMAND.command("serving-config")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Also write the config here (it is always written to <zoo>/models.config).")
+@_ZOO_OPTION
+@_JSON_OPTION
+@report_errors
+def serving_config_command(out, zoo_dir, json_output):
+    """Write TensorFlow Serving's models.config for the whole zoo and print it."""
+    import os
+
+    from iterconv_keras import zoo
+
+    text = zoo.serving_config(zoo_dir)
+    written = [os.path.join(zoo.resolve_root(zoo_dir), zoo.SERVING_CONFIG)]
+    if out:
+        zoo.write_text_atomic(out, text)
+        written.append(os.path.abspath(out))
+    if json_output:
+        emit_json({"config": text, "written": written})
+    else:
+        click.echo(text, nl=False)
+        click.echo(f"written to {', '.join(written)}", err=True)
+
+
+def _number(value):
+    if value is None:
+        return "-"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _echo_table(rows):
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
