@@ -64,13 +64,19 @@ def class_names_for(dataset, num_classes):
 
 
 def prepare_for_export(model):
-    """Run the Lipschitz export hook wherever the model or a layer defines it.
+    """Make a constrained model's weights satisfy its Lipschitz bound before export.
+
+    Calls the method named `LIPSCHITZ_EXPORT_HOOK` on the model and on every
+    layer that defines it. A model with a ``lipschitz`` bound but no hook gets
+    `iterconv_keras.lipschitz.enforce` (a many-iteration projection), so weights
+    trained without ``fit`` (which enforces at its end) are exported within the
+    bound too. Unconstrained models are left untouched.
 
     Args:
         model: the Keras model about to be exported.
 
     Returns:
-        The number of hooks called (0 for models without a constraint).
+        The number of hooks or projections applied (0 for unconstrained models).
     """
     called = 0
     for obj in [model, *model._flatten_layers(include_self=False)]:
@@ -78,6 +84,11 @@ def prepare_for_export(model):
         if callable(hook):
             hook()
             called += 1
+    if not called and getattr(model, "lipschitz", None) is not None:
+        from iterconv_keras import lipschitz
+
+        lipschitz.enforce(model)
+        called = 1
     return called
 
 
@@ -196,7 +207,9 @@ def model_card(model, *, name=None, run_config=None, metrics=None, evaluation=No
     dataset = run_config.get("dataset") or metrics.get("dataset") or evaluation.get("dataset")
     indices = evaluation.get("indices") or {}
     occlusion = evaluation.get("occlusion") or {}
-    lipschitz = config.get("lipschitz", run_config.get("lipschitz"))
+    # The model's own setting is the truth; the run's config is the fallback for
+    # models saved before the constraint existed.
+    lipschitz = config["lipschitz"] if "lipschitz" in config else run_config.get("lipschitz")
     return {
         "schema": METADATA_SCHEMA,
         "name": name,
