@@ -1,5 +1,6 @@
 """Shared plumbing of the commands: error reporting, JSON output, exit codes."""
 
+import contextlib
 import functools
 import json
 import sys
@@ -7,7 +8,7 @@ import traceback
 
 import click
 
-from iterconv_keras import errors
+from iterconv_keras import _env, errors
 
 
 def report_errors(func):
@@ -23,6 +24,7 @@ def report_errors(func):
         ctx = click.get_current_context()
         debug = bool((ctx.find_root().obj or {}).get("debug"))
         try:
+            _env.import_tensorflow()
             return func(*args, **kwargs)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
@@ -59,9 +61,12 @@ def _json_default(value):
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def quiet_keras_for_json(json_output):
-    """Send Keras' progress output to stderr so stdout holds only the JSON."""
-    if json_output:
-        import keras
+def progress_to_stderr(json_output):
+    """With ``--json``, send everything printed on stdout (Keras' progress bar) to stderr.
 
-        keras.config.disable_interactive_logging()
+    stdout then carries exactly the one JSON document that the command emits
+    after this context ends.
+    """
+    if json_output:
+        return contextlib.redirect_stdout(sys.stderr)
+    return contextlib.nullcontext()

@@ -1,5 +1,7 @@
 """Entry point of the ``iterconv`` command."""
 
+import sys
+
 import click
 
 from iterconv_keras import _env
@@ -7,7 +9,24 @@ from iterconv_keras import _env
 _env.configure()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OneLineErrors(click.Group):
+    """A group whose usage errors are one line on stderr (exit 2), like every other error."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as exc:
+            click.echo(f"iterconv: error: {' '.join(exc.format_message().split())}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("iterconv: aborted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks of errors.")
 @click.version_option(package_name="iterconv")
 @click.pass_context
@@ -24,9 +43,9 @@ def cli(ctx, debug):
 def _register():
     # Each command module keeps TensorFlow out of its import; the heavy work is
     # imported inside the command functions.
-    from iterconv_cli import data_cmd, train_cmd
+    from iterconv_cli import data_cmd, export_cmd, train_cmd, zoo_cmd
 
-    for module in (train_cmd, data_cmd):
+    for module in (train_cmd, data_cmd, export_cmd, zoo_cmd):
         cli.add_command(module.COMMAND)
 
 

@@ -1,0 +1,92 @@
+"""``iterconv train``: train one model into a run directory."""
+
+import click
+
+from iterconv_cli._common import emit_json, progress_to_stderr, report_errors
+
+DATASETS = ("digitclutter", "mnist", "fashion_mnist", "cifar10", "cifar100")
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+
+# Options whose explicit use together with --resume must agree with the run's config.
+_RESUMABLE_SETTINGS = (
+    "dataset", "variant", "coupling", "spectral_norm", "lipschitz", "epochs", "batch_size", "lr",
+    "optimizer", "weight_decay", "schedule", "train_size", "validation_size", "test_size", "clutter_digits", "seed", "data_dir",
+    "jit_compile",
+)
+
+
+@click.command("train")
+@click.option("--dataset", type=click.Choice(DATASETS), default="digitclutter", show_default=True,
+              help="Dataset to train on (Digitclutter is generated offline).")
+@click.option("--variant", default="small", show_default=True,
+              help="Architecture: tiny, small, paper_mnist, paper_cifar.")
+@click.option("--coupling", type=float, default=0.0, show_default=True,
+              help="Soft gradient coupling lambda in [0, 1] (1 = recurrent ResNet).")
+@click.option("--spectral-norm/--no-spectral-norm", default=False, show_default=True,
+              help="Lipschitz-constrain the residual functions.")
+@click.option("--lipschitz", type=float, default=0.9, show_default=True,
+              help="Bound c on Lip(f) when --spectral-norm is on.")
+@click.option("--epochs", type=int, default=5, show_default=True)
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--lr", type=float, default=0.002, show_default=True, help="Peak learning rate.")
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adam", show_default=True)
+@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--schedule", type=click.Choice(("cosine", "constant")), default="cosine", show_default=True,
+              help="Learning-rate schedule.")
+@click.option("--train-size", type=int, default=None, help="Training images (default: the dataset's).")
+@click.option("--validation-size", type=int, default=None,
+              help="Validation images (default: the dataset's).")
+@click.option("--test-size", type=int, default=None,
+              help="Test images for the final evaluation (default: the dataset's).")
+@click.option("--clutter-digits", type=int, default=3, show_default=True,
+              help="Digits per Digitclutter image (2..5).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds initialisation and data order.")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+              help="Folder searched first for dataset files.")
+@click.option("--xla/--no-xla", "jit_compile", default=False, show_default=True,
+              help="Compile the train step with XLA.")
+@click.option("--out", type=click.Path(), default=None,
+              help="Run directory (default: runs/<time>-<dataset>-<variant>-...).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last complete epoch.")
+@click.option("--json", "json_output", is_flag=True, help="Print one JSON summary on stdout.")
+@click.pass_context
+@report_errors
+def train(ctx, resume, json_output, **settings):
+    """Train an iterative ResNet and write a run directory.
+
+    The run directory holds config.json (written first), history.json, resumable
+    checkpoints, model.keras and metrics.json.
+    """
+    from iterconv_keras.training import TrainConfig
+
+    config = TrainConfig(**settings).validate()
+    if resume:
+        _check_resume_options(ctx, config)
+    from iterconv_keras import training
+
+    with progress_to_stderr(json_output):
+        summary = training.train(config, resume=resume)
+    if json_output:
+        emit_json(summary)
+    else:
+        click.echo(f"model: {summary['run_dir']}/model.keras")
+
+
+def _check_resume_options(ctx, config):
+    """Refuse explicitly given options that contradict the stored run config."""
+    from iterconv_keras.errors import UsageError
+    from iterconv_keras.training import load_run_config
+
+    if config.out is None:
+        raise UsageError("--resume needs --out RUN_DIR")
+    stored = load_run_config(config.out)
+    for param in ctx.command.params:
+        if param.name not in _RESUMABLE_SETTINGS:
+            continue
+        given, kept = getattr(config, param.name), getattr(stored, param.name)
+        if ctx.get_parameter_source(param.name) == click.core.ParameterSource.COMMANDLINE and given != kept:
+            raise UsageError(
+                f"--resume: {param.opts[0]} {given!r} differs from the run's {kept!r}; "
+                "a resumed run keeps its settings"
+            )
+COMMAND = train

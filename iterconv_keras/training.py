@@ -1,0 +1,502 @@
+"""Training runs: a run directory, resumable checkpoints, history, final model.
+
+A run directory holds
+
+    config.json          every setting, written before training starts
+    history.json         per-epoch metrics, rewritten after every epoch
+    checkpoints/epoch-N/ model.keras (weights + optimizer state) and state.json,
+                         each epoch written to a temporary folder and renamed
+                         into place, so a kill at any moment leaves the last
+                         complete epoch intact
+    model.keras          the final model
+    metrics.json         test-set loss and accuracy of the final model
+
+``train(config)`` starts a run; ``train(config, resume=True)`` continues the
+one in ``config.out`` from its last complete epoch. Data order is a function of
+(seed, epoch) (see `pipeline.training_batches`), so a resumed run sees the same
+batches as an uninterrupted one.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import keras
+
+from iterconv_keras import coupling as coupling_lib
+from iterconv_keras.errors import IterconvError, UsageError
+
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+SCHEDULES = ("constant", "cosine")
+CONFIG_FILE = "config.json"
+HISTORY_FILE = "history.json"
+METRICS_FILE = "metrics.json"
+MODEL_FILE = "model.keras"
+CHECKPOINT_DIR = "checkpoints"
+KEEP_CHECKPOINTS = 2
+
+
+class TrainingDiverged(IterconvError):
+    """The loss became NaN or infinite (exit 1); the last good checkpoint is kept."""
+
+    exit_code = 1
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every setting of a training run (saved as ``config.json``).
+
+    Args:
+        dataset: dataset name (see `iterconv_keras.datasets.DATASET_NAMES`).
+        variant: architecture name (see `iterconv_keras.variants`).
+        coupling: soft gradient coupling strength lambda in [0, 1].
+        spectral_norm: constrain the residual functions to Lip(f) <= lipschitz.
+        lipschitz: the bound c > 0 used when ``spectral_norm`` is on.
+        epochs: number of epochs (> 0).
+        batch_size: images per step (> 0).
+        lr: peak learning rate (> 0).
+        optimizer: one of `OPTIMIZERS` (``momentum`` is SGD with momentum 0.9).
+        weight_decay: decoupled weight decay (>= 0).
+        schedule: learning-rate schedule, ``cosine`` (decays to 0 over the run)
+            or ``constant``.
+        train_size: training images (None: the dataset's default).
+        validation_size: validation images (None: the dataset's default).
+        test_size: test images for the final evaluation (None: the whole test set,
+            or 5,000 generated Digitclutter images).
+        clutter_digits: digits per image for Digitclutter (2..5).
+        seed: seeds initialisation and data order.
+        data_dir: folder searched first for dataset files.
+        jit_compile: compile the train step with XLA.
+        out: the run directory.
+    """
+
+    dataset: str = "digitclutter"
+    variant: str = "small"
+    coupling: float = 0.0
+    spectral_norm: bool = False
+    lipschitz: float = 0.9
+    epochs: int = 5
+    batch_size: int = 128
+    lr: float = 0.002
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    train_size: int | None = None
+    validation_size: int | None = None
+    test_size: int | None = None
+    clutter_digits: int = 3
+    seed: int = 0
+    data_dir: str | None = None
+    jit_compile: bool = False
+    out: str | None = None
+
+    def validate(self):
+        """Raise ``ValueError`` naming the first bad setting; return self."""
+        from iterconv_keras import datasets, variants
+
+        if self.dataset not in datasets.DATASET_NAMES:
+            raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(datasets.DATASET_NAMES)}")
+        variants.variant_kwargs(self.variant)
+        self.coupling = coupling_lib.validate_strength(self.coupling)
+        _require(isinstance(self.lipschitz, (int, float)) and math.isfinite(self.lipschitz) and self.lipschitz > 0,
+                 f"lipschitz must be a number > 0, got {self.lipschitz!r}")
+        _require(_is_int(self.epochs) and self.epochs > 0, f"epochs must be an integer > 0, got {self.epochs!r}")
+        _require(_is_int(self.batch_size) and self.batch_size > 0,
+                 f"batch_size must be an integer > 0, got {self.batch_size!r}")
+        _require(isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0,
+                 f"lr must be a number > 0, got {self.lr!r}")
+        _require(self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        _require(isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0,
+                 f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        _require(self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        _require(self.train_size is None or (_is_int(self.train_size) and self.train_size > 0),
+                 f"train_size must be an integer > 0, got {self.train_size!r}")
+        _require(self.validation_size is None or (_is_int(self.validation_size) and self.validation_size >= 0),
+                 f"validation_size must be an integer >= 0, got {self.validation_size!r}")
+        _require(self.test_size is None or (_is_int(self.test_size) and self.test_size > 0),
+                 f"test_size must be an integer > 0, got {self.test_size!r}")
+        _require(_is_int(self.clutter_digits) and 2 <= self.clutter_digits <= 5,
+                 f"clutter_digits must be 2..5, got {self.clutter_digits!r}")
+        _require(_is_int(self.seed) and self.seed >= 0, f"seed must be an integer >= 0, got {self.seed!r}")
+        return self
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UsageError(f"config has unknown settings {unknown}")
+        return cls(**values)
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _require(condition, message):
+    if not condition:
+        raise ValueError(message)
+
+
+# -- run directory -------------------------------------------------------------
+
+
+def default_run_dir(config):
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    sn = f"-sn{config.lipschitz:g}" if config.spectral_norm else ""
+    return os.path.join("runs", f"{stamp}-{config.dataset}-{config.variant}-l{config.coupling:g}{sn}-s{config.seed}")
+
+
+def check_new_run_dir(out):
+    """Raise `UsageError` unless ``out`` is absent or an empty directory."""
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise UsageError(f"output {out} already exists and is not empty; choose another --out or pass --resume")
+    parent = os.path.dirname(os.path.abspath(out))
+    existing = parent
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK):
+        raise UsageError(f"cannot create the run directory {out}: {existing} is not writable")
+
+
+def create_run_dir(config):
+    """Create the run directory and write ``config.json`` (before any training)."""
+    try:
+        os.makedirs(config.out, exist_ok=True)
+        write_json_atomic(os.path.join(config.out, CONFIG_FILE), config.to_dict())
+    except OSError as exc:
+        raise UsageError(f"cannot write the run directory {config.out}: {exc.strerror or exc}") from exc
+
+
+def load_run_config(out):
+    """The `TrainConfig` stored in run directory ``out``.
+
+    Raises:
+        UsageError: ``out`` is not a run directory or its config is unreadable.
+    """
+    path = os.path.join(out, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise UsageError(f"--resume: {out} is not a run directory (no {CONFIG_FILE})")
+    try:
+        with open(path) as f:
+            config = TrainConfig.from_dict(json.load(f))
+    except (OSError, ValueError, TypeError) as exc:
+        raise UsageError(f"--resume: cannot read {path}: {exc}") from exc
+    config.out = out
+    return config.validate()
+
+
+def write_json_atomic(path, document):
+    """Write JSON to ``path`` through a temporary file and a rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp creates 0600; results are meant to be shared
+        with os.fdopen(fd, "w") as f:
+            json.dump(document, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _remove(path):
+    if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.exists(path):
+        os.remove(path)
+
+
+def checkpoint_epochs(out):
+    """Completed epochs that have a complete checkpoint, ascending."""
+    folder = os.path.join(out, CHECKPOINT_DIR)
+    if not os.path.isdir(folder):
+        return []
+    epochs = []
+    for name in os.listdir(folder):
+        if name.startswith("epoch-") and name[6:].isdigit():
+            path = os.path.join(folder, name)
+            if os.path.isfile(os.path.join(path, MODEL_FILE)) and os.path.isfile(os.path.join(path, "state.json")):
+                epochs.append(int(name[6:]))
+    return sorted(epochs)
+
+
+def _checkpoint_path(out, epoch):
+    return os.path.join(out, CHECKPOINT_DIR, f"epoch-{epoch:04d}")
+
+
+def save_checkpoint(model, out, epoch, history):
+    """Write ``checkpoints/epoch-<epoch>`` atomically and prune old ones."""
+    folder = os.path.join(out, CHECKPOINT_DIR)
+    os.makedirs(folder, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=folder)
+    try:
+        os.chmod(tmp, 0o755)
+        model.save(os.path.join(tmp, MODEL_FILE))
+        write_json_atomic(os.path.join(tmp, "state.json"), {"epochs_completed": epoch, "history": history})
+        _fsync_dir(tmp)
+        final = _checkpoint_path(out, epoch)
+        _remove(final)
+        os.rename(tmp, final)
+        _fsync_dir(folder)
+    except BaseException:
+        _remove(tmp)
+        raise
+    for old in checkpoint_epochs(out)[:-KEEP_CHECKPOINTS]:
+        _remove(_checkpoint_path(out, old))
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def clean_stale_temporaries(out):
+    """Remove temporary folders a killed run left behind."""
+    folder = os.path.join(out, CHECKPOINT_DIR)
+    for parent in (out, folder):
+        if os.path.isdir(parent):
+            for name in os.listdir(parent):
+                if name.startswith(".tmp-"):
+                    _remove(os.path.join(parent, name))
+
+
+# -- model and optimizer ------------------------------------------------------------
+
+
+def build_and_compile(config, splits, steps_per_epoch):
+    """Build the variant for ``splits`` and compile it as ``config`` says."""
+    from iterconv_keras import variants
+
+    keras.utils.set_random_seed(config.seed)
+    overrides = {
+        "coupling": config.coupling,
+        "multi_label": splits.multi_label,
+        "input_mean": splits.mean,
+        "input_std": splits.std,
+    }
+    if config.spectral_norm:
+        overrides["lipschitz"] = config.lipschitz
+    model = variants.build_model(config.variant, splits.input_shape, splits.num_classes, **overrides)
+    model.compile(
+        optimizer=make_optimizer(config, steps_per_epoch),
+        loss=make_loss(splits.multi_label),
+        metrics=[make_accuracy(splits.multi_label)],
+        jit_compile=config.jit_compile,
+    )
+    return model
+
+
+def make_optimizer(config, steps_per_epoch):
+    lr = config.lr
+    if config.schedule == "cosine":
+        lr = keras.optimizers.schedules.CosineDecay(config.lr, decay_steps=config.epochs * steps_per_epoch)
+    wd = config.weight_decay or None
+    if config.optimizer == "sgd":
+        return keras.optimizers.SGD(lr, weight_decay=wd)
+    if config.optimizer == "momentum":
+        return keras.optimizers.SGD(lr, momentum=0.9, weight_decay=wd)
+    if config.optimizer == "adam":
+        return keras.optimizers.Adam(lr, weight_decay=wd)
+    return keras.optimizers.AdamW(lr, weight_decay=config.weight_decay or 1e-4)
+
+
+def make_loss(multi_label):
+    if multi_label:
+        return keras.losses.BinaryCrossentropy(from_logits=True)
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def make_accuracy(multi_label):
+    """Accuracy named ``accuracy`` in both cases: exact-set accuracy for clutter."""
+    from iterconv_keras.metrics import ExactSetAccuracy
+
+    if multi_label:
+        return ExactSetAccuracy(name="accuracy")
+    return keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+
+
+# -- the run ------------------------------------------------------------------------
+
+
+def train(config, *, resume=False, log=None):
+    """Train (or resume) a run and return its summary.
+
+    Args:
+        config: a `TrainConfig`; ``config.out`` None picks ``runs/<stamp>-...``.
+        resume: continue the run in ``config.out`` from its last complete epoch
+            (settings are read from its ``config.json``).
+        log: callable taking a line of progress text (default: print to stderr).
+
+    Returns:
+        dict with ``run_dir``, ``config``, ``epochs_completed``, ``history`` and
+        ``test`` (loss, accuracy, examples).
+
+    Raises:
+        UsageError, DatasetNotAvailable, TrainingDiverged.
+    """
+    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    config.validate()
+    if config.out is None:
+        if resume:
+            raise UsageError("--resume needs --out RUN_DIR")
+        config.out = default_run_dir(config)
+    if resume:
+        config = load_run_config(config.out)
+    else:
+        check_new_run_dir(config.out)
+
+    from iterconv_keras import datasets, pipeline
+
+    # Data before the run directory: a missing dataset must leave nothing behind.
+    splits = datasets.load(
+        config.dataset, data_dir=config.data_dir, train_size=config.train_size,
+        validation_size=config.validation_size, test_size=config.test_size,
+        seed=config.seed, clutter_digits=config.clutter_digits,
+    )
+    if resume:
+        clean_stale_temporaries(config.out)
+    else:
+        create_run_dir(config)
+    log(f"run directory: {config.out}")
+    log(f"dataset {splits.name}: {len(splits.x_train)} train, {len(splits.x_val)} validation, "
+        f"{len(splits.x_test)} test images of shape {splits.input_shape} ({splits.source})")
+
+    done, history, model = _restore_or_build(config, splits, resume, log)
+    if done < config.epochs:
+        dataset, steps = pipeline.training_batches(
+            splits.x_train, splits.y_train, batch_size=config.batch_size, seed=config.seed,
+            initial_epoch=done, epochs=config.epochs,
+        )
+        validation = pipeline.evaluation_batches(splits.x_val, splits.y_val) if len(splits.x_val) else None
+        guard = _FiniteLossGuard()
+        recorder = _EpochRecorder(config.out, history, guard)
+        model.fit(
+            dataset, epochs=config.epochs, initial_epoch=done, steps_per_epoch=steps,
+            validation_data=validation, callbacks=[guard, recorder], verbose=_verbosity(), shuffle=False,
+        )
+        if guard.failure:
+            raise TrainingDiverged(
+                f"loss became {guard.failure['loss']} at epoch {guard.failure['epoch'] + 1}, step "
+                f"{guard.failure['step'] + 1}; the last good checkpoint "
+                f"(epoch {len(history)}) is kept in {config.out}/{CHECKPOINT_DIR}"
+            )
+    test = evaluate_test(model, splits)
+    _save_final(model, config, history, test)
+    log(f"test: loss {test['loss']:.4f}, accuracy {test['accuracy']:.4f} on {test['examples']} images")
+    return {
+        "run_dir": config.out,
+        "config": config.to_dict(),
+        "epochs_completed": len(history),
+        "history": history,
+        "test": test,
+    }
+
+
+def _verbosity():
+    return 1 if sys.stdout.isatty() or sys.stderr.isatty() else 2
+
+
+def _restore_or_build(config, splits, resume, log):
+    """Return (epochs completed, history, compiled model), from a checkpoint if any."""
+    steps = max(1, len(splits.x_train) // config.batch_size)
+    model = build_and_compile(config, splits, steps)
+    epochs = checkpoint_epochs(config.out) if resume else []
+    if not epochs:
+        return 0, [], model
+    path = _checkpoint_path(config.out, epochs[-1])
+    with open(os.path.join(path, "state.json")) as f:
+        state = json.load(f)
+    restore_training_state(model, os.path.join(path, MODEL_FILE))
+    log(f"resuming after epoch {state['epochs_completed']} from {path}")
+    return state["epochs_completed"], state["history"], model
+
+
+def restore_training_state(model, path):
+    """Load weights and optimizer state saved by `save_checkpoint` into ``model``."""
+    import iterconv_keras.metrics  # noqa: F401  (registers ExactSetAccuracy)
+
+    saved = keras.saving.load_model(path)
+    for target, source in zip(model.weights, saved.weights, strict=True):
+        target.assign(source)
+    model.optimizer.build(model.trainable_variables)
+    for target, source in zip(model.optimizer.variables, saved.optimizer.variables, strict=True):
+        target.assign(source)
+
+
+def evaluate_test(model, splits):
+    from iterconv_keras import pipeline
+
+    results = model.evaluate(
+        pipeline.evaluation_batches(splits.x_test, splits.y_test), verbose=0, return_dict=True
+    )
+    return {
+        "dataset": splits.name,
+        "split": "test",
+        "examples": int(len(splits.x_test)),
+        "loss": float(results["loss"]),
+        "accuracy": float(results["accuracy"]),
+    }
+
+
+def _save_final(model, config, history, test):
+    tmp = os.path.join(config.out, ".tmp-final.keras")
+    model.save(tmp)
+    os.replace(tmp, os.path.join(config.out, MODEL_FILE))
+    write_json_atomic(os.path.join(config.out, METRICS_FILE), test)
+    write_json_atomic(os.path.join(config.out, HISTORY_FILE), history)
+
+
+class _FiniteLossGuard(keras.callbacks.Callback):
+    """Stop at the first non-finite loss and remember where it happened."""
+
+    def __init__(self):
+        super().__init__()
+        self.failure = None
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self.failure = {"epoch": self._epoch, "step": batch, "loss": float(loss)}
+            self.model.stop_training = True
+
+
+class _EpochRecorder(keras.callbacks.Callback):
+    """Append each epoch's metrics to the history and checkpoint the run."""
+
+    def __init__(self, out, history, guard):
+        super().__init__()
+        self.out = out
+        self.history = history
+        self.guard = guard
+        self._start = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.guard.failure is not None:
+            return
+        entry = {"epoch": epoch + 1, "seconds": round(time.perf_counter() - self._start, 3)}
+        entry.update({k: float(v) for k, v in (logs or {}).items()})
+        self.history.append(entry)
+        save_checkpoint(self.model, self.out, epoch + 1, self.history)
+        write_json_atomic(os.path.join(self.out, HISTORY_FILE), self.history)

@@ -1,0 +1,148 @@
+"""The iterative ResNet: schedules, intermediates, serialisation, variants."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import random_images
+from iterconv_keras import variants
+from iterconv_keras.blocks import ResidualBlock
+from iterconv_keras.model import IterativeResNet
+
+SHAPE = (12, 12, 1)
+
+
+@pytest.fixture
+def model(seed):
+    m = IterativeResNet(SHAPE, 5, stage_widths=(4, 8), blocks_per_stage=(3, 2), input_mean=0.4, input_std=0.3)
+    # Make the blocks differ so that a wrong block order changes the output.
+    for blocks in m.stages:
+        for t, block in enumerate(blocks):
+            for v in block.trainable_variables:
+                v.assign(np.asarray(v) * (1.0 + 0.3 * t))
+    return m
+
+
+def _by_hand(model, x, schedule):
+    """Forward pass assembled from the model's layers, without `call`."""
+    h = (x - 0.4) / 0.3
+    h = keras.ops.relu(model.stem_norm(model.stem_conv(h), training=False))
+    for s, order in enumerate(schedule):
+        if model.transitions[s] is not None:
+            h = model.transitions[s](h, training=False)
+        for t in order:
+            block = model.stages[s][t]
+            h = h + block.residual(h, training=False)
+    h = keras.ops.relu(model.head_norm(h, training=False))
+    return np.asarray(model.head_dense(keras.ops.mean(h, axis=(1, 2))))
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        [[0, 1, 2], [0, 1]],        # trained
+        [[0, 2], [1]],              # dropped blocks
+        [[0, 1, 1, 2], [0, 0, 1]],  # repeated blocks
+        [[0, 1, 2, 2, 2, 2], [0, 1, 1, 1]],  # extra iterations of the last block
+        [[], [0, 1]],               # a whole stage skipped
+    ],
+)
+def test_schedule_output_equals_hand_computation(model, schedule):
+    x = random_images(3, SHAPE)
+    expected = _by_hand(model, x, schedule)
+    np.testing.assert_allclose(np.asarray(model(x, schedule=schedule)), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_default_schedule_is_the_trained_network(model):
+    x = random_images(3, SHAPE)
+    np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(model(x, schedule=[[0, 1, 2], [0, 1]])))
+    # A different schedule really changes the output (blocks differ).
+    assert np.abs(np.asarray(model(x)) - np.asarray(model(x, schedule=[[0, 1, 2, 2], [0, 1]]))).max() > 1e-4
+
+
+def test_forward_intermediates_are_the_block_outputs(model):
+    x = random_images(2, SHAPE)
+    out = model.forward_intermediates(x, schedule=[[0, 0], [1]])
+    np.testing.assert_allclose(np.asarray(out["logits"]), np.asarray(model(x, schedule=[[0, 0], [1]])), rtol=1e-6)
+    h0 = out["stage_inputs"][0]
+    first = model.stages[0][0](h0, training=False)
+    np.testing.assert_allclose(np.asarray(out["block_outputs"][0][0]), np.asarray(first), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(out["block_outputs"][0][1]), np.asarray(model.stages[0][0](first, training=False)), rtol=1e-6
+    )
+    assert out["stage_inputs"][1].shape == (2, 6, 6, 8)
+
+
+@pytest.mark.parametrize("schedule", [[[0]], [[0, 3], [0]], [[0, "1"], [0]], [[-1], [0]]])
+def test_bad_schedule_is_refused(model, schedule):
+    with pytest.raises(ValueError, match="schedule"):
+        model(random_images(1, SHAPE), schedule=schedule)
+
+
+def test_config_round_trips_through_json_and_keras_file(model, tmp_path):
+    x = random_images(4, SHAPE)
+    config = json.loads(json.dumps(model.get_config()))
+    clone = IterativeResNet.from_config(config)
+    assert clone.get_config() == model.get_config()
+    clone.set_weights(model.get_weights())
+    np.testing.assert_array_equal(np.asarray(clone(x)), np.asarray(model(x)))
+
+    path = tmp_path / "m.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path, compile=False)
+    assert loaded.get_config() == model.get_config()
+    np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(model(x)))
+    np.testing.assert_array_equal(
+        np.asarray(loaded(x, schedule=[[0, 0], [1, 1]])), np.asarray(model(x, schedule=[[0, 0], [1, 1]]))
+    )
+
+
+def test_block_config_round_trip():
+    block = ResidualBlock(6, kernel_size=5, norm="none", activation="gelu", name="b")
+    clone = ResidualBlock.from_config(json.loads(json.dumps(block.get_config())))
+    assert clone.get_config() == block.get_config()
+
+
+def test_block_refuses_a_shape_change():
+    with pytest.raises(ValueError, match="8 channels"):
+        ResidualBlock(8)(np.zeros((1, 4, 4, 3), np.float32))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"num_classes": 1}, "num_classes"),
+        ({"stage_widths": ()}, "stage_widths"),
+        ({"blocks_per_stage": (2,)}, "blocks_per_stage"),
+        ({"stem_stride": 3}, "stem_stride"),
+        ({"input_std": 0.0}, "input_std"),
+        ({"norm": "layer"}, "norm"),
+    ],
+)
+def test_model_arguments_are_validated(kwargs, message):
+    args = {"image_shape": SHAPE, "num_classes": 5, "stage_widths": (4, 8), "blocks_per_stage": 2}
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        IterativeResNet(**args)
+
+
+def test_transitions_only_where_the_width_changes():
+    m = IterativeResNet(SHAPE, 3, stage_widths=(4, 4, 8), blocks_per_stage=1)
+    assert m.transitions[0] is None
+    assert [layer.strides for layer in m.transitions[1].layers if hasattr(layer, "strides")] == [(2, 2)]
+    m2 = IterativeResNet(SHAPE, 3, stage_widths=(4, 8), stem_width=6, blocks_per_stage=1)
+    assert m2.transitions[0] is not None
+
+
+def test_variant_registry():
+    assert {"tiny", "small", "paper_mnist", "paper_cifar"} <= set(variants.variant_names())
+    with pytest.raises(ValueError, match="already registered"):
+        variants.register_variant("tiny", "again", stage_widths=(1,))
+    with pytest.raises(ValueError, match="unknown variant 'huge'"):
+        variants.build_model("huge", SHAPE, 3)
+    small = variants.build_model("small", (32, 32, 1), 10, coupling=0.5)
+    assert small.coupling == 0.5 and small.stem_stride == 2
+    assert [len(b) for b in small.stages] == [4, 4, 4]
+    assert small(np.zeros((1, 32, 32, 1), np.float32)).shape == (1, 10)
