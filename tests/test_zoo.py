@@ -1,0 +1,292 @@
+"""The zoo: versions, manifest checksums, loading, verification, concurrency, TF Serving config."""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import random_images
+from iterconv_keras import zoo
+from iterconv_keras.errors import IntegrityError, ModelNotFound
+from iterconv_keras.variants import build_model
+
+SHAPE = (16, 16, 1)
+
+
+def tiny_model(seed):
+    keras.utils.set_random_seed(seed)
+    return build_model("tiny", SHAPE, 10)
+
+
+@pytest.fixture(scope="module")
+def models():
+    return [tiny_model(1), tiny_model(2)]
+
+
+@pytest.fixture(scope="module")
+def pristine_zoo(models, tmp_path_factory):
+    """A zoo with toy@1, toy@2 (different weights) and other@1. Tests copy it before changing it."""
+    root = str(tmp_path_factory.mktemp("zoo"))
+    paths = [zoo.export_version(m, "toy", root=root) for m in models]
+    paths.append(zoo.export_version(models[0], "other", root=root, metadata={"metrics": {"accuracy": 0.5}}))
+    return root, paths
+
+
+@pytest.fixture
+def zoo_root(pristine_zoo, tmp_path):
+    root = str(tmp_path / "zoo")
+    shutil.copytree(pristine_zoo[0], root)
+    # models.config holds absolute base paths; regenerate it for the copy.
+    zoo.serving_config(root)
+    return root
+
+
+def test_versions_are_consecutive_directories(pristine_zoo):
+    root, paths = pristine_zoo
+    assert paths == [os.path.join(root, "toy", "1"), os.path.join(root, "toy", "2"), os.path.join(root, "other", "1")]
+    for path in paths:
+        assert sorted(os.listdir(path)) == ["assets", "assets.extra", "fingerprint.pb", "saved_model.pb", "variables"]
+        assert sorted(os.listdir(os.path.join(path, "assets.extra"))) == ["metadata.json", "model.keras"]
+    # No staging directory is left behind.
+    assert sorted(os.listdir(root)) == [".lock", "MANIFEST.json", "models.config", "other", "toy"]
+
+
+def test_manifest_holds_every_file_hash_and_the_default_version(pristine_zoo, models):
+    root, paths = pristine_zoo
+    with open(os.path.join(root, "MANIFEST.json")) as f:
+        manifest = json.load(f)
+    toy = manifest["models"]["toy"]
+    assert toy["default_version"] == 2 and list(toy["versions"]) == ["1", "2"]
+    for version, path in zip(("1", "2"), paths):
+        on_disk = {}
+        for folder, _, files in os.walk(path):
+            for name in files:
+                full = os.path.join(folder, name)
+                with open(full, "rb") as f:
+                    on_disk[os.path.relpath(full, path)] = hashlib.sha256(f.read()).hexdigest()
+        assert toy["versions"][version]["files"] == on_disk
+        assert toy["versions"][version]["parameters"] == models[0].count_params()
+    assert manifest["models"]["other"]["versions"]["1"]["metrics"] == {"accuracy": 0.5}
+
+
+def test_list_models(pristine_zoo):
+    root, _ = pristine_zoo
+    rows = {row["name"]: row for row in zoo.list_models(root)}
+    assert rows["toy"]["versions"] == [1, 2] and rows["toy"]["default_version"] == 2
+    assert rows["other"]["metrics"] == {"accuracy": 0.5}
+
+
+def test_load_by_name_and_version_returns_that_versions_weights(pristine_zoo, models):
+    root, paths = pristine_zoo
+    images = random_images(3, SHAPE, seed=7)
+    for reference, model, path in (("toy", models[1], paths[1]), ("toy@1", models[0], paths[0]),
+                                   ("toy@2", models[1], paths[1])):
+        entry = zoo.load_entry(reference, root=root)
+        assert entry.version_dir == path and entry.model_path == os.path.join(path, "assets.extra", "model.keras")
+        assert entry.metadata["name"] == "toy" and entry.metadata["parameters"] == model.count_params()
+        np.testing.assert_array_equal(entry.model(images, training=False), model(images, training=False))
+    # Versions 1 and 2 really are different models.
+    assert not np.allclose(models[0](images, training=False), models[1](images, training=False))
+
+
+def test_load_serving_returns_the_signature(pristine_zoo, models):
+    import tensorflow as tf
+
+    root, _ = pristine_zoo
+    images = random_images(2, SHAPE, seed=8)
+    serve = zoo.load_serving("toy@1", root=root, signature="serving_default")
+    expected = tf.nn.softmax(models[0](images, training=False)).numpy()
+    np.testing.assert_allclose(serve(images=tf.constant(images))["probabilities"].numpy(), expected, atol=1e-6)
+    assert set(zoo.load_serving("toy", root=root).signatures) == {"serving_default", "classify"}
+
+
+@pytest.mark.parametrize(
+    "reference, listed",
+    [("missing", "available: other@1, toy@2"), ("toy@3", "versions: 1, 2 (default 2)"),
+     ("other@9", "versions: 1 (default 1)")],
+)
+def test_unknown_name_or_version_lists_what_exists(pristine_zoo, reference, listed):
+    root, _ = pristine_zoo
+    with pytest.raises(ModelNotFound) as info:
+        zoo.load(reference, root=root)
+    assert listed in str(info.value)
+    assert ModelNotFound.exit_code == 4
+
+
+@pytest.mark.parametrize("reference", ["Toy", "a/b", "toy@0", "toy@x", "toy@1@2", ""])
+def test_malformed_references_echo_the_value(reference):
+    with pytest.raises(ValueError, match="got"):
+        zoo.parse_reference(reference)
+
+
+def test_flipped_byte_fails_verify_naming_the_file_and_load_refuses(zoo_root):
+    variables = os.path.join(zoo_root, "toy", "1", "variables", "variables.data-00000-of-00001")
+    with open(variables, "r+b") as f:
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    report = {(r["name"], r["version"]): r for r in zoo.verify_report(root=zoo_root, load_models=False)}
+    assert report[("toy", 2)]["ok"] and report[("other", 1)]["ok"]
+    assert not report[("toy", 1)]["ok"]
+    assert report[("toy", 1)]["problems"] == [
+        f"{variables}: sha256 {_sha(variables)[:12]}... does not match the manifest's "
+        f"{_manifest_hash(zoo_root, 'toy', 1, 'variables/variables.data-00000-of-00001')[:12]}..."
+    ]
+    with pytest.raises(IntegrityError, match="variables.data-00000-of-00001"):
+        zoo.verify(root=zoo_root)
+    with pytest.raises(IntegrityError, match=r"refusing to load toy@1: checksum verification failed: .*variables\.data"):
+        zoo.load("toy@1", root=zoo_root)
+    with pytest.raises(IntegrityError, match="refusing to load toy@1"):
+        zoo.load_serving("toy@1", root=zoo_root)
+    zoo.load("toy@2", root=zoo_root)  # the intact version still loads
+
+
+def test_added_and_missing_files_and_unregistered_versions_are_reported(zoo_root):
+    os.remove(os.path.join(zoo_root, "toy", "2", "fingerprint.pb"))
+    with open(os.path.join(zoo_root, "toy", "2", "extra.txt"), "w") as f:
+        f.write("x")
+    shutil.copytree(os.path.join(zoo_root, "other", "1"), os.path.join(zoo_root, "other", "7"))
+    problems = [p for r in zoo.verify_report(root=zoo_root, load_models=False) for p in r["problems"]]
+    assert problems == [
+        f"{os.path.join(zoo_root, 'toy', '2', 'fingerprint.pb')}: file is missing",
+        f"{os.path.join(zoo_root, 'toy', '2', 'extra.txt')}: file is not in the manifest",
+        f"{os.path.join(zoo_root, 'other', '7')}: version folder is not in the manifest",
+    ]
+
+
+def test_verify_loads_every_version(zoo_root):
+    report = zoo.verify(root=zoo_root)
+    assert [(r["name"], r["version"], r["ok"]) for r in report] == [("other", 1, True), ("toy", 1, True), ("toy", 2, True)]
+
+
+def test_verify_detects_a_model_that_does_not_load_even_with_matching_checksums(zoo_root):
+    # Corrupt the .keras file and re-register its hash: checksums pass, loading must not.
+    path = os.path.join(zoo_root, "toy", "2", "assets.extra", "model.keras")
+    with open(path, "wb") as f:
+        f.write(b"not a zip")
+    manifest = zoo.read_manifest(zoo_root)
+    manifest["models"]["toy"]["versions"]["2"]["files"]["assets.extra/model.keras"] = _sha(path)
+    with open(os.path.join(zoo_root, "MANIFEST.json"), "w") as f:
+        json.dump(manifest, f)
+    with pytest.raises(IntegrityError, match=r"model\.keras: does not load"):
+        zoo.verify("toy@2", root=zoo_root)
+
+
+def test_serving_config_parses_and_points_at_integer_versions(zoo_root):
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    text = zoo.serving_config(zoo_root)
+    with open(os.path.join(zoo_root, "models.config")) as f:
+        assert f.read() == text
+    config = text_format.Parse(text, model_server_config_pb2.ModelServerConfig())
+    entries = {c.name: c for c in config.model_config_list.config}
+    assert set(entries) == {"toy", "other"}
+    for name, default in (("toy", 2), ("other", 1)):
+        entry = entries[name]
+        assert entry.base_path == os.path.join(zoo_root, name) and os.path.isabs(entry.base_path)
+        assert entry.model_platform == "tensorflow"
+        assert entry.model_version_policy.WhichOneof("policy_choice") == "all"
+        assert dict(entry.version_labels) == {"default": default}
+        children = os.listdir(entry.base_path)
+        assert children and all(child.isdigit() for child in children), children
+        assert max(int(c) for c in children) == default
+
+
+def test_root_resolution_order(monkeypatch, tmp_path):
+    monkeypatch.setenv(zoo.ENV_VAR, str(tmp_path / "env"))
+    assert zoo.resolve_root(tmp_path / "arg") == str(tmp_path / "arg")
+    assert zoo.resolve_root() == str(tmp_path / "env")
+    monkeypatch.delenv(zoo.ENV_VAR)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(zoo.__file__)))
+    assert zoo.resolve_root() == os.path.join(repo, "zoo")
+
+
+def test_rename_falls_through_to_the_next_free_number(monkeypatch, zoo_root, models):
+    # An exporter that saw a stale listing (or skipped the lock) must not overwrite
+    # a version: renaming onto a non-empty directory fails and it tries N+1.
+    before = zoo.file_checksums(os.path.join(zoo_root, "toy", "1"))
+    monkeypatch.setattr(zoo, "_versions_on_disk", lambda *_: [])
+    path = zoo.export_version(models[0], "toy", root=zoo_root)
+    assert path == os.path.join(zoo_root, "toy", "3")
+    assert zoo.file_checksums(os.path.join(zoo_root, "toy", "1")) == before
+    assert all(r["ok"] for r in zoo.verify_report(root=zoo_root, load_models=False))
+
+
+def test_failed_registration_leaves_nothing_behind(monkeypatch, zoo_root, models):
+    root = zoo_root
+    before = zoo.read_manifest(root)
+
+    def broken(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(zoo, "_register_version", broken)
+    with pytest.raises(OSError, match="disk full"):
+        zoo.export_version(models[1], "toy", root=root)
+    assert sorted(os.listdir(os.path.join(root, "toy"))) == ["1", "2"]
+    assert not [e for e in os.listdir(root) if e.startswith(".tmp-")]
+    assert zoo.read_manifest(root) == before
+
+
+_EXPORTER = textwrap.dedent(
+    """
+    import os, sys, time
+    import iterconv_keras  # environment defaults before TensorFlow
+    import keras
+    import iterconv_keras.model
+    from iterconv_keras import zoo
+
+    model = keras.saving.load_model(sys.argv[1], compile=False)
+    go = sys.argv[3]
+    open(f"{go}.ready-{os.getpid()}", "w").close()
+    while not os.path.exists(go):  # start the exports together, after the slow imports
+        time.sleep(0.01)
+    print(zoo.export_version(model, "race", root=sys.argv[2]))
+    """
+)
+
+
+def test_four_concurrent_exports_make_four_complete_versions(tmp_path, models):
+    model_file = str(tmp_path / "m.keras")
+    models[0].save(model_file)
+    root, go = str(tmp_path / "zoo"), str(tmp_path / "go")
+    env = {**os.environ, "TF_NUM_INTEROP_THREADS": "1", "TF_NUM_INTRAOP_THREADS": "1"}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _EXPORTER, model_file, root, go],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for _ in range(4)
+    ]
+    deadline = time.monotonic() + 120
+    while len([f for f in os.listdir(tmp_path) if f.startswith("go.ready-")]) < 4:
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "an exporter died while starting"
+        time.sleep(0.05)
+    open(go, "w").close()
+    outputs = [p.communicate(timeout=180) for p in procs]
+    for proc, (out, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err[-3000:]
+    paths = sorted(out.strip() for out, _ in outputs)
+    assert paths == [os.path.join(root, "race", str(v)) for v in (1, 2, 3, 4)]
+    manifest = zoo.read_manifest(root)
+    assert list(manifest["models"]["race"]["versions"]) == ["1", "2", "3", "4"]
+    assert manifest["models"]["race"]["default_version"] == 4
+    report = zoo.verify("race", root=root)
+    assert [r["version"] for r in report] == [1, 2, 3, 4] and all(r["ok"] for r in report)
+    assert not [e for e in os.listdir(root) if e.startswith(".tmp-")]
+
+
+def _sha(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _manifest_hash(root, name, version, relative):
+    return zoo.read_manifest(root)["models"][name]["versions"][str(version)]["files"][relative]
