@@ -1,0 +1,87 @@
+"""Cost of the whole index suite as a multiple of one plain evaluation pass.
+
+Model: the ``small`` variant (3 stages of 4 blocks, 16/32/64 channels, stride-2
+stem) on 32x32x1 inputs with 10 classes; extra iterations up to 16 (K in
+{1, 2, 4, 8, 16}). Both the plain pass and the suite use the same compiled
+pieces (`iterconv_keras.schedules.StagePrograms`) at the same batch size, after
+one warm-up batch, so compilation is excluded from both. Goal (issue 5): <= 12x.
+
+By floating-point work alone the suite costs about 18 plain passes (each of the
+6 drop/repeat schedules and 5 extra-iteration schedules of stage s reruns the
+later stages); the measured multiple is what users wait for.
+
+Usage:
+    python benchmarks/bench_indices.py [--examples 2048] [--batch-size 256] [--no-xla]
+"""
+
+import argparse
+import json
+import time
+
+import iterconv_keras  # noqa: F401  (TF environment defaults)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--examples", type=int, default=2048)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-xla", action="store_true")
+    args = parser.parse_args()
+
+    import keras
+    import numpy as np
+
+    from iterconv_keras import indices, schedules, variants
+
+    keras.utils.set_random_seed(0)
+    model = variants.build_model("small", (32, 32, 1), 10)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(args.examples, 32, 32, 1), dtype=np.uint8)
+    y = rng.integers(0, 10, size=args.examples)
+    programs = schedules.StagePrograms(model, jit_compile=not args.no_xla)
+
+    def plain():
+        totals = schedules.Totals()
+        for xb, yb, mask in schedules.padded_batches(x, y, args.batch_size):
+            loss, correct = programs.run_schedule(xb, yb, None)
+            totals.add("loss", loss, mask)
+        return totals.mean("loss")
+
+    def suite():
+        return indices.compute_indices(model, x, y, batch_size=args.batch_size, programs=programs)
+
+    # Warm up (compile every piece) on one batch.
+    indices.compute_indices(model, x[: args.batch_size], y[: args.batch_size],
+                            batch_size=args.batch_size, programs=programs)
+    # Interleaved, so that load from other processes hits both alike; the median
+    # of the per-repeat ratios is the figure.
+    plain_times, suite_times = [], []
+    for _ in range(args.repeats):
+        plain_times.append(_timed(plain))
+        suite_times.append(_timed(suite))
+    plain_times.append(_timed(plain))
+    ratios = [s / ((a + b) / 2) for s, a, b in zip(suite_times, plain_times, plain_times[1:])]
+    plain_s, suite_s = float(np.median(plain_times)), float(np.median(suite_times))
+    result = {
+        "examples": args.examples,
+        "batch_size": args.batch_size,
+        "xla": not args.no_xla,
+        "plain_pass_s": round(plain_s, 3),
+        "index_suite_s": round(suite_s, 3),
+        "multiple": round(float(np.median(ratios)), 2),
+        "ratios": [round(r, 2) for r in ratios],
+        "goal": 12,
+        "compiled_programs": programs.num_programs,
+    }
+    print(json.dumps(result, indent=2))
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""``iterconv eval``: accuracy, indices of iterative convergence and occlusion robustness."""
+
+import json
+import os
+import tempfile
+
+import click
+
+from iterconv_cli._common import emit_json, report_errors
+
+DATASETS = ("digitclutter", "mnist", "fashion_mnist", "cifar10", "cifar100")
+
+
+@click.command("eval")
+@click.argument("model_reference", metavar="MODEL")
+@click.option("--dataset", type=click.Choice(DATASETS), default=None,
+              help="Dataset to evaluate on (default: the one in the model's metadata).")
+@click.option("--indices/--no-indices", default=True, show_default=True,
+              help="Recurrence, divergence and convergence indices and effective parameters.")
+@click.option("--occlusion/--no-occlusion", default=True, show_default=True,
+              help="Patch-occlusion sweep, clutter digit counts, iterations under occlusion.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate the first N test examples only.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--plots", "plots_dir", type=click.Path(file_okay=False), default=None,
+              help="Write PNG figures (index curves, update sizes, occlusion) into this folder.")
+@click.option("--json", "json_output", is_flag=True, help="Print one JSON document on stdout.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the JSON document to FILE.")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Folder searched first for dataset files.")
+@click.option("--zoo", "zoo_root", type=click.Path(file_okay=False), default=None,
+              help="Zoo folder for NAME[@VERSION] references.")
+@report_errors
+def COMMAND(model_reference, dataset, indices, occlusion, limit, batch_size, plots_dir, json_output, out,
+            data_dir, zoo_root):
+    """Evaluate MODEL: accuracy, indices of iterative convergence, occlusion robustness.
+
+    MODEL is a run directory, a .keras file, a zoo version directory or a zoo
+    reference NAME[@VERSION]. The indices are iterconv's operationalisation of
+    Lippl, Peters & Kriegeskorte (PLoS One 2024); see docs/indices.md.
+    """
+    from iterconv_keras import evaluation, loading
+
+    loaded = loading.load_model(model_reference, zoo_root=zoo_root)
+    data = evaluation.load_for_model(loaded.model, loaded.metadata, dataset=dataset, data_dir=data_dir, limit=limit)
+    stderr = click.get_text_stream("stderr")
+    with click.progressbar(length=1, label="evaluating", file=stderr) as bar:
+
+        def progress(done, total):
+            bar.length = total
+            bar.update(done - bar.pos)
+
+        document = evaluation.evaluate(
+            loaded.model, data, indices=indices, occlusion=occlusion, limit=limit, batch_size=batch_size,
+            progress=progress, model_reference=model_reference,
+        )
+    if plots_dir:
+        from iterconv_keras import plots
+
+        for path in plots.write_plots(document, plots_dir):
+            click.echo(f"wrote {path}", err=True)
+    if out:
+        _write_atomically(out, document)
+    if json_output:
+        emit_json(document)
+    else:
+        click.echo(format_table(document))
+
+
+def _write_atomically(path, document):
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(handle, "w") as stream:
+            json.dump(document, stream, indent=2, allow_nan=False)
+            stream.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _fmt(value, digits=3):
+    if value is None:
+        return "n/a"
+    if isinstance(value, int):
+        return f"{value:,}"
+    # Diverging networks reach huge losses and indices; keep the columns aligned.
+    return f"{value:.{digits}f}" if abs(value) < 1000 else f"{value:.2g}"
+
+
+def format_table(document):
+    """The evaluation document as a readable text table."""
+    lines = [
+        f"model     {document.get('model', '?')}",
+        f"dataset   {document.get('dataset', '?')} ({document['split']}, {document['examples']} examples)",
+        f"accuracy  {_fmt(document['accuracy'])}    loss {_fmt(document['loss'])}",
+    ]
+    if "indices" in document:
+        ind = document["indices"]
+        lines += [
+            "",
+            "indices of iterative convergence (loss-based RI, accuracy-based DI; see docs/indices.md)",
+            f"{'stage':<8}{'RI':>8}{'RI(acc)':>9}{'skipped':>9}{'DI':>8}{'DI(loss)':>10}{'CI':>9}{'rho':>7}",
+        ]
+        for row in ind["per_stage"] + [dict(ind, stage="mean", rho=None, recurrence_skipped=ind["recurrence_skipped"])]:
+            lines.append(
+                f"{row['stage']!s:<8}{_fmt(row['recurrence']):>8}{_fmt(row['recurrence_accuracy']):>9}"
+                f"{row['recurrence_skipped']:>9}{_fmt(row['divergence']):>8}{_fmt(row['divergence_loss']):>10}"
+                f"{_fmt(row['convergence']):>9}{_fmt(row['rho'], 2):>7}"
+            )
+        lines.append(
+            f"parameters {_fmt(ind['parameters'])}, effective {_fmt(round(ind['effective_parameters']))}"
+        )
+        curves = ind["curves"]
+        lines.append("extra iterations " + " ".join(f"{k:>6}" for k in curves["extra_iterations"]))
+        lines.append("  accuracy       " + " ".join(f"{_fmt(v):>6}" for v in curves["accuracy"]))
+        lines.append("  loss           " + " ".join(f"{_fmt(v):>6}" for v in curves["loss"]))
+    if "occlusion" in document:
+        occ = document["occlusion"]
+        lines += ["", f"occlusion (AUC {_fmt(occ['auc'])})"]
+        lines.append("  occluded  " + " ".join(f"{p:>6.0%}" for p in occ["levels"]))
+        lines.append("  accuracy  " + " ".join(f"{_fmt(v):>6}" for v in occ["accuracy"]))
+        if "clutter" in occ:
+            lines.append("  clutter   " + "  ".join(f"{n} digits: {_fmt(a)}" for n, a in occ["clutter"].items()))
+        if "iterations" in occ:
+            it = occ["iterations"]
+            lines.append("  extra iterations " + " ".join(f"{k:>6}" for k in it["extra_iterations"]))
+            lines.append("    clean          " + " ".join(f"{_fmt(v):>6}" for v in it["clean"]))
+            lines.append(f"    {it['level']:.0%} occluded   " + " ".join(f"{_fmt(v):>6}" for v in it["occluded"]))
+    return "\n".join(lines)

@@ -1,0 +1,260 @@
+"""Evaluate a model: accuracy, indices of iterative convergence, occlusion robustness.
+
+The Python API behind ``iterconv eval`` (notebooks get the same document):
+
+    >>> from iterconv_keras import datasets, evaluation
+    >>> splits = datasets.load("digitclutter")
+    >>> report = evaluation.evaluate(model, splits, limit=1000)
+    >>> report["indices"]["recurrence"], report["occlusion"]["auc"]
+
+The returned dict is the ``iterconv eval --json`` document of interfaces.md
+(``split``, ``examples``, ``accuracy``, ``loss``, ``indices``, ``occlusion``;
+``model`` and ``dataset`` when given), with NaN (undefined) values as None.
+See ``docs/indices.md`` for every number's definition (Lippl, Peters &
+Kriegeskorte, PLoS One 19(3): e0293440, 2024; our operationalisation).
+"""
+
+import dataclasses
+import math
+
+import numpy as np
+
+from iterconv_keras import indices as indices_lib
+from iterconv_keras import occlusion as occlusion_lib
+from iterconv_keras.schedules import StagePrograms
+
+
+@dataclasses.dataclass
+class EvalData:
+    """The examples an evaluation runs on.
+
+    Attributes:
+        x: images ``[N, H, W, C]``, uint8 or float in [0, 1].
+        y: labels ``[N]`` or multi-hot ``[N, K]``.
+        num_classes: K.
+        multi_label: True for multi-hot labels (Digitclutter).
+        mean: per-channel mean in [0, 1] units (the occlusion fill).
+        name: dataset name, or None.
+        split: which split ``x`` is (``"test"``).
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    num_classes: int
+    multi_label: bool
+    mean: tuple
+    name: str = None
+    split: str = "test"
+
+
+def as_eval_data(data, *, num_classes=None, multi_label=None, mean=None, name=None, split="test"):
+    """Wrap a `datasets.DatasetSplits` (its test split) or an ``(x, y)`` pair as `EvalData`.
+
+    For arrays, ``multi_label`` defaults to ``y.ndim == 2``, ``num_classes`` to
+    ``y.shape[1]`` or ``max(y) + 1`` and ``mean`` to the images' own mean.
+    """
+    if isinstance(data, EvalData):
+        return data
+    if hasattr(data, "x_test"):
+        return EvalData(data.x_test, data.y_test, data.num_classes, data.multi_label, tuple(data.mean),
+                        data.name, "test")
+    try:
+        x, y = data
+    except (TypeError, ValueError):
+        raise ValueError(f"data must be DatasetSplits or an (images, labels) pair, got {type(data).__name__}") from None
+    x, y = np.asarray(x), np.asarray(y)
+    if x.ndim != 4 or y.shape[:1] != x.shape[:1]:
+        raise ValueError(f"need images [N, H, W, C] and labels [N] or [N, K], got shapes {x.shape} and {y.shape}")
+    multi = bool(y.ndim == 2) if multi_label is None else bool(multi_label)
+    if num_classes is None:
+        num_classes = int(y.shape[1]) if y.ndim == 2 else int(y.max()) + 1
+    if mean is None:
+        scale = 255.0 if x.dtype == np.uint8 else 1.0
+        mean = tuple(float(m) for m in x.reshape(-1, x.shape[-1]).mean(axis=0) / scale)
+    return EvalData(x, y, num_classes, multi, tuple(mean), name, split)
+
+
+def check_compatible(model, data):
+    """Raise ValueError when ``model`` cannot be evaluated on ``data`` (an `EvalData`).
+
+    Compares image shape, number of classes and single- vs multi-label outputs,
+    naming both sides.
+    """
+    image_shape = tuple(int(d) for d in data.x.shape[1:])
+    problems = []
+    if tuple(model.image_shape) != image_shape:
+        problems.append(f"the model takes images of shape {tuple(model.image_shape)} but the dataset has {image_shape}")
+    if model.num_classes != data.num_classes:
+        problems.append(f"the model has {model.num_classes} outputs but the dataset has {data.num_classes} classes")
+    if bool(model.multi_label) != bool(data.multi_label):
+        kinds = {True: "multi-label (sets of classes)", False: "single-label"}
+        problems.append(f"the model is {kinds[bool(model.multi_label)]} but the dataset is {kinds[bool(data.multi_label)]}")
+    if problems:
+        name = data.name or "the dataset"
+        raise ValueError(f"model and dataset {name!r} do not fit: " + "; ".join(problems))
+
+
+def evaluate(
+    model,
+    data,
+    *,
+    indices=True,
+    occlusion=True,
+    limit=None,
+    batch_size=256,
+    extra_iterations=indices_lib.DEFAULT_EXTRA_ITERATIONS,
+    tolerance=indices_lib.DEFAULT_TOLERANCE,
+    levels=occlusion_lib.DEFAULT_LEVELS,
+    occlusion_seed=occlusion_lib.DEFAULT_SEED,
+    clutter=None,
+    jit_compile=True,
+    progress=None,
+    model_reference=None,
+):
+    """Evaluate ``model`` on the test split: the ``iterconv eval`` document.
+
+    Args:
+        model: an `IterativeResNet`.
+        data: `datasets.DatasetSplits` (its test split is used), `EvalData`, or
+            an ``(images, labels)`` pair.
+        indices: bool, compute the indices of iterative convergence. Default True.
+        occlusion: bool, compute occlusion robustness. Default True.
+        limit: optional int, evaluate the first ``limit`` test examples only.
+        batch_size: examples per compiled call. Default 256.
+        extra_iterations: K of the divergence index (K_max for convergence).
+        tolerance: RI skip tolerance in nats (see `indices.compute_indices`).
+        levels: occlusion levels, starting with 0.0.
+        occlusion_seed: seed of the occlusion masks. Default 0.
+        clutter: bool, add the 2..5-digit clutter sweep; default: when the data
+            are Digitclutter.
+        jit_compile: compile the model pieces with XLA. Default True.
+        progress: optional callable ``progress(done, total)`` in batches.
+        model_reference: optional string stored under ``"model"``.
+
+    Returns:
+        dict following interfaces.md; absent sections were not requested.
+
+    Raises:
+        ValueError: the model and the data do not fit (shape, classes, labels),
+            or bad arguments.
+    """
+    data = as_eval_data(data)
+    check_compatible(model, data)
+    if limit is not None:
+        if not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"limit must be a positive int, got {limit!r}")
+        data = dataclasses.replace(data, x=data.x[:limit], y=data.y[:limit])
+    clutter = data.name == "digitclutter" if clutter is None else bool(clutter)
+    n = int(data.x.shape[0])
+    batch_size = min(batch_size, n)
+    tracker = _Progress(progress, _planned_batches(n, batch_size, model, indices, occlusion, clutter, levels))
+    programs = StagePrograms(model, jit_compile=jit_compile)
+
+    document = {}
+    if model_reference is not None:
+        document["model"] = model_reference
+    if data.name is not None:
+        document["dataset"] = data.name
+    document.update({"split": data.split, "examples": n})
+    if indices:
+        result = indices_lib.compute_indices(
+            model, data.x, data.y, extra_iterations=extra_iterations, tolerance=tolerance,
+            batch_size=batch_size, programs=programs, progress=tracker,
+        )
+        document.update(accuracy=result["accuracy"], loss=result["loss"], indices=result["indices"])
+    if occlusion:
+        sweep = occlusion_lib.occlusion_sweep(
+            model, data.x, data.y, data.mean, levels=levels, seed=occlusion_seed,
+            batch_size=batch_size, programs=programs, progress=tracker,
+        )
+        section = {"levels": sweep["levels"], "accuracy": sweep["accuracy"], "auc": sweep["auc"], "loss": sweep["loss"]}
+        if clutter:
+            section["clutter"] = occlusion_lib.clutter_sweep(model, n, batch_size=batch_size, programs=programs, progress=tracker)
+        section["iterations"] = occlusion_lib.iteration_sweep(
+            model, data.x, data.y, data.mean, seed=occlusion_seed, batch_size=batch_size,
+            programs=programs, progress=tracker,
+        )
+        section["settings"] = {"seed": sweep["seed"], "patch_size": sweep["patch_size"], "fill": list(data.mean)}
+        document.setdefault("accuracy", sweep["accuracy"][0])
+        document.setdefault("loss", sweep["loss"][0])
+        document["occlusion"] = section
+    if "accuracy" not in document:
+        accuracy, loss = occlusion_lib._scores(programs, data.x, data.y, batch_size, progress=tracker)
+        document.update(accuracy=accuracy, loss=loss)
+    # Keep the documented key order: the summary first, then the sections.
+    ordered = {k: document[k] for k in ("model", "dataset", "split", "examples", "accuracy", "loss") if k in document}
+    ordered.update({k: v for k, v in document.items() if k not in ordered})
+    tracker.finish()
+    return json_safe(ordered)
+
+
+def _planned_batches(n, batch_size, model, indices, occlusion, clutter, levels):
+    per_pass = math.ceil(n / batch_size)
+    total = per_pass if indices else (0 if occlusion else per_pass)
+    if occlusion:
+        total += per_pass * len(levels)
+        total += per_pass * 2 * len(occlusion_lib.DEFAULT_ITERATIONS)
+        if clutter:
+            total += per_pass * len(occlusion_lib.CLUTTER_DIGITS)
+    return total
+
+
+class _Progress:
+    """Adapts ``progress(done, total)`` to the evaluators' ``progress(step)``."""
+
+    def __init__(self, callback, total):
+        self.callback, self.total, self.done = callback, total, 0
+
+    def __call__(self, step):
+        self.done += step
+        if self.callback is not None:
+            self.callback(min(self.done, self.total), self.total)
+
+    def finish(self):
+        if self.callback is not None and self.done < self.total:
+            self.callback(self.total, self.total)
+
+
+def json_safe(value):
+    """Replace NaN/inf by None and numpy scalars by Python numbers, recursively (strict JSON)."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def load_for_model(model, metadata, *, dataset=None, data_dir=None, limit=None):
+    """Load the test data a model is evaluated on (the CLI's dataset defaults).
+
+    Args:
+        model: the model (its ``multi_label`` decides Digitclutter when nothing else does).
+        metadata: the run's ``config.json`` or the zoo version's ``metadata.json``.
+        dataset: name overriding the metadata's ``"dataset"``.
+        data_dir: folder overriding the metadata's ``"data_dir"``.
+        limit: only this many test images are needed (Digitclutter generates only those).
+
+    Returns:
+        `datasets.DatasetSplits`.
+    """
+    from iterconv_keras import datasets
+
+    name = dataset or metadata.get("dataset")
+    if name is None:
+        if not model.multi_label:
+            raise ValueError(
+                "the model carries no dataset in its metadata (a bare .keras file?): pass --dataset NAME"
+            )
+        name = "digitclutter"
+    data_dir = data_dir or metadata.get("data_dir")
+    digits = metadata.get("clutter_digits") or metadata.get("n_digits") or 3
+    if name == "digitclutter":
+        # Generated on demand and prefix-stable: the first `limit` images are the same
+        # whatever the size, so only those are made.
+        return datasets.load(name, clutter_digits=int(digits), test_size=limit)
+    return datasets.load(name, data_dir=data_dir)

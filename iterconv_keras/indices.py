@@ -1,0 +1,408 @@
+"""Indices of iterative convergence: recurrence, divergence, convergence, effective parameters.
+
+This is iterconv's operationalisation (``docs/indices.md``, method.md section 5)
+of the three indices of Lippl, Peters & Kriegeskorte, "Iterative convergent
+computation is not a useful inductive bias for ResNets" (ICLR 2021 submission)
+and "Can neural networks benefit from objectives that encourage iterative
+convergent computations? A case study of ResNets and object classification"
+(PLoS One 19(3): e0293440, 2024). The papers' exact formulas were not available
+to us; the formulas below are ours.
+
+For one stage with T trained blocks (t counted from 1, L = mean cross-entropy,
+A = accuracy, chance = 1/K or the exact-set chance 1/C(K, n)):
+
+    RI_t  = (L(drop_t) - L(rep_t)) / (L(drop_t) - L(full))      t = 2..T
+            rep_t: block t replaced by a second application of block t-1
+            drop_t: block t removed; t is skipped when |L(drop_t) - L(full)| < tol
+    DI(K) = (A(full) - A(full+K)) / (A(full) - chance)           K extra iterations
+            of the stage's last block; DI = mean over K
+    CI    = 1 - u_(T+Kmax) / u_T,   u_k = mean_x ||f(x_k)||
+
+Every stage is manipulated on its own; the reported index is the mean over stages.
+"""
+
+import math
+
+import numpy as np
+
+from iterconv_keras.schedules import StagePrograms, Totals, padded_batches
+
+DEFAULT_EXTRA_ITERATIONS = (1, 2, 4, 8, 16)
+# |L(drop_t) - L(full)| below this (nats) makes RI_t a ratio of noise: t is skipped.
+DEFAULT_TOLERANCE = 1e-3
+# The same for the accuracy version (a fraction of examples).
+DEFAULT_ACCURACY_TOLERANCE = 0.01
+
+
+# --------------------------------------------------------------------------- formulas
+
+
+def recurrence_terms(full, drop, rep, tolerance):
+    """Per-block recurrence terms ``RI_t`` of one stage, None where skipped.
+
+    Args:
+        full: performance of the trained schedule (loss or accuracy).
+        drop: list over t = 2..T of the performance with block t removed.
+        rep: list over t = 2..T of the performance with block t replaced by block t-1.
+        tolerance: a block whose removal changes performance by less than this
+            has no meaningful denominator (for example f = 0) and is skipped.
+
+    Returns:
+        list of floats or None, one per t.
+    """
+    terms = []
+    for d, r in zip(drop, rep):
+        denominator = d - full
+        terms.append(None if abs(denominator) < tolerance else (d - r) / denominator)
+    return terms
+
+
+def mean_or_nan(values):
+    """Mean of the values that are not None/NaN; NaN when there are none."""
+    kept = [v for v in values if v is not None and not math.isnan(v)]
+    return float(np.mean(kept)) if kept else float("nan")
+
+
+def divergence_terms(full, extended, chance, tolerance=1e-9):
+    """``DI(K) = (P(full) - P(full+K)) / (P(full) - chance)`` for each K.
+
+    Written for accuracy (higher is better); the loss version passes losses and the
+    chance-level loss, for which the same ratio reads ``(L(full+K) - L(full)) /
+    (L_chance - L(full))``. NaN for every K when the network is at chance already.
+    """
+    denominator = full - chance
+    if abs(denominator) < tolerance:
+        return [float("nan")] * len(extended)
+    return [(full - e) / denominator for e in extended]
+
+
+def convergence_index(updates, trained_blocks):
+    """``CI = 1 - u_(T+Kmax) / u_T`` from the update sizes along one stage.
+
+    Args:
+        updates: ``[u_1, ..., u_(T+Kmax)]``, mean update norms of the T trained
+            blocks followed by the extra iterations of the last block.
+        trained_blocks: T.
+
+    Returns:
+        float; NaN when the last trained update is zero (nothing to compare with).
+    """
+    last_trained = updates[trained_blocks - 1]
+    if last_trained <= 0.0:
+        return float("nan")
+    return 1.0 - updates[-1] / last_trained
+
+
+def chance_accuracy(labels, num_classes, multi_label):
+    """Accuracy of guessing: 1/K, or for sets of n of K classes the exact-set 1/C(K, n).
+
+    For multi-label sets, n is read per example from the labels and the chance
+    accuracy is averaged over the examples.
+    """
+    if not multi_label:
+        return 1.0 / num_classes
+    sizes = np.rint(np.asarray(labels, np.float64).sum(axis=-1)).astype(int)
+    return float(np.mean([1.0 / math.comb(num_classes, int(n)) for n in sizes]))
+
+
+def chance_loss(labels, num_classes, multi_label):
+    """Loss of a network that ignores its input and predicts the class frequencies.
+
+    ``log K`` for softmax outputs (uniform guess); for multi-label the mean binary
+    entropy of each class's frequency in ``labels``.
+    """
+    if not multi_label:
+        return math.log(num_classes)
+    q = np.clip(np.asarray(labels, np.float64).mean(axis=0), 1e-12, 1 - 1e-12)
+    return float(np.mean(-(q * np.log(q) + (1 - q) * np.log(1 - q))))
+
+
+def effective_parameters(model):
+    """Effective number of parameters under coupling (method.md section 5, item 4).
+
+    For each coupled group (one parameter position, e.g. ``conv1.kernel``, in the
+    T blocks of a stage) with copies theta_t and mean theta_bar:
+
+        rho   = (T / (T - 1)) * sum_t ||theta_t - theta_bar||^2 / sum_t ||theta_t||^2
+        P_eff = P_uncoupled + sum_groups P_block * (1 + (T - 1) * clip(rho, 0, 1))
+
+    Counts trainable parameters (BatchNorm moving statistics are not learned).
+
+    Returns:
+        dict with ``parameters``, ``effective_parameters`` and ``per_stage`` (a
+        list of ``{"stage", "rho", "effective_parameters", "parameters"}``, rho
+        weighted by group size).
+    """
+    per_stage = []
+    coupled = 0
+    for s, blocks in enumerate(model.stages):
+        block_vars = [block.trainable_variables for block in blocks]
+        size = sum(int(np.prod(v.shape)) for vs in block_vars for v in vs)
+        coupled += size
+        if len(blocks) < 2:
+            per_stage.append({"stage": s, "rho": None, "effective_parameters": size, "parameters": size})
+            continue
+        count, weighted_rho, effective = len(blocks), 0.0, 0.0
+        for copies in zip(*block_vars):
+            rho = group_rho([np.asarray(v) for v in copies])
+            p_block = int(np.prod(copies[0].shape))
+            weighted_rho += rho * p_block
+            effective += p_block * (1 + (count - 1) * rho)
+        per_block = size / count
+        per_stage.append(
+            {"stage": s, "rho": weighted_rho / per_block, "effective_parameters": effective, "parameters": size}
+        )
+    total = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
+    uncoupled = total - coupled
+    return {
+        "parameters": total,
+        "effective_parameters": uncoupled + sum(row["effective_parameters"] for row in per_stage),
+        "per_stage": per_stage,
+    }
+
+
+def group_rho(copies):
+    """The normalised between-block spread rho of one coupled parameter, in [0, 1].
+
+    0 for identical copies (and for all-zero copies), about 1 for independent
+    copies of mean zero.
+    """
+    thetas = np.stack([np.ravel(c).astype(np.float64) for c in copies])
+    count = thetas.shape[0]
+    scale = np.sum(thetas**2)
+    if scale == 0.0:
+        return 0.0
+    spread = np.sum((thetas - thetas.mean(axis=0)) ** 2)
+    return float(np.clip(count / (count - 1) * spread / scale, 0.0, 1.0))
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def measure(programs, x, y, *, extra_iterations=DEFAULT_EXTRA_ITERATIONS, batch_size=256, progress=None):
+    """Run every schedule the indices need and return the masked totals.
+
+    Per batch: one trained-schedule trace keeps every block's input; then, for
+    each stage s, ``drop_t``/``rep_t`` start from the cached input of block t
+    and the extra iterations continue from the cached output of stage s, each
+    followed by the later stages. Nothing before stage s is recomputed.
+
+    Args:
+        programs: a `StagePrograms` for the model.
+        x, y: images and labels.
+        extra_iterations: increasing positive ints K.
+        batch_size: examples per compiled call.
+        progress: optional callable ``progress(batches_done)``, called per batch.
+
+    Returns:
+        a `Totals` with keys ``("full",)``, ``("drop", s, t)``, ``("rep", s, t)``,
+        ``("extra", s, K)`` (each suffixed by ``"loss"`` or ``"correct"``) and
+        ``("update", s, k)``, ``("norm", s, k)``.
+    """
+    extra = _validate_extra(extra_iterations)
+    model = programs.model
+    totals = Totals()
+    batch_size = min(batch_size, int(x.shape[0]))
+    for xb, yb, mask in padded_batches(x, y, batch_size):
+        trace = programs.trace(xb, yb)
+        _add_scores(totals, ("full",), trace.loss, trace.correct, mask)
+        for s, blocks in enumerate(model.stages):
+            _measure_stage(programs, totals, trace, s, len(blocks), extra, yb, mask)
+        if progress is not None:
+            progress(1)
+    return totals
+
+
+def _measure_stage(programs, totals, trace, s, count, extra, labels, mask):
+    states = trace.states[s]
+    for k in range(count):
+        totals.add(("update", s, k), trace.updates[s][k], mask)
+        totals.add(("norm", s, k), trace.state_norms[s][k], mask)
+    keys, outputs = [], []
+    rest = list(range(count))
+    for t in range(1, count):
+        # Both variants share the trained prefix: start from block t's cached input.
+        keys.append(("drop", s, t))
+        outputs.append(programs.run_blocks(s, rest[t + 1 :], states[t]))
+        keys.append(("rep", s, t))
+        outputs.append(programs.run_blocks(s, [t - 1] + rest[t + 1 :], states[t]))
+    # One chain of extra iterations serves every K (divergence) and the update curve (convergence).
+    h = states[count]
+    for k in range(1, extra[-1] + 1):
+        h, update, norm = programs.block(s, count - 1, h, with_norms=True)
+        totals.add(("update", s, count - 1 + k), update, mask)
+        totals.add(("norm", s, count - 1 + k), norm, mask)
+        if k in extra:
+            keys.append(("extra", s, k))
+            outputs.append(h)
+    # The later stages run once on all variants side by side: one call per piece
+    # instead of one per variant, and larger matrix products for the small late maps.
+    loss, correct = programs.tail(s, _concat(outputs), _concat([labels] * len(outputs)))
+    loss, correct = np.split(np.asarray(loss), len(outputs)), np.split(np.asarray(correct), len(outputs))
+    for key, l, c in zip(keys, loss, correct):
+        _add_scores(totals, key, l, c, mask)
+
+
+def _concat(tensors):
+    import tensorflow as tf
+
+    return tf.concat(tensors, axis=0)
+
+
+def _add_scores(totals, key, loss, correct, mask):
+    totals.add(key + ("loss",), loss, mask)
+    totals.add(key + ("correct",), correct, mask)
+
+
+def _validate_extra(extra_iterations):
+    extra = tuple(extra_iterations)
+    if not extra or not all(isinstance(k, int) and k > 0 for k in extra) or list(extra) != sorted(set(extra)):
+        raise ValueError(f"extra_iterations must be increasing positive ints, got {extra_iterations!r}")
+    return extra
+
+
+# --------------------------------------------------------------------------- the suite
+
+
+def compute_indices(
+    model,
+    x,
+    y,
+    *,
+    extra_iterations=DEFAULT_EXTRA_ITERATIONS,
+    tolerance=DEFAULT_TOLERANCE,
+    accuracy_tolerance=DEFAULT_ACCURACY_TOLERANCE,
+    batch_size=256,
+    programs=None,
+    progress=None,
+):
+    """Recurrence, divergence and convergence indices, per stage and overall.
+
+    Args:
+        model: an `IterativeResNet`.
+        x: images ``[N, H, W, C]`` (uint8, or float in [0, 1]).
+        y: labels ``[N]`` or multi-hot ``[N, K]`` for a multi-label model.
+        extra_iterations: the K of the divergence index, increasing; the largest
+            is K_max of the convergence index. Default ``(1, 2, 4, 8, 16)``.
+        tolerance: RI_t is skipped when ``|L(drop_t) - L(full)| < tolerance``
+            (nats). Default 1e-3.
+        accuracy_tolerance: the same for the accuracy version. Default 0.01.
+        batch_size: examples per compiled call. Default 256.
+        programs: optional `StagePrograms` to reuse compiled pieces.
+        progress: optional callable ``progress(batches_done)``.
+
+    Returns:
+        dict: ``{"accuracy", "loss", "indices"}`` where ``indices`` follows the
+        ``iterconv eval --json`` document of interfaces.md (``recurrence``,
+        ``divergence``, ``convergence``, ``effective_parameters``,
+        ``parameters``, ``per_stage``, ``curves``) plus the accuracy/loss twins
+        and the settings used. Undefined values are NaN.
+    """
+    extra = _validate_extra(extra_iterations)
+    programs = programs or StagePrograms(model)
+    totals = measure(programs, x, y, extra_iterations=extra, batch_size=batch_size, progress=progress)
+    chance_acc = chance_accuracy(y, model.num_classes, model.multi_label)
+    chance_nll = chance_loss(y, model.num_classes, model.multi_label)
+    per_stage = [
+        _stage_indices(totals, s, len(blocks), extra, tolerance, accuracy_tolerance, chance_acc, chance_nll)
+        for s, blocks in enumerate(model.stages)
+    ]
+    params = effective_parameters(model)
+    for row, counts in zip(per_stage, params["per_stage"]):
+        row["rho"] = counts["rho"]
+        row["effective_parameters"] = counts["effective_parameters"]
+    indices = {
+        name: mean_or_nan([row[name] for row in per_stage])
+        for name in (
+            "recurrence", "divergence", "convergence",
+            "recurrence_accuracy", "divergence_loss", "convergence_relative",
+        )
+    }
+    indices["effective_parameters"] = params["effective_parameters"]
+    indices["parameters"] = params["parameters"]
+    indices["recurrence_skipped"] = sum(row["recurrence_skipped"] for row in per_stage)
+    indices["per_stage"] = per_stage
+    indices["curves"] = _mean_curves(per_stage, extra)
+    indices["settings"] = {
+        "extra_iterations": list(extra),
+        "tolerance": tolerance,
+        "accuracy_tolerance": accuracy_tolerance,
+        "chance_accuracy": chance_acc,
+        "chance_loss": chance_nll,
+        "performance": "loss (mean cross-entropy); *_accuracy keys use accuracy",
+    }
+    return {
+        "accuracy": totals.mean(("full", "correct")),
+        "loss": totals.mean(("full", "loss")),
+        "indices": indices,
+    }
+
+
+def _stage_indices(totals, s, count, extra, tolerance, accuracy_tolerance, chance_acc, chance_nll):
+    full_loss, full_acc = totals.mean(("full", "loss")), totals.mean(("full", "correct"))
+    ts = range(1, count)
+    ri_loss = recurrence_terms(
+        full_loss, [totals.mean(("drop", s, t, "loss")) for t in ts],
+        [totals.mean(("rep", s, t, "loss")) for t in ts], tolerance,
+    )
+    ri_acc = recurrence_terms(
+        full_acc, [totals.mean(("drop", s, t, "correct")) for t in ts],
+        [totals.mean(("rep", s, t, "correct")) for t in ts], accuracy_tolerance,
+    )
+    acc_k = [totals.mean(("extra", s, k, "correct")) for k in extra]
+    loss_k = [totals.mean(("extra", s, k, "loss")) for k in extra]
+    di_acc = divergence_terms(full_acc, acc_k, chance_acc)
+    # Loss version: the same ratio with losses (lower is better), 1 = chance-level loss.
+    di_loss = divergence_terms(-full_loss, [-v for v in loss_k], -chance_nll)
+    updates = [totals.mean(("update", s, k)) for k in range(count + extra[-1])]
+    norms = [totals.mean(("norm", s, k)) for k in range(count + extra[-1])]
+    relative = [u / n if n > 0 else float("nan") for u, n in zip(updates, norms)]
+    return {
+        "stage": s,
+        "recurrence": mean_or_nan(ri_loss),
+        "divergence": mean_or_nan(di_acc),
+        "convergence": convergence_index(updates, count),
+        "recurrence_accuracy": mean_or_nan(ri_acc),
+        "divergence_loss": mean_or_nan(di_loss),
+        "convergence_relative": _relative_convergence(relative, count),
+        "recurrence_skipped": sum(term is None for term in ri_loss),
+        "recurrence_per_block": ri_loss,
+        "recurrence_accuracy_per_block": ri_acc,
+        "divergence_per_k": di_acc,
+        "divergence_loss_per_k": di_loss,
+        "blocks": count,
+        "curves": {
+            "extra_iterations": list(extra),
+            "accuracy": acc_k,
+            "loss": loss_k,
+            # Along the T trained blocks, then the K_max extra iterations of the last one.
+            "update_norm": updates,
+            "relative_update": relative,
+        },
+    }
+
+
+def _relative_convergence(relative, count):
+    # Reported beside CI to show why CI uses absolute updates: for f(x) = -a x this stays 0.
+    if not relative[count - 1] > 0:
+        return float("nan")
+    return 1.0 - relative[-1] / relative[count - 1]
+
+
+def _mean_curves(per_stage, extra):
+    """Curves over K averaged over stages (each stage manipulated on its own)."""
+
+    def at_k(row, name):
+        curve = row["curves"][name]
+        if name in ("accuracy", "loss"):
+            return curve
+        # Update curves run along trained blocks first; pick the K-th extra iteration.
+        return [curve[row["blocks"] - 1 + k] for k in extra]
+
+    return {
+        "extra_iterations": list(extra),
+        **{
+            name: [mean_or_nan(list(values)) for values in zip(*(at_k(row, name) for row in per_stage))]
+            for name in ("accuracy", "loss", "update_norm", "relative_update")
+        },
+    }
