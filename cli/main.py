@@ -43,9 +43,9 @@ def cli(ctx, debug):
 def _register():
     # Each command module keeps TensorFlow out of its import; the heavy work is
     # imported inside the command functions.
-    from iterconv_cli import data_cmd, export_cmd, train_cmd, zoo_cmd
+    from iterconv_cli import data_cmd, eval_cmd, export_cmd, train_cmd, zoo_cmd
 
-    for module in (train_cmd, data_cmd, export_cmd, zoo_cmd):
+    for module in (train_cmd, eval_cmd, data_cmd, export_cmd, zoo_cmd):
         cli.add_command(module.COMMAND)
 
 
