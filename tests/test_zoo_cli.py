@@ -1,0 +1,159 @@
+"""``iterconv export`` and ``iterconv zoo``, run in-process with CliRunner."""
+
+import json
+import os
+
+import keras
+import pytest
+from click.testing import CliRunner
+
+from iterconv_keras import zoo
+from iterconv_keras.variants import build_model
+
+
+@pytest.fixture(scope="module")
+def cli():
+    try:
+        from iterconv_cli.main import cli as root
+    except ImportError as exc:  # other commands are written in parallel
+        if "_cmd" not in str(exc):
+            raise
+        import click
+
+        from iterconv_cli import export_cmd, zoo_cmd
+
+        root = click.Group("iterconv", commands={"export": export_cmd.COMMAND, "zoo": zoo_cmd.COMMAND})
+    return root
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A finished training run as the runner leaves it, with a saved eval document."""
+    run = tmp_path_factory.mktemp("run")
+    keras.utils.set_random_seed(5)
+    build_model("tiny", (16, 16, 1), 10).save(run / "model.keras")
+    config = {"dataset": "mnist", "variant": "tiny", "coupling": 0.0, "lipschitz": None, "epochs": 1, "seed": 5}
+    (run / "config.json").write_text(json.dumps(config))
+    (run / "metrics.json").write_text(json.dumps({"accuracy": 0.91, "loss": 0.3, "dataset": "mnist"}))
+    evaluation = {"model": str(run), "dataset": "mnist", "accuracy": 0.9, "loss": 0.31,
+                  "indices": {"recurrence": 0.12, "divergence": 0.85, "convergence": -0.4,
+                              "effective_parameters": 2000, "parameters": 3550, "per_stage": []},
+                  "occlusion": {"levels": [0.0, 0.5], "accuracy": [0.9, 0.3], "auc": 0.71}}
+    (run / "eval.json").write_text(json.dumps(evaluation))
+    return str(run)
+
+
+@pytest.fixture(scope="module")
+def exported(cli, run_dir, tmp_path_factory):
+    """A zoo holding digits@1 and digits@2, exported through the command."""
+    root = str(tmp_path_factory.mktemp("zoo"))
+    runner = CliRunner()
+    first = runner.invoke(cli, ["export", run_dir, "--name", "digits", "--zoo", root])
+    second = runner.invoke(cli, ["export", run_dir, "--name", "digits", "--zoo", root, "--json"])
+    return root, first, second
+
+
+def test_export_prints_the_new_versions_path(exported):
+    root, first, second = exported
+    assert first.exit_code == 0, first.output
+    assert first.stdout == os.path.join(root, "digits", "1") + "\n"
+    assert second.exit_code == 0, second.output
+    assert json.loads(second.stdout) == {
+        "name": "digits", "version": 2, "reference": "digits@2", "path": os.path.join(root, "digits", "2"),
+    }
+
+
+def test_show_reports_the_model_card_from_the_run_files(cli, exported, run_dir):
+    root = exported[0]
+    result = CliRunner().invoke(cli, ["zoo", "show", "digits@1", "--zoo", root, "--json"])
+    assert result.exit_code == 0, result.output
+    card = json.loads(result.stdout)["card"]
+    assert card["dataset"] == "mnist" and card["variant"] == "tiny" and card["recipe"]["seed"] == 5
+    assert card["metrics"] == {"accuracy": 0.91, "loss": 0.3}
+    assert card["effective_parameters"] == 2000 and card["occlusion_auc"] == 0.71
+    assert card["indices"]["recurrence"] == 0.12 and card["source"] == run_dir
+    table = CliRunner().invoke(cli, ["zoo", "show", "digits", "--zoo", root]).stdout
+    assert "digits@2" in table and "0.9100" in table and "occlusion AUC" in table and "0.7100" in table
+
+
+def test_list_table_and_json(cli, exported):
+    root = exported[0]
+    table = CliRunner().invoke(cli, ["zoo", "list", "--zoo", root])
+    assert table.exit_code == 0
+    assert table.stdout.splitlines()[1].split() == ["digits", "2", "1,2", "mnist", "0.9100", "3550"]
+    document = json.loads(CliRunner().invoke(cli, ["zoo", "list", "--zoo", root, "--json"]).stdout)
+    assert [(m["name"], m["versions"]) for m in document["models"]] == [("digits", [1, 2])]
+
+
+def test_zoo_root_from_the_environment(cli, exported, monkeypatch):
+    monkeypatch.setenv(zoo.ENV_VAR, exported[0])
+    document = json.loads(CliRunner().invoke(cli, ["zoo", "list", "--json"]).stdout)
+    assert document["zoo"] == exported[0]
+
+
+def test_verify_passes_then_exits_5_naming_a_flipped_file(cli, exported, tmp_path):
+    import shutil
+
+    root = str(tmp_path / "zoo")
+    shutil.copytree(exported[0], root)
+    ok = CliRunner().invoke(cli, ["zoo", "verify", "--zoo", root])
+    assert ok.exit_code == 0, ok.output
+    assert ok.stdout.splitlines() == ["digits@1  ok", "digits@2  ok"]
+
+    bad_file = os.path.join(root, "digits", "2", "variables", "variables.index")
+    with open(bad_file, "r+b") as f:
+        data = bytearray(f.read())
+        data[len(data) // 2] ^= 0x01
+        f.seek(0)
+        f.write(data)
+    result = CliRunner().invoke(cli, ["zoo", "verify", "--zoo", root, "--json"])
+    assert result.exit_code == 5
+    document = json.loads(result.stdout)
+    assert document["ok"] is False
+    assert [v["ok"] for v in document["versions"]] == [True, False]
+    assert result.stderr.startswith(f"iterconv: error: zoo verification failed: {bad_file}: sha256 ")
+    assert len(result.stderr.splitlines()) == 1
+
+    refused = CliRunner().invoke(cli, ["export", "digits@2", "--name", "copy", "--zoo", root])
+    assert refused.exit_code == 5 and "refusing to load digits@2" in refused.stderr and bad_file in refused.stderr
+
+
+@pytest.mark.parametrize(
+    "args, listed",
+    [
+        (["zoo", "show", "nope"], "available: digits@2"),
+        (["zoo", "show", "digits@9"], "versions: 1, 2 (default 2)"),
+        (["zoo", "verify", "digits@9"], "versions: 1, 2 (default 2)"),
+        (["export", "nope@1", "--name", "x"], "available: digits@2"),
+    ],
+)
+def test_unknown_name_or_version_exits_4_listing_what_exists(cli, exported, args, listed):
+    result = CliRunner().invoke(cli, [*args, "--zoo", exported[0]])
+    assert result.exit_code == 4, result.output
+    assert listed in result.stderr and result.stdout == ""
+
+
+@pytest.mark.parametrize("name", ["Digits", "a/b", "a@1", "-x", ""])
+def test_export_rejects_bad_names_echoing_them(cli, run_dir, tmp_path, name):
+    result = CliRunner().invoke(cli, ["export", run_dir, "--name", name, "--zoo", str(tmp_path)])
+    assert result.exit_code == 2
+    assert f"got {name!r}" in result.stderr
+    assert os.listdir(tmp_path) == []  # validated before anything is written
+
+
+def test_serving_config_writes_the_zoo_file_and_out(cli, exported, tmp_path):
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    out = tmp_path / "served" / "models.config"
+    result = CliRunner().invoke(cli, ["zoo", "serving-config", "--zoo", exported[0], "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert out.read_text() == document["config"]
+    with open(os.path.join(exported[0], "models.config")) as f:
+        assert f.read() == document["config"]
+    config = text_format.Parse(document["config"], model_server_config_pb2.ModelServerConfig())
+    (entry,) = config.model_config_list.config
+    assert (entry.name, entry.base_path, dict(entry.version_labels)) == (
+        "digits", os.path.join(exported[0], "digits"), {"default": 2}
+    )
