@@ -7,14 +7,25 @@ drop or extend blocks (method.md section 2).
 
 import keras
 
+from iterconv_keras import lipschitz as lipschitz_lib
+
 NORMS = ("batch", "sync_batch", "none")
 ACTIVATIONS = ("relu", "gelu", "tanh", "silu")
 
 
-def make_norm(norm, momentum, name):
-    """The normalisation layer named by ``norm`` (one of `NORMS`)."""
+def make_norm(norm, momentum, name, max_gain=None):
+    """The normalisation layer named by ``norm`` (one of `NORMS`).
+
+    ``max_gain`` (float or None) caps the per-channel gain of batch normalisation
+    (`lipschitz.GainCappedBatchNormalization`), as a Lipschitz-constrained
+    residual function needs.
+    """
     if norm == "none":
         return keras.layers.Identity(name=name)
+    if max_gain is not None:
+        return lipschitz_lib.GainCappedBatchNormalization(
+            max_gain=max_gain, momentum=momentum, synchronized=norm == "sync_batch", name=name
+        )
     return keras.layers.BatchNormalization(
         momentum=momentum, synchronized=norm == "sync_batch", name=name
     )
@@ -40,11 +51,20 @@ class ResidualBlock(keras.layers.Layer):
         activation: one of ``"relu"``, ``"gelu"``, ``"tanh"``, ``"silu"``.
             Default ``"relu"``.
         kernel_initializer: initializer of both kernels. Default ``"he_normal"``.
+        lipschitz: None (unconstrained, default) or float c > 0: constrain ``f``
+            at inference to ``Lip(f) <= c`` (method.md section 4). Each conv
+            kernel gets a `lipschitz.ConvOperatorNormBound` of
+            ``sqrt(c) / L_act`` (applied after every optimizer step) and batch
+            normalisation becomes `lipschitz.GainCappedBatchNormalization` with
+            gain <= 1. Needs a static input height and width (the conv operator
+            norm is taken on the block's feature map). See ``docs/lipschitz.md``
+            (Behrmann et al. 2019; Gouk et al. 2018).
         **kwargs: standard layer arguments (``name``, ``dtype``).
 
     Example:
         >>> block = ResidualBlock(16)
         >>> y = block(keras.ops.zeros((2, 8, 8, 16)))
+        >>> constrained = ResidualBlock(16, lipschitz=0.9)
     """
 
     def __init__(
@@ -55,9 +75,11 @@ class ResidualBlock(keras.layers.Layer):
         norm_momentum=0.9,
         activation="relu",
         kernel_initializer="he_normal",
+        lipschitz=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.lipschitz = lipschitz_lib.validate_bound(lipschitz)
         if not isinstance(filters, int) or filters < 1:
             raise ValueError(f"filters must be a positive int, got {filters!r}")
         if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
@@ -80,9 +102,12 @@ class ResidualBlock(keras.layers.Layer):
         self.norm2 = self._make_norm("norm2")
         self.conv2 = self._make_conv("conv2")
         self.act = keras.layers.Activation(activation, name="act")
+        self.feature_shape = None
 
     def _make_norm(self, name):
-        return make_norm(self.norm, self.norm_momentum, name)
+        # Capped at gain 1 when constrained: the convs then take the whole budget.
+        max_gain = None if self.lipschitz is None else 1.0
+        return make_norm(self.norm, self.norm_momentum, name, max_gain=max_gain)
 
     def _make_conv(self, name):
         return keras.layers.Conv2D(
@@ -100,10 +125,38 @@ class ResidualBlock(keras.layers.Layer):
                 f"{self.name}: a residual block keeps the shape, so its input needs "
                 f"{self.filters} channels, got input shape {tuple(input_shape)}"
             )
+        self.feature_shape = tuple(input_shape[1:])
+        if self.lipschitz is not None:
+            self._attach_constraints()
         self.norm1.build(input_shape)
         self.conv1.build(input_shape)
         self.norm2.build(input_shape)
         self.conv2.build(input_shape)
+
+    def _attach_constraints(self):
+        # Set before the convs build, so their kernels carry the constraint and
+        # Keras' optimizer applies it after each update. The block tracks the
+        # power-iteration vectors, so they are saved, loaded and copied by
+        # coupling.tie_blocks with the other weights.
+        if any(d is None for d in self.feature_shape):
+            raise ValueError(
+                f"{self.name}: lipschitz={self.lipschitz!r} needs a static input height, "
+                f"width and channels (the conv operator norm depends on them), got "
+                f"input shape {(None, *self.feature_shape)}"
+            )
+        bound = lipschitz_lib.per_conv_bound(self.lipschitz, self.activation)
+        vectors = []
+        for conv in self.convolutions:
+            conv.kernel_constraint = lipschitz_lib.ConvOperatorNormBound(
+                bound, self.feature_shape, name=f"{conv.name}_power_vector"
+            )
+            vectors.append(conv.kernel_constraint.vector)
+        self.power_vectors = vectors
+
+    @property
+    def normalizations(self):
+        """The normalisation layers of ``f``, in order."""
+        return (self.norm1, self.norm2)
 
     @property
     def convolutions(self):
@@ -131,6 +184,7 @@ class ResidualBlock(keras.layers.Layer):
                 "norm_momentum": self.norm_momentum,
                 "activation": self.activation,
                 "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+                "lipschitz": self.lipschitz,
             }
         )
         return config

@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from iterconv_keras import coupling as coupling_lib
+from iterconv_keras import lipschitz as lipschitz_lib
 from iterconv_keras.blocks import ResidualBlock, make_norm
 
 
@@ -47,6 +48,12 @@ class IterativeResNet(keras.Model):
         activation: activation inside the blocks. Default ``"relu"``.
         coupling: float lambda in [0, 1], soft gradient coupling strength.
             0 is an ordinary ResNet, 1 a recurrent one. Default 0.0.
+        lipschitz: None (unconstrained, default) or float c > 0: constrain every
+            residual function to ``Lip(f) <= c`` at inference by soft spectral
+            normalisation of its convolutions and gain-capped batch norm
+            (method.md section 4, ``docs/lipschitz.md``). Stem, transitions and
+            head are never constrained. The kernels are projected with many
+            power iterations at construction and at the end of ``fit``.
         multi_label: bool, True for independent sigmoid outputs (Digitclutter).
         input_mean: float or per-channel tuple subtracted from the input.
         input_std: float or per-channel tuple the input is divided by.
@@ -70,6 +77,7 @@ class IterativeResNet(keras.Model):
         norm="batch",
         activation="relu",
         coupling=0.0,
+        lipschitz=None,
         multi_label=False,
         input_mean=0.0,
         input_std=1.0,
@@ -90,6 +98,7 @@ class IterativeResNet(keras.Model):
         self.norm = norm
         self.activation = activation
         self.coupling = coupling_lib.validate_strength(coupling)
+        self.lipschitz = lipschitz_lib.validate_bound(lipschitz)
         self.multi_label = bool(multi_label)
         self.input_mean = _per_channel("input_mean", input_mean, self.image_shape[-1])
         self.input_std = _per_channel("input_std", input_std, self.image_shape[-1])
@@ -106,7 +115,7 @@ class IterativeResNet(keras.Model):
             [
                 ResidualBlock(
                     width, kernel_size=kernel_size, norm=norm, activation=activation,
-                    name=f"stage{s}_block{t}",
+                    lipschitz=self.lipschitz, name=f"stage{s}_block{t}",
                 )
                 for t in range(count)
             ]
@@ -121,6 +130,11 @@ class IterativeResNet(keras.Model):
         # between conditions (method.md section 3). Loading a saved model overwrites
         # these values with the saved ones.
         coupling_lib.tie_blocks(self.stages)
+        # Start inside the constraint set (after tying, so blocks stay identical):
+        # fresh He-normal kernels are far above the bound, and one power iteration
+        # per step would take many steps to catch up from a cold vector.
+        if self.lipschitz is not None:
+            lipschitz_lib.enforce(self)
 
     def _outer_norm(self, name):
         # Stem, transitions and head always normalise (they are never iterated);
@@ -261,6 +275,19 @@ class IterativeResNet(keras.Model):
         self.optimizer.apply(gradients, variables)
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
+    def fit(self, *args, **kwargs):
+        """`keras.Model.fit`, then, when constrained, a many-iteration projection.
+
+        Training applies one power iteration per step, so the last steps can leave
+        a kernel marginally above its bound; `lipschitz.enforce` makes the trained
+        (and so the saved and exported) weights satisfy it to power-iteration
+        accuracy.
+        """
+        history = super().fit(*args, **kwargs)
+        if self.lipschitz is not None:
+            lipschitz_lib.enforce(self)
+        return history
+
     def test_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         y_pred = self(x, training=False)
@@ -296,6 +323,7 @@ class IterativeResNet(keras.Model):
                 "norm": self.norm,
                 "activation": self.activation,
                 "coupling": self.coupling,
+                "lipschitz": self.lipschitz,
                 "multi_label": self.multi_label,
                 "input_mean": list(self.input_mean),
                 "input_std": list(self.input_std),

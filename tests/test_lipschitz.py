@@ -1,0 +1,340 @@
+"""Lipschitz constraint (method.md section 4): closed forms, explicit matrices, invariants."""
+
+import json
+import re
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from iterconv_keras import lipschitz
+from iterconv_keras.blocks import ResidualBlock
+from iterconv_keras.model import IterativeResNet
+from iterconv_keras.variants import build_model
+
+SHAPE = (12, 12, 1)
+N_CLASSES = 4
+C = 0.9
+REL_TOL = 1e-3
+
+
+# -- oracles built without the code under test ------------------------------------
+
+
+def explicit_conv_matrix(kernel, height, width):
+    """Dense matrix of a SAME, stride-1 cross-correlation on (height, width, cin) maps.
+
+    Rows index the flattened (H, W, cout) output, columns the flattened
+    (H, W, cin) input, both in row-major order.
+    """
+    kh, kw, cin, cout = kernel.shape
+    ph, pw = (kh - 1) // 2, (kw - 1) // 2
+    matrix = np.zeros((height * width * cout, height * width * cin))
+    for y in range(height):
+        for x in range(width):
+            rows = slice((y * width + x) * cout, (y * width + x + 1) * cout)
+            for dy in range(kh):
+                for dx in range(kw):
+                    yy, xx = y + dy - ph, x + dx - pw
+                    if 0 <= yy < height and 0 <= xx < width:
+                        cols = slice((yy * width + xx) * cin, (yy * width + xx + 1) * cin)
+                        matrix[rows, cols] += kernel[dy, dx].T
+    return matrix
+
+
+def largest_singular_value(matrix):
+    return float(np.linalg.svd(matrix, compute_uv=False)[0])
+
+
+def exact_jacobian_norms(fn, points):
+    """Exact spectral norm of the Jacobian of ``fn`` at each point (full matrix + SVD).
+
+    Column k of the Jacobian is the forward-mode derivative along basis vector
+    e_k; all columns come from one batched forward pass (``fn`` must treat
+    examples independently, as a block at inference does).
+    """
+    norms = []
+    for x in np.asarray(points, np.float32):
+        dim = x.size
+        basis = np.eye(dim, dtype=np.float32).reshape(dim, *x.shape)
+        primal = tf.constant(np.broadcast_to(x, basis.shape))
+        with tf.autodiff.ForwardAccumulator(primal, tf.constant(basis)) as accumulator:
+            y = fn(primal)
+        columns = accumulator.jvp(y).numpy().reshape(dim, -1)
+        norms.append(largest_singular_value(columns.T.astype(np.float64)))
+    return np.array(norms)
+
+
+def _data(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.random((n, *SHAPE), dtype=np.float32), rng.integers(0, N_CLASSES, size=n)
+
+
+# -- (a) closed forms ----------------------------------------------------------
+
+
+def test_activation_constants_bound_the_derivative():
+    # Oracle: the largest |f'| on a fine grid, by autodiff, sits just below the constant.
+    x = tf.constant(np.linspace(-12.0, 12.0, 240001), tf.float64)
+    for name, constant in lipschitz.ACTIVATION_LIPSCHITZ.items():
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = keras.layers.Activation(name, dtype="float64")(x)
+        peak = float(np.max(np.abs(tape.gradient(y, x).numpy())))
+        assert peak <= constant < peak + 1e-3, (name, peak, constant)
+
+
+@pytest.mark.parametrize("tap", [(1, 1), (0, 2)])
+def test_single_tap_kernel_is_scaled_to_exactly_the_bound(tap):
+    # A kernel with one non-zero tap holding the matrix M acts as (shift) x M^T;
+    # a shift restricted to the map is a partial isometry, so the operator norm
+    # is sigma_max(M) wherever the tap sits.
+    rng = np.random.default_rng(0)
+    m = rng.standard_normal((2, 3)).astype(np.float32) * 4
+    kernel = np.zeros((3, 3, 2, 3), np.float32)
+    kernel[tap] = m
+    sigma = largest_singular_value(m.astype(np.float64))
+    assert sigma > C
+    constraint = lipschitz.ConvOperatorNormBound(C, (6, 6, 2), iterations=100)
+    scaled = constraint(tf.constant(kernel)).numpy()
+    np.testing.assert_allclose(scaled, kernel * (C / sigma), rtol=1e-5)
+    np.testing.assert_allclose(largest_singular_value(scaled[tap].astype(np.float64)), C, rtol=1e-5)
+    np.testing.assert_allclose(
+        largest_singular_value(explicit_conv_matrix(scaled.astype(np.float64), 6, 6)), C, rtol=1e-5
+    )
+
+
+def test_scaled_orthogonal_1x1_conv_is_scaled_in_one_iteration():
+    # W = a Q with Q orthogonal: A^T A = a^2 I, so one power iteration is exact.
+    q, _ = np.linalg.qr(np.random.default_rng(1).standard_normal((4, 4)))
+    kernel = (3.0 * q).astype(np.float32).reshape(1, 1, 4, 4)
+    constraint = lipschitz.ConvOperatorNormBound(C, (5, 5, 4), iterations=1)
+    scaled = constraint(tf.constant(kernel)).numpy()
+    np.testing.assert_allclose(scaled[0, 0], C * q, rtol=1e-5, atol=1e-7)
+
+
+def test_kernel_below_the_bound_is_unchanged_bitwise():
+    rng = np.random.default_rng(2)
+    kernel = rng.standard_normal((3, 3, 2, 2))
+    kernel *= 0.5 / largest_singular_value(explicit_conv_matrix(kernel, 6, 6))
+    kernel = kernel.astype(np.float32)
+    constraint = lipschitz.ConvOperatorNormBound(C, (6, 6, 2))
+    np.testing.assert_array_equal(constraint(tf.constant(kernel)).numpy(), kernel)
+    # A zero kernel too, and its vector stays a unit vector instead of turning NaN.
+    zero = np.zeros_like(kernel)
+    np.testing.assert_array_equal(constraint(tf.constant(zero)).numpy(), zero)
+    np.testing.assert_allclose(np.linalg.norm(constraint.vector.numpy()), 1.0, rtol=1e-6)
+
+
+# -- (b) agreement with the explicit matrix of the convolution -------------------
+
+
+def test_operator_norm_matches_explicit_matrix():
+    rng = np.random.default_rng(3)
+    kernel = rng.standard_normal((3, 3, 2, 3)).astype(np.float32)
+    matrix = explicit_conv_matrix(kernel.astype(np.float64), 6, 6)
+    # The oracle matrix is TensorFlow's convolution...
+    x = rng.standard_normal((1, 6, 6, 2)).astype(np.float32)
+    conv = tf.nn.conv2d(x, kernel, 1, "SAME").numpy()
+    np.testing.assert_allclose(matrix @ x.ravel(), conv.ravel(), rtol=1e-4, atol=1e-5)
+    # ...and the transposed convolution is its adjoint.
+    v = rng.standard_normal((1, 6, 6, 3)).astype(np.float32)
+    adjoint = tf.nn.conv2d_transpose(v, kernel, (1, 6, 6, 2), 1, "SAME").numpy()
+    np.testing.assert_allclose(matrix.T @ v.ravel(), adjoint.ravel(), rtol=1e-4, atol=1e-5)
+
+    exact = largest_singular_value(matrix)
+    start = lipschitz.initial_vector((6, 6, 2))
+    sigma, _ = lipschitz.converged_operator_norm(kernel, start, 500)
+    assert abs(float(sigma) - exact) <= REL_TOL * exact, (float(sigma), exact)
+    # The per-step (Python loop) estimator is the same computation.
+    sigma_loop, _ = lipschitz.conv_operator_norm(kernel, start, 500)
+    np.testing.assert_allclose(float(sigma_loop), float(sigma), rtol=1e-5)
+    # A power-iteration estimate is a lower bound at every iteration count.
+    for n in (1, 3, 10):
+        assert float(lipschitz.conv_operator_norm(kernel, start, n)[0]) <= exact * (1 + 1e-6)
+
+
+def test_operator_norm_exceeds_the_reshaped_kernel_norm():
+    # All-ones 3x3 kernel: the reshaped (9, 1) matrix has norm 3, while the
+    # convolution sums 9 neighbours and has norm near 9 on a large map.
+    kernel = np.ones((3, 3, 1, 1), np.float32)
+    exact = largest_singular_value(explicit_conv_matrix(kernel.astype(np.float64), 6, 6))
+    sigma, _ = lipschitz.converged_operator_norm(kernel, lipschitz.initial_vector((6, 6, 1)), 500)
+    assert abs(float(sigma) - exact) <= REL_TOL * exact
+    reshaped = lipschitz.reshaped_kernel_norm(kernel)
+    np.testing.assert_allclose(reshaped, 3.0, rtol=1e-6)
+    assert float(sigma) > 2 * reshaped
+    # So normalising the reshaped matrix (keras' SpectralNormalization) to 1 leaves
+    # a convolution of norm > 2, which is why the constraint iterates on the map.
+    assert largest_singular_value(explicit_conv_matrix(kernel / reshaped, 6, 6)) > 2.0
+
+
+# -- batch norm at inference -------------------------------------------------------
+
+
+def test_gain_capped_batch_norm_caps_the_inference_gain():
+    layer = lipschitz.GainCappedBatchNormalization(max_gain=1.0)
+    layer.build((None, 3))
+    layer.gamma.assign([3.0, 0.5, -4.0])
+    layer.beta.assign([0.1, 0.2, 0.3])
+    layer.moving_mean.assign([1.0, -1.0, 0.0])
+    layer.moving_variance.assign([1.0 - layer.epsilon, 1.0 - layer.epsilon, 4.0 - layer.epsilon])
+    x = np.random.default_rng(4).standard_normal((5, 3)).astype(np.float32)
+    # Oracle: gains min(|gamma| / std, 1) with std = [1, 1, 2], sign of gamma kept.
+    gains = np.array([1.0, 0.5, -1.0])
+    expected = (x - [1.0, -1.0, 0.0]) * gains + [0.1, 0.2, 0.3]
+    np.testing.assert_allclose(layer(x, training=False).numpy(), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(layer.inference_gains(), np.abs(gains), rtol=1e-6)
+    # Where the cap does not bind it is keras' BatchNormalization, bitwise.
+    reference = keras.layers.BatchNormalization()
+    reference.build((None, 3))
+    layer.gamma.assign([0.5, 0.25, -1.0])
+    for a, b in zip(reference.weights, layer.weights):
+        a.assign(b)
+    np.testing.assert_array_equal(layer(x, training=False).numpy(), reference(x, training=False).numpy())
+    np.testing.assert_array_equal(layer(x, training=True).numpy(), reference(x, training=True).numpy())
+
+
+# -- (c) a trained model satisfies the bound at inference --------------------------
+
+
+def _train(model, optimizer, steps, seed=0, batch=16, use_fit=True, jit_compile=False):
+    model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  jit_compile=jit_compile)
+    x, y = _data(steps * batch, seed)
+    if use_fit:
+        model.fit(x, y, batch_size=batch, epochs=1, shuffle=False, verbose=0)
+    else:  # the per-step constraint alone, without fit's final projection
+        for i in range(steps):
+            model.train_on_batch(x[i * batch:(i + 1) * batch], y[i * batch:(i + 1) * batch])
+    return model
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A tiny constrained, partly coupled model after 30 Adam steps (shared: tracing is slow)."""
+    keras.utils.set_random_seed(5)
+    model = build_model("tiny", SHAPE, N_CLASSES, lipschitz=C, coupling=0.5)
+    return _train(model, keras.optimizers.Adam(2e-2), steps=30)
+
+
+def test_trained_model_satisfies_the_bound_for_every_block(trained):
+    model = trained
+    x, _ = _data(4, seed=11)
+    report = lipschitz.certify(model, inputs=x, iterations=500)
+    json.dumps(report)  # plain Python values only
+    bound = lipschitz.per_conv_bound(C)
+    binding = 0
+    h = model.forward_intermediates(x, training=False)
+    for block_report in report["blocks"]:
+        s, t = block_report["stage"], block_report["block"]
+        block = model.stages[s][t]
+        assert block_report["certified"] <= C * (1 + REL_TOL), block_report
+        assert max(block_report["norm_gains"]) <= 1.0 + 1e-6
+        binding += sum(abs(n - bound) < 1e-3 * bound for n in block_report["conv_norms"])
+        # Independent oracle: the exact Jacobian of f at inference (full matrix,
+        # SVD) at the block's actual inputs and at random feature maps.
+        actual = np.asarray(h["stage_inputs"][s] if t == 0 else h["block_outputs"][s][t - 1])
+        noise = 3 * np.random.default_rng(s * 10 + t).standard_normal((2, *block.feature_shape))
+        exact = exact_jacobian_norms(
+            lambda v: block.residual(v, training=False), np.concatenate([actual, noise])
+        )
+        assert exact.max() <= C * (1 + REL_TOL), (block.name, exact.max())
+        # certify's power-iteration estimate is a lower bound, close to the exact value.
+        assert exact[:4].max() * 0.95 <= block_report["empirical"] <= exact[:4].max() * (1 + 1e-4)
+    # Training pushed kernels against the bound, so the test is not vacuous.
+    assert binding >= 1
+
+
+# -- (d) coupling at lambda = 1, (e) XLA -----------------------------------------------
+
+
+def _assert_blocks_identical(model):
+    for blocks in model.stages:
+        first = blocks[0]
+        for block in blocks[1:]:
+            for a, b in zip(block.trainable_variables + block.power_vectors,
+                            first.trainable_variables + first.power_vectors):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=a.path)
+
+
+def test_lambda_one_keeps_blocks_bitwise_identical_with_and_without_xla():
+    runs = {}
+    for jit in (False, True):
+        keras.utils.set_random_seed(6)
+        model = build_model("tiny", SHAPE, N_CLASSES, lipschitz=C, coupling=1.0)
+        start = model.stages[1][0].power_vectors[0].numpy()
+        _train(model, keras.optimizers.SGD(0.2, momentum=0.9), steps=8, use_fit=False, jit_compile=jit)
+        assert model.jit_compile is jit
+        _assert_blocks_identical(model)
+        # The persistent vectors evolved and the constraint bound during training.
+        assert np.abs(model.stages[1][0].power_vectors[0].numpy() - start).max() > 1e-3
+        runs[jit] = model
+    for a, b in zip(runs[True].weights, runs[False].weights):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5, err_msg=a.path)
+    # One power iteration per step already keeps the conv norms within 1% of the bound.
+    report = lipschitz.certify(runs[True], iterations=500, jacobian_iterations=3, num_random=1)
+    assert report["max_certified"] <= C * 1.01
+    bound = lipschitz.per_conv_bound(C)
+    assert max(n for b in report["blocks"] for n in b["conv_norms"]) > bound * 0.99
+
+
+# -- (f) serialisation, (g) validation ------------------------------------------------
+
+
+def test_config_and_keras_file_round_trip(trained, tmp_path):
+    model = trained
+    x, _ = _data(8, seed=3)
+    config = json.loads(json.dumps(model.get_config()))
+    assert config["lipschitz"] == C
+    clone = IterativeResNet.from_config(config)
+    assert clone.lipschitz == C and all(b.lipschitz == C for bs in clone.stages for b in bs)
+    assert [w.path for w in clone.weights] == [w.path for w in model.weights]
+
+    block_config = json.loads(json.dumps(model.stages[0][0].get_config()))
+    assert ResidualBlock.from_config(block_config).get_config() == block_config
+
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert loaded.lipschitz == C
+    for a, b in zip(loaded.weights, model.weights):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=a.path)
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+    # The loaded constraints act on the loaded vectors.
+    conv = loaded.stages[1][1].conv2
+    assert conv.kernel.constraint.vector is loaded.stages[1][1].power_vectors[1]
+
+
+def test_constraint_config_is_complete():
+    constraint = lipschitz.ConvOperatorNormBound(0.7, (4, 5, 3), iterations=2, name="v")
+    restored = keras.constraints.deserialize(
+        json.loads(json.dumps(keras.constraints.serialize(constraint)))
+    )
+    assert isinstance(restored, lipschitz.ConvOperatorNormBound)
+    assert restored.get_config() == constraint.get_config()
+    np.testing.assert_array_equal(restored.vector.numpy(), constraint.vector.numpy())
+
+
+def test_unconstrained_model_is_unchanged():
+    model = build_model("tiny", SHAPE, N_CLASSES)
+    assert model.lipschitz is None and model.get_config()["lipschitz"] is None
+    block = model.stages[0][0]
+    assert type(block.norm1) is keras.layers.BatchNormalization
+    assert block.conv1.kernel_constraint is None
+    assert not any("power_vector" in w.path for w in model.weights)
+
+
+def test_constrained_block_needs_static_spatial_shape():
+    block = ResidualBlock(4, lipschitz=C)
+    with pytest.raises(ValueError, match="static input height"):
+        block.build((None, None, None, 4))
+
+
+@pytest.mark.parametrize("bad", [0, -0.5, float("nan"), float("inf"), "x", True, [0.9]])
+def test_invalid_lipschitz_raises_and_echoes(bad):
+    with pytest.raises(ValueError, match="lipschitz.*" + re.escape(repr(bad))):
+        build_model("tiny", SHAPE, N_CLASSES, lipschitz=bad)
+    with pytest.raises(ValueError, match=re.escape(repr(bad))):
+        ResidualBlock(4, lipschitz=bad)
