@@ -245,6 +245,7 @@ def save_checkpoint(model, out, epoch, history):
         os.chmod(tmp, 0o755)
         model.save(os.path.join(tmp, MODEL_FILE))
         write_json_atomic(os.path.join(tmp, "state.json"), {"epochs_completed": epoch, "history": history})
+        _fault_point(f"checkpoint:{epoch}")
         _fsync_dir(tmp)
         final = _checkpoint_path(out, epoch)
         _remove(final)
@@ -255,6 +256,22 @@ def save_checkpoint(model, out, epoch, history):
         raise
     for old in checkpoint_epochs(out)[:-KEEP_CHECKPOINTS]:
         _remove(_checkpoint_path(out, old))
+
+
+FAULT_ENV = "ITERCONV_FAULT"
+
+
+def _fault_point(name):
+    """Kill this process with SIGKILL when ``$ITERCONV_FAULT`` names this point.
+
+    Fault injection for the crash tests (``tests/test_faults.py``): it lets a
+    test kill training at an exact moment, such as between writing a checkpoint
+    and renaming it into place, which a timer cannot hit reliably.
+    """
+    if os.environ.get(FAULT_ENV) == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _fsync_dir(path):
