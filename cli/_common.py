@@ -1,6 +1,7 @@
 """Shared plumbing of the commands: error reporting, JSON output, exit codes."""
 
 import contextlib
+import errno
 import functools
 import json
 import sys
@@ -32,6 +33,8 @@ def report_errors(func):
             _fail(exc, exc.exit_code, debug)
         except ValueError as exc:
             _fail(exc, 2, debug)
+        except OSError as exc:
+            _fail(_describe_os_error(exc), 1 if exc.errno == errno.ENOSPC else 2, debug)
         except KeyboardInterrupt:
             click.echo("iterconv: interrupted", err=True)
             sys.exit(130)
@@ -39,6 +42,16 @@ def report_errors(func):
             _fail(f"unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", 1, debug)
 
     return wrapper
+
+
+def _describe_os_error(exc):
+    # An unwritable, missing or full output location is the user's to fix: name
+    # the path and the reason rather than show an exception class.
+    where = exc.filename if exc.filename is not None else ""
+    reason = exc.strerror or str(exc)
+    if exc.errno == errno.ENOSPC:
+        reason = "no space left on the device"
+    return f"cannot write or read {where}: {reason}" if where else reason
 
 
 def _fail(message, code, debug):

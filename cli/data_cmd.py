@@ -32,12 +32,15 @@ def digitclutter_command(n_digits, count, seed, out, json_output):
 
     import numpy as np
 
-    from iterconv_keras import digitclutter
+    from iterconv_keras import digitclutter, fsutil
 
     # Validate before the (possibly long) generation, with the generator's messages.
     digitclutter._validate(n_digits, count, 32, seed)
+    if count < 1:
+        raise ValueError(f"--count must be at least 1, got {count}")
     if not out.endswith(".npz"):
         raise ValueError(f"--out must name a .npz file, got {out!r}")
+    fsutil.check_writable(out)
     with click.progressbar(length=count, label="generating", file=click.get_text_stream("stderr")) as bar:
         done = [0]
 

@@ -30,6 +30,7 @@ import keras
 
 from iterconv_keras import coupling as coupling_lib
 from iterconv_keras.errors import IterconvError, UsageError
+from iterconv_keras.fsutil import check_writable, write_json_atomic
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 SCHEDULES = ("constant", "cosine")
@@ -159,12 +160,10 @@ def check_new_run_dir(out):
     """Raise `UsageError` unless ``out`` is absent or an empty directory."""
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise UsageError(f"output {out} already exists and is not empty; choose another --out or pass --resume")
-    parent = os.path.dirname(os.path.abspath(out))
-    existing = parent
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.access(existing, os.W_OK):
-        raise UsageError(f"cannot create the run directory {out}: {existing} is not writable")
+    try:
+        check_writable(os.path.join(out, CONFIG_FILE))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def create_run_dir(config):
@@ -192,23 +191,6 @@ def load_run_config(out):
         raise UsageError(f"--resume: cannot read {path}: {exc}") from exc
     config.out = out
     return config.validate()
-
-
-def write_json_atomic(path, document):
-    """Write JSON to ``path`` through a temporary file and a rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp creates 0600; results are meant to be shared
-        with os.fdopen(fd, "w") as f:
-            json.dump(document, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _remove(tmp)
-        raise
 
 
 def _remove(path):
