@@ -141,21 +141,49 @@ _TF_ONLY_SCRIPT = textwrap.dedent(
 )
 
 
-def test_runs_with_tensorflow_only_and_rejects_bad_inputs_clearly(trained, saved, tmp_path):
-    images = random_images(5, SHAPE, seed=30)
-    np.savez(
-        tmp_path / "data.npz", images=images,
-        examples=np.array([example_bytes(im) for im in images], dtype=object),
-        short_example=np.array(example_bytes(images[0][:8]), dtype=object),
-    )
-    # np.load refuses object arrays unless allowed; the child allows nothing else.
-    script = _TF_ONLY_SCRIPT.replace("np.load(sys.argv[2])", "np.load(sys.argv[2], allow_pickle=True)")
-    run = subprocess.run(
-        [sys.executable, "-c", script, saved, str(tmp_path / "data.npz")],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(run.stdout)
+TF_ONLY_TEST = "test_runs_with_tensorflow_only_and_rejects_bad_inputs_clearly"
+CLI_TEST = "test_saved_model_cli_lists_documented_signatures"
+TF_ONLY_IMAGES = random_images(5, SHAPE, seed=30)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def outside_processes(request, saved, tmp_path_factory):
+    """The TensorFlow-only run and ``saved_model_cli``, started right after the export
+    so their slow TensorFlow imports overlap the in-process tests."""
+    selected = {item.name for item in request.session.items}
+    procs = {}
+    if TF_ONLY_TEST in selected:
+        data = tmp_path_factory.mktemp("tf_only") / "data.npz"
+        np.savez(
+            data, images=TF_ONLY_IMAGES,
+            examples=np.array([example_bytes(im) for im in TF_ONLY_IMAGES], dtype=object),
+            short_example=np.array(example_bytes(TF_ONLY_IMAGES[0][:8]), dtype=object),
+        )
+        # np.load refuses object arrays unless allowed.
+        script = _TF_ONLY_SCRIPT.replace("np.load(sys.argv[2])", "np.load(sys.argv[2], allow_pickle=True)")
+        procs[TF_ONLY_TEST] = subprocess.Popen(
+            [sys.executable, "-c", script, saved, str(data)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+    if CLI_TEST in selected:
+        procs[CLI_TEST] = subprocess.Popen(
+            ["saved_model_cli", "show", "--dir", saved, "--all"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+    yield procs
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def _finished(proc):
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err[-3000:]
+    return out
+
+
+def test_runs_with_tensorflow_only_and_rejects_bad_inputs_clearly(trained, outside_processes):
+    result = json.loads(_finished(outside_processes[TF_ONLY_TEST]))
+    images = TF_ONLY_IMAGES
     assert result["keras_loaded"] == []
     expected = tf.nn.softmax(trained(images, training=False)).numpy()
     np.testing.assert_allclose(result["probabilities"], expected, rtol=0, atol=PROB_ATOL)
@@ -180,10 +208,8 @@ def test_runs_with_tensorflow_only_and_rejects_bad_inputs_clearly(trained, saved
     assert "images" in errors["classify_length"][1]
 
 
-def test_saved_model_cli_lists_documented_signatures(saved):
-    run = subprocess.run(["saved_model_cli", "show", "--dir", saved, "--all"], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr[-3000:]
-    signatures = _parse_saved_model_cli(run.stdout)
+def test_saved_model_cli_lists_documented_signatures(outside_processes):
+    signatures = _parse_saved_model_cli(_finished(outside_processes[CLI_TEST]))
     assert signatures["serving_default"] == {
         "inputs": {"images": ("DT_FLOAT", "(-1, 16, 16, 1)")},
         "outputs": {"logits": ("DT_FLOAT", "(-1, 10)"), "probabilities": ("DT_FLOAT", "(-1, 10)"),

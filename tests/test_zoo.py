@@ -211,10 +211,19 @@ def test_root_resolution_order(monkeypatch, tmp_path):
     assert zoo.resolve_root() == os.path.join(repo, "zoo")
 
 
+def _fake_write_saved_model(model, path, card):
+    # The zoo's bookkeeping does not depend on what the version holds; skipping the
+    # trace and save keeps these tests fast.
+    os.makedirs(os.path.join(path, "variables"))
+    with open(os.path.join(path, "variables", "variables.index"), "w") as f:
+        f.write(json.dumps(card, sort_keys=True))
+
+
 def test_rename_falls_through_to_the_next_free_number(monkeypatch, zoo_root, models):
     # An exporter that saw a stale listing (or skipped the lock) must not overwrite
     # a version: renaming onto a non-empty directory fails and it tries N+1.
     before = zoo.file_checksums(os.path.join(zoo_root, "toy", "1"))
+    monkeypatch.setattr(zoo.export_lib, "write_saved_model", _fake_write_saved_model)
     monkeypatch.setattr(zoo, "_versions_on_disk", lambda *_: [])
     path = zoo.export_version(models[0], "toy", root=zoo_root)
     assert path == os.path.join(zoo_root, "toy", "3")
@@ -229,6 +238,7 @@ def test_failed_registration_leaves_nothing_behind(monkeypatch, zoo_root, models
     def broken(*args):
         raise OSError("disk full")
 
+    monkeypatch.setattr(zoo.export_lib, "write_saved_model", _fake_write_saved_model)
     monkeypatch.setattr(zoo, "_register_version", broken)
     with pytest.raises(OSError, match="disk full"):
         zoo.export_version(models[1], "toy", root=root)
@@ -255,18 +265,37 @@ _EXPORTER = textwrap.dedent(
 )
 
 
-def test_four_concurrent_exports_make_four_complete_versions(tmp_path, models):
-    model_file = str(tmp_path / "m.keras")
+RACE_TEST = "test_four_concurrent_exports_make_four_complete_versions"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def racers(request, models, tmp_path_factory):
+    """Four exporter processes, started with the module so their TensorFlow imports
+    overlap the other tests; each waits for the ``go`` file before exporting."""
+    if not any(item.name == RACE_TEST for item in request.session.items):
+        yield None
+        return
+    folder = tmp_path_factory.mktemp("race")
+    model_file = str(folder / "m.keras")
     models[0].save(model_file)
-    root, go = str(tmp_path / "zoo"), str(tmp_path / "go")
+    root, go = str(folder / "zoo"), str(folder / "go")
     env = {**os.environ, "TF_NUM_INTEROP_THREADS": "1", "TF_NUM_INTRAOP_THREADS": "1"}
     procs = [
         subprocess.Popen([sys.executable, "-c", _EXPORTER, model_file, root, go],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         for _ in range(4)
     ]
+    yield {"folder": folder, "root": root, "go": go, "procs": procs}
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def test_four_concurrent_exports_make_four_complete_versions(racers):
+    folder, root, go, procs = racers["folder"], racers["root"], racers["go"], racers["procs"]
     deadline = time.monotonic() + 120
-    while len([f for f in os.listdir(tmp_path) if f.startswith("go.ready-")]) < 4:
+    while len([f for f in os.listdir(folder) if f.startswith("go.ready-")]) < 4:
         assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "an exporter died while starting"
         time.sleep(0.05)
     open(go, "w").close()
