@@ -107,7 +107,7 @@ def evaluate(
     levels=occlusion_lib.DEFAULT_LEVELS,
     occlusion_seed=occlusion_lib.DEFAULT_SEED,
     clutter=None,
-    jit_compile=True,
+    jit_compile=False,
     progress=None,
     model_reference=None,
 ):
@@ -127,7 +127,7 @@ def evaluate(
         occlusion_seed: seed of the occlusion masks. Default 0.
         clutter: bool, add the 2..5-digit clutter sweep; default: when the data
             are Digitclutter.
-        jit_compile: compile the model pieces with XLA. Default True.
+        jit_compile: compile the model pieces with XLA. Default False (see `StagePrograms`).
         progress: optional callable ``progress(done, total)`` in batches.
         model_reference: optional string stored under ``"model"``.
 

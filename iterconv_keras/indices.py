@@ -53,7 +53,7 @@ def recurrence_terms(full, drop, rep, tolerance):
     terms = []
     for d, r in zip(drop, rep):
         denominator = d - full
-        terms.append(None if abs(denominator) < tolerance else (d - r) / denominator)
+        terms.append(None if abs(denominator) <= tolerance else (d - r) / denominator)
     return terms
 
 

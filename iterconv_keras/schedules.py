@@ -89,9 +89,10 @@ class StagePrograms:
         model: an `IterativeResNet` (anything with ``embed``, ``enter_stage``,
             ``stages[s][t].residual``, ``classify``, ``num_stages`` and
             ``multi_label``).
-        jit_compile: bool, compile each piece with XLA. Default True: on a CPU
-            the per-op overhead of small feature maps dominates and XLA fuses
-            it away (see ``benchmarks/bench_indices.py``).
+        jit_compile: bool, compile each piece with XLA. Default False: for
+            inference on 2 CPU cores with oneDNN, XLA ran the ``small`` variant
+            no faster (often slower) and compiling every piece took seconds
+            (``benchmarks/bench_indices.py --no-xla``).
 
     Example:
         >>> programs = StagePrograms(model)
@@ -100,7 +101,7 @@ class StagePrograms:
         >>> loss, correct = programs.tail(0, h, labels)
     """
 
-    def __init__(self, model, jit_compile=True):
+    def __init__(self, model, jit_compile=False):
         self.model = model
         self.jit_compile = bool(jit_compile)
         self._programs = {}

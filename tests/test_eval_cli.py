@@ -1,0 +1,113 @@
+"""``iterconv eval`` in-process: the JSON document of interfaces.md, --limit, --plots, --out, errors."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from iterconv_cli.main import cli
+from iterconv_keras.variants import build_model
+
+LIMIT = 24
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A run directory of an (untrained) tiny Digitclutter model."""
+    keras.utils.set_random_seed(0)
+    folder = tmp_path_factory.mktemp("run")
+    model = build_model("tiny", (32, 32, 1), 10, multi_label=True)
+    model.save(os.path.join(folder, "model.keras"))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({"dataset": "digitclutter", "clutter_digits": 3}, f)
+    return str(folder)
+
+
+def _invoke(args):
+    result = CliRunner().invoke(cli, args)
+    return result
+
+
+def test_json_document_follows_interfaces(run_dir, tmp_path):
+    out = tmp_path / "eval.json"
+    plots = tmp_path / "plots"
+    result = _invoke(["eval", run_dir, "--limit", str(LIMIT), "--json", "--out", str(out), "--plots", str(plots)])
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)  # exactly one JSON document on stdout
+    assert list(document)[:6] == ["model", "dataset", "split", "examples", "accuracy", "loss"]
+    assert document["model"] == run_dir
+    assert document["dataset"] == "digitclutter"  # from the run's config.json
+    assert document["split"] == "test"
+    assert document["examples"] == LIMIT
+    indices = document["indices"]
+    for key in ("recurrence", "divergence", "convergence", "effective_parameters", "parameters", "per_stage", "curves"):
+        assert key in indices
+    assert [row["stage"] for row in indices["per_stage"]] == [0, 1]
+    for row in indices["per_stage"]:
+        assert {"stage", "recurrence", "divergence", "convergence"} <= set(row)
+    curves = indices["curves"]
+    assert curves["extra_iterations"] == [1, 2, 4, 8, 16]
+    for key in ("accuracy", "loss", "update_norm", "relative_update"):
+        assert len(curves[key]) == 5
+    occluded = document["occlusion"]
+    assert occluded["levels"] == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
+    assert len(occluded["accuracy"]) == 6
+    assert sorted(occluded["clutter"]) == ["2", "3", "4", "5"]  # a Digitclutter model
+    assert occluded["accuracy"][0] == pytest.approx(document["accuracy"])
+    # An untrained network's blocks are tied at initialisation (method.md section 3):
+    # rho = 0, one block's worth of parameters per stage.
+    assert indices["effective_parameters"] < indices["parameters"]
+    # --out holds the same document, written atomically (no temporary left behind).
+    assert json.loads(out.read_text()) == document
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")] == []
+    assert sorted(p.name for p in plots.iterdir()) == ["indices.png", "occlusion.png", "updates.png"]
+    for png in plots.iterdir():
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sections_not_requested_are_absent_and_table_is_default(run_dir):
+    result = _invoke(["eval", run_dir, "--limit", "8", "--no-indices", "--no-occlusion", "--json"])
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert "indices" not in document and "occlusion" not in document
+    assert document["examples"] == 8
+    table = _invoke(["eval", run_dir, "--limit", "8", "--no-indices", "--no-occlusion"])
+    assert table.exit_code == 0
+    assert "accuracy" in table.stdout and "digitclutter" in table.stdout
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(table.stdout)
+
+
+def test_limit_evaluates_a_prefix(run_dir):
+    from iterconv_keras import datasets, loading
+    from iterconv_keras.schedules import StagePrograms
+
+    result = _invoke(["eval", run_dir, "--limit", "10", "--no-indices", "--no-occlusion", "--json"])
+    document = json.loads(result.stdout)
+    model = loading.load_model(run_dir).model
+    images, labels, _ = datasets.clutter_test_set(3, 10)
+    loss, correct = StagePrograms(model).run_schedule(images.astype(np.float32) / 255, labels, None)
+    assert document["accuracy"] == pytest.approx(float(np.mean(correct)))
+    assert document["loss"] == pytest.approx(float(np.mean(loss)), rel=1e-5)
+
+
+def test_missing_model_exits_4(tmp_path):
+    result = _invoke(["eval", str(tmp_path / "nothing.keras"), "--json"])
+    assert result.exit_code == 4
+    assert "nothing.keras" in result.stderr
+    assert result.stdout == ""
+
+
+def test_mismatched_dataset_is_a_usage_error(run_dir, tmp_path):
+    # A bare .keras file of a 28x28 single-label model evaluated on Digitclutter.
+    path = tmp_path / "mnist_like.keras"
+    build_model("tiny", (28, 28, 1), 10).save(path)
+    result = _invoke(["eval", str(path), "--dataset", "digitclutter", "--limit", "4"])
+    assert result.exit_code == 2
+    assert "(28, 28, 1)" in result.stderr and "(32, 32, 1)" in result.stderr
+    # Without metadata and without --dataset the user is told what to pass.
+    result = _invoke(["eval", str(path), "--limit", "4"])
+    assert result.exit_code == 2 and "--dataset" in result.stderr

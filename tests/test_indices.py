@@ -1,0 +1,332 @@
+"""Indices of iterative convergence (method.md section 5) on networks with known answers.
+
+The known-answer networks are built by hand: four-channel 8x8 images whose
+class c lights channel c; stem, head and blocks get identity-like weights so
+every representation is the image itself (up to BatchNorm's sqrt(1 + eps)),
+and a block's residual function f(x) = conv2(relu(conv1(relu(x)))) is set
+exactly. With conv1 = identity and no biases, relu(conv1(relu(x))) = x for the
+non-negative representations these networks carry, so conv2 = m * identity
+gives f(x) = m x exactly: m = -a contracts, m = +b expands.
+"""
+
+import functools
+import inspect
+import math
+
+import keras
+import numpy as np
+import pytest
+
+from iterconv_keras import indices
+from iterconv_keras.model import IterativeResNet
+from iterconv_keras.schedules import StagePrograms, padded_batches
+
+CLASSES = 4
+SIZE = 8
+EXTRA = (1, 2, 4, 8, 16)
+
+
+# --------------------------------------------------------------------------- hand-built networks
+
+
+def _class_images(per_class=16, seed=0, noise=0.1):
+    """Class c: channel c is 1 everywhere, the other channels hold noise in [0, noise)."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(CLASSES), per_class)
+    x = rng.random((y.size, SIZE, SIZE, CLASSES)).astype(np.float32) * noise
+    x[np.arange(y.size), :, :, y] = 1.0
+    return x, y
+
+
+def _identity_kernel(scale=1.0, channels=CLASSES):
+    kernel = np.zeros((3, 3, channels, channels), np.float32)
+    kernel[1, 1] = np.eye(channels) * scale
+    return kernel
+
+
+def _identity_norm(layer):
+    # gamma 1, beta 0, moving mean 0, moving variance 1: y = x / sqrt(1 + eps).
+    c = layer.gamma.shape[0]
+    layer.set_weights([np.ones(c), np.zeros(c), np.zeros(c), np.ones(c)])
+
+
+def _hand_model(blocks=2, stage_widths=(CLASSES,)):
+    model = IterativeResNet((SIZE, SIZE, CLASSES), CLASSES, stage_widths=stage_widths,
+                            blocks_per_stage=blocks, norm="none")
+    model.stem_conv.set_weights([_identity_kernel()])
+    _identity_norm(model.stem_norm)
+    _identity_norm(model.head_norm)
+    width = stage_widths[-1]
+    dense = np.zeros((width, CLASSES), np.float32)
+    dense[:CLASSES, :CLASSES] = np.eye(CLASSES)
+    model.head_dense.set_weights([dense, np.zeros(CLASSES, np.float32)])
+    return model
+
+
+def _set_linear_block(block, m, push=None):
+    """f(x) = m * x (+ push, a per-channel constant) on non-negative x."""
+    c = block.filters
+    block.conv1.set_weights([_identity_kernel(1.0, c), np.zeros(c, np.float32)])
+    bias = np.zeros(c, np.float32) if push is None else np.asarray(push, np.float32)
+    block.conv2.set_weights([_identity_kernel(m, c), bias])
+
+
+def _set_random_block(block, seed, scale=0.4):
+    rng = np.random.default_rng(seed)
+    for conv in block.convolutions:
+        kernel, bias = conv.get_weights()
+        conv.set_weights([rng.normal(0, scale, kernel.shape).astype(np.float32),
+                          rng.normal(0, 0.1, bias.shape).astype(np.float32)])
+
+
+def _zero_block(block):
+    kernel, bias = block.conv2.get_weights()
+    block.conv2.set_weights([np.zeros_like(kernel), np.zeros_like(bias)])
+
+
+def _indices(model, x, y, full=False, **kwargs):
+    result = indices.compute_indices(model, x, y, batch_size=32, **kwargs)
+    return result if full else result["indices"]
+
+
+# --------------------------------------------------------------------------- known answers
+
+
+def test_identical_blocks_give_recurrence_one_and_different_blocks_do_not():
+    x, y = _class_images()
+    model = _hand_model(blocks=3, stage_widths=(CLASSES, CLASSES))
+    for blocks in model.stages:
+        for block in blocks:
+            _set_random_block(block, seed=1)  # the same weights in every block of a stage
+    result = _indices(model, x, y)
+    for row in result["per_stage"]:
+        assert row["recurrence_skipped"] == 0  # every denominator was meaningful
+        np.testing.assert_allclose(row["recurrence_per_block"], 1.0, atol=1e-4)
+    assert result["recurrence"] == pytest.approx(1.0, abs=1e-4)
+
+    for s, blocks in enumerate(model.stages):
+        for t, block in enumerate(blocks):
+            _set_random_block(block, seed=10 * s + t + 2)  # independent blocks
+    independent = _indices(model, x, y)
+    assert abs(independent["recurrence"] - 1.0) > 0.1
+
+
+def test_zero_block_is_skipped_not_divided_by():
+    x, y = _class_images()
+    model = _hand_model(blocks=3)
+    blocks = model.stages[0]
+    _set_random_block(blocks[0], seed=1)
+    _set_random_block(blocks[2], seed=1)
+    _zero_block(blocks[1])
+    # Scores of different compiled batch shapes differ in the last bits, so even a
+    # tiny tolerance is needed to call a change "none".
+    for tolerance in (1e-6, 1e-3):
+        row = _indices(model, x, y, tolerance=tolerance)["per_stage"][0]
+        # t = 2 (block 1, f = 0): dropping it changes nothing, so there is no denominator.
+        assert row["recurrence_per_block"][0] is None
+        assert row["recurrence_skipped"] == 1
+        # t = 3: "repeating" the zero block is the same as dropping block 2, so RI_3 = 0.
+        assert row["recurrence_per_block"][1] == pytest.approx(0.0, abs=1e-6)
+        assert row["recurrence"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_contraction_converges():
+    a = 0.5
+    x, y = _class_images()
+    model = _hand_model(blocks=2)
+    for block in model.stages[0]:
+        _set_linear_block(block, -a)  # f(x) = -a x
+    result = _indices(model, x, y, extra_iterations=EXTRA)
+    row = result["per_stage"][0]
+    # u_k = a (1 - a)^(k-1) ||x_1||, so CI = 1 - (1 - a)^K_max exactly.
+    assert row["convergence"] == pytest.approx(1 - (1 - a) ** EXTRA[-1], abs=1e-6)
+    assert row["convergence"] > 0.99
+    updates = np.asarray(row["curves"]["update_norm"])
+    np.testing.assert_allclose(updates[1:] / updates[:-1], 1 - a, rtol=1e-4)
+    # The relative update stays at a: it alone would miss the convergence (method.md).
+    np.testing.assert_allclose(row["curves"]["relative_update"], a, rtol=1e-4)
+    # Shrinking x keeps every argmax: nothing is lost with extra iterations.
+    assert row["divergence"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_expansion_that_destroys_class_information_diverges():
+    b, push = 0.5, 1.0
+    x, y = _class_images(noise=0.1)
+    model = _hand_model(blocks=2)
+    _zero_block(model.stages[0][0])
+    # f(x) = b x + push * e_0: every channel grows by (1 + b) per step, and the
+    # constant push makes channel 0 (class 0) win after one extra iteration.
+    _set_linear_block(model.stages[0][1], b, push=[push, 0, 0, 0])
+    result = _indices(model, x, y, full=True, extra_iterations=EXTRA)
+    assert result["accuracy"] == 1.0
+    row = result["indices"]["per_stage"][0]
+    np.testing.assert_allclose(row["curves"]["accuracy"], 1.0 / CLASSES)  # balanced classes: chance
+    assert row["divergence"] == pytest.approx(1.0, abs=1e-9)
+    assert row["divergence_loss"] > 1.0  # confidently wrong: worse than the chance-level loss
+    assert row["convergence"] < 0
+    # Updates grow by (1 + b) per extra iteration (the push is negligible by then).
+    updates = np.asarray(row["curves"]["update_norm"])
+    assert updates[-1] / updates[-2] == pytest.approx(1 + b, rel=0.05)
+
+
+# --------------------------------------------------------------------------- formulas
+
+
+def test_recurrence_terms_skip_and_sign():
+    terms = indices.recurrence_terms(1.0, [2.0, 1.0, 1.5], [1.0, 0.7, 2.0], tolerance=1e-3)
+    assert terms == [1.0, None, -1.0]
+    assert indices.mean_or_nan(terms) == 0.0
+    assert math.isnan(indices.mean_or_nan([None, None]))
+
+
+def test_chance_levels():
+    assert indices.chance_accuracy(np.arange(8), 10, False) == 0.1
+    three_digits = np.zeros((4, 10))
+    three_digits[:, :3] = 1
+    assert indices.chance_accuracy(three_digits, 10, True) == pytest.approx(1 / 120)
+    assert indices.chance_loss(np.arange(8), 10, False) == pytest.approx(math.log(10))
+
+
+def test_group_rho_oracles():
+    rng = np.random.default_rng(0)
+    theta = rng.normal(size=1000)
+    assert indices.group_rho([theta] * 4) == 0.0
+    assert indices.group_rho([np.zeros(5)] * 3) == 0.0
+    independent = [rng.normal(size=20000) for _ in range(4)]
+    assert indices.group_rho(independent) == pytest.approx(1.0, abs=0.03)
+    # Anti-correlated copies spread more than independent ones: clipped to 1.
+    assert indices.group_rho([theta, -theta]) == 1.0
+
+
+def test_effective_parameters_one_block_per_stage_when_identical():
+    model = _hand_model(blocks=3, stage_widths=(CLASSES, CLASSES))
+    counts = indices.effective_parameters(model)
+    per_block = sum(int(np.prod(v.shape)) for v in model.stages[0][0].trainable_variables)
+    total = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
+    assert counts["parameters"] == total
+    # Blocks start identical: rho = 0, one block's worth per stage.
+    assert counts["effective_parameters"] == pytest.approx(total - 2 * 2 * per_block)
+    for s, blocks in enumerate(model.stages):
+        for t, block in enumerate(blocks):
+            _set_random_block(block, seed=100 + 10 * s + t, scale=1.0)
+    spread = indices.effective_parameters(model)
+    assert spread["effective_parameters"] == pytest.approx(total, rel=0.05)
+
+
+# --------------------------------------------------------------------------- the schedule engine
+
+
+def _direct_loss(model, x, y, schedule):
+    logits = model(x, schedule=schedule, training=False)
+    return float(np.mean(keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)))
+
+
+def test_schedule_scores_equal_the_models_own_forward_pass():
+    x, y = _class_images(per_class=10)  # 40 examples: batches of 32 with a padded remainder
+    model = _hand_model(blocks=3, stage_widths=(CLASSES, 8))
+    for s, blocks in enumerate(model.stages):
+        for t, block in enumerate(blocks):
+            _set_random_block(block, seed=20 + 10 * s + t)
+    programs = StagePrograms(model)
+    totals = indices.measure(programs, x, y, extra_iterations=(1, 3), batch_size=32)
+    full = model.default_schedule()
+    cases = {("full",): full}
+    for s in range(2):
+        for t in (1, 2):
+            drop, rep = [list(o) for o in full], [list(o) for o in full]
+            drop[s].remove(t)
+            rep[s][t] = t - 1
+            cases[("drop", s, t)] = drop
+            cases[("rep", s, t)] = rep
+        for k in (1, 3):
+            extra = [list(o) for o in full]
+            extra[s] += [2] * k
+            cases[("extra", s, k)] = extra
+    for key, schedule in cases.items():
+        assert totals.mean(key + ("loss",)) == pytest.approx(_direct_loss(model, x, y, schedule), rel=1e-4), key
+
+
+def test_later_schedules_reuse_cached_stage_inputs():
+    x, y = _class_images(per_class=16)  # 64 examples = 2 batches of 32
+    model = _hand_model(blocks=3, stage_widths=(CLASSES, 8))
+    programs = StagePrograms(model)
+    calls = {}
+    for name in ("stem", "enter", "block"):
+        original = getattr(programs, name)
+
+        def counted(*args, _original=original, _name=name, **kwargs):
+            key = (_name,) + tuple(a for a in args[:2] if isinstance(a, int))
+            calls[key] = calls.get(key, 0) + 1
+            return _original(*args, **kwargs)
+
+        setattr(programs, name, counted)
+    indices.measure(programs, x, y, extra_iterations=(1, 2), batch_size=32)
+    # The stem runs once per batch: no schedule recomputes what comes before its stage.
+    assert calls[("stem",)] == 2
+    # Per batch, stage 0 runs 3 blocks in the trace, then from cached inputs: drop_2
+    # [2], rep_2 [0, 2], drop_3 [], rep_3 [1], and 2 extra iterations: 9 in all.
+    # Without the cache every variant would rerun its prefix (16 calls).
+    assert sum(n for key, n in calls.items() if key[:2] == ("block", 0)) == 2 * 9
+    # Stage 1 runs 3 in the trace, 3 for all of stage 0's variants side by side, and its own 4 + 2.
+    assert sum(n for key, n in calls.items() if key[:2] == ("block", 1)) == 2 * 12
+    # Each piece was compiled once, for the one padded batch shape and the side-by-side tail.
+    for program in programs._programs.values():
+        assert program.experimental_get_tracing_count() <= 2
+
+
+def test_padded_batches_mask_the_remainder():
+    x = np.arange(5, dtype=np.uint8).reshape(5, 1, 1, 1)
+    batches = list(padded_batches(x, np.arange(5), 4))
+    assert [b[0].shape[0] for b in batches] == [4, 4]
+    np.testing.assert_array_equal(batches[1][2], [1, 0, 0, 0])
+    assert batches[0][0].dtype == np.float32 and batches[0][0].max() == pytest.approx(3 / 255)
+
+
+def test_bad_extra_iterations_are_rejected_with_the_value():
+    model = _hand_model()
+    x, y = _class_images(per_class=2)
+    with pytest.raises(ValueError, match=r"\(4, 2\)"):
+        indices.compute_indices(model, x, y, extra_iterations=(4, 2))
+
+
+# --------------------------------------------------------------------------- trained tiny models
+
+
+@functools.lru_cache(maxsize=None)
+def _trained(coupling, seed=3, **kwargs):
+    """A tiny one-stage network trained briefly (cached: the lambda = 0 model serves two tests)."""
+    keras.utils.set_random_seed(seed)
+    rng = np.random.default_rng(seed)
+    # Four classes: a bright 4x4 square in one quadrant of a noisy 12x12 image.
+    y = rng.integers(0, 4, 512)
+    x = rng.random((512, 12, 12, 1)).astype(np.float32) * 0.5
+    for i, c in enumerate(y):
+        r, q = divmod(int(c), 2)
+        x[i, 6 * r + 1 : 6 * r + 5, 6 * q + 1 : 6 * q + 5] += 0.5
+    model = IterativeResNet((12, 12, 1), 4, stage_widths=(8,), blocks_per_stage=3, coupling=coupling,
+                            norm="none", **kwargs)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x[:384], y[:384], batch_size=32, epochs=3, verbose=0)
+    return model, x[384:], y[384:]
+
+
+def test_coupling_one_is_more_recurrent_than_coupling_zero():
+    recurrent, x, y = _trained(1.0)
+    ordinary, _, _ = _trained(0.0)
+    ri_recurrent = _indices(recurrent, x, y)["recurrence"]
+    ri_ordinary = _indices(ordinary, x, y)["recurrence"]
+    print(f"RI lambda=1: {ri_recurrent:.3f}, lambda=0: {ri_ordinary:.3f}")
+    assert ri_recurrent == pytest.approx(1.0, abs=1e-3)  # identical blocks, no BN statistics
+    assert ri_recurrent > ri_ordinary + 0.2
+
+
+@pytest.mark.skipif("lipschitz" not in inspect.signature(IterativeResNet.__init__).parameters,
+                    reason="IterativeResNet has no lipschitz argument yet")
+def test_lipschitz_constraint_lowers_divergence():
+    constrained, x, y = _trained(0.0, lipschitz=0.9)
+    free, _, _ = _trained(0.0)
+    di_constrained = _indices(constrained, x, y)["divergence_loss"]
+    di_free = _indices(free, x, y)["divergence_loss"]
+    print(f"DI(loss) constrained: {di_constrained:.3f}, unconstrained: {di_free:.3f}")
+    assert di_constrained < di_free
