@@ -97,6 +97,8 @@ def verify_command(reference, no_load, zoo_dir, json_output):
     report = zoo.verify_report(reference, zoo_dir, load_models=not no_load)
     if json_output:
         emit_json({"zoo": zoo.resolve_root(zoo_dir), "ok": all(r["ok"] for r in report), "versions": report})
+    elif not report:
+        click.echo(f"the zoo at {zoo.resolve_root(zoo_dir)} is empty: nothing to verify")
     else:
         for result in report:
             status = "ok" if result["ok"] else "FAILED"

@@ -224,7 +224,9 @@ def model_card(model, *, name=None, run_config=None, metrics=None, evaluation=No
         "variant": run_config.get("variant"),
         "architecture": {"class_name": type(model).__name__, "config": config},
         "coupling": float(config.get("coupling", run_config.get("coupling", 0.0))),
-        "constraint": {"lipschitz": lipschitz},
+        # The run's flag says whether --spectral-norm was on; with it off a
+        # configured --lipschitz value is not applied.
+        "constraint": {"lipschitz": lipschitz, "spectral_norm": run_config.get("spectral_norm")},
         "parameters": int(model.count_params()),
         "effective_parameters": indices.get("effective_parameters"),
         "metrics": _final_metrics(metrics, evaluation),

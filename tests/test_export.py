@@ -263,7 +263,7 @@ def test_model_card_records_recipe_metrics_indices_and_versions(trained):
     assert card["metrics"] == {"accuracy": 0.97, "loss": 0.1}  # the runner's metrics win over eval's
     assert card["indices"]["recurrence"] == 0.1 and "curves" not in card["indices"]
     # The model's own setting wins; the run's config fills it for models without one.
-    assert card["constraint"] == {"lipschitz": trained.get_config().get("lipschitz", 0.9)}
+    assert card["constraint"] == {"lipschitz": trained.get_config().get("lipschitz", 0.9), "spectral_norm": None}
     assert card["coupling"] == 0.0
     assert card["recipe"]["epochs"] == 2 and card["variant"] == "tiny"
     assert card["libraries"]["tensorflow"] == tf.__version__ and card["libraries"]["keras"] == keras.__version__
