@@ -271,9 +271,9 @@ class ConvOperatorNormBound(keras.constraints.Constraint):
 class GainCappedBatchNormalization(keras.layers.BatchNormalization):
     """Batch normalisation whose per-channel gain ``|gamma| / sqrt(var + eps)`` is at most ``max_gain``.
 
-    The scale actually applied is ``clip(gamma, -max_gain * s, max_gain * s)`` with
-    ``s = sqrt(var + eps)``, using the moving variance at inference and the batch
-    variance in training (so training sees the same function family as inference).
+    The gain actually applied is ``clip(gamma / sqrt(var + eps), -max_gain, max_gain)``,
+    with the moving variance at inference and the batch variance in training (so
+    training sees the same function family as inference).
     At inference the layer is affine with Lipschitz constant ``<= max_gain`` by
     construction, whatever the moving statistics are; ``gamma`` itself is not
     modified, so coupled blocks keep identical trainable weights while their
@@ -283,7 +283,7 @@ class GainCappedBatchNormalization(keras.layers.BatchNormalization):
     Args:
         max_gain: float > 0, the cap on the per-channel gain. Default 1.0.
         **kwargs: `keras.layers.BatchNormalization` arguments (``momentum``,
-            ``synchronized``, ``name``, ...); ``renorm`` is not supported.
+            ``synchronized``, ``name``, ...); only ``axis=-1``, no ``renorm``.
 
     Example:
         >>> norm = GainCappedBatchNormalization(max_gain=1.0, momentum=0.9)
@@ -296,6 +296,8 @@ class GainCappedBatchNormalization(keras.layers.BatchNormalization):
             raise ValueError("max_gain must be a positive finite number, got None")
         if self.renorm:
             raise ValueError(f"GainCappedBatchNormalization does not support renorm, got renorm={self.renorm!r}")
+        if self.axis != -1:
+            raise ValueError(f"GainCappedBatchNormalization normalises the last axis only, got axis={self.axis!r}")
 
     def call(self, inputs, training=None, mask=None):
         # Same statistics and updates as BatchNormalization.call (without renorm);
@@ -312,14 +314,16 @@ class GainCappedBatchNormalization(keras.layers.BatchNormalization):
             )
         else:
             mean, variance = moving_mean, moving_variance
-        limit = self.max_gain * keras.ops.sqrt(variance + self.epsilon)
-        gamma = keras.ops.cast(self.gamma, compute_dtype) if self.scale else keras.ops.ones_like(variance)
-        gamma = keras.ops.clip(gamma, -limit, limit)
-        beta = keras.ops.cast(self.beta, compute_dtype) if self.center else None
-        outputs = keras.ops.batch_normalization(
-            x=inputs, mean=mean, variance=variance, axis=self.axis,
-            offset=beta, scale=gamma, epsilon=self.epsilon,
-        )
+        # tf.nn.batch_normalization's own arithmetic (so the layer is BatchNormalization
+        # bitwise where the cap does not bind) with a clip of the gain in between.
+        gain = keras.ops.rsqrt(variance + self.epsilon)
+        if self.scale:
+            gain = gain * keras.ops.cast(self.gamma, compute_dtype)
+        gain = keras.ops.clip(gain, -self.max_gain, self.max_gain)
+        offset = -mean * gain
+        if self.center:
+            offset = keras.ops.cast(self.beta, compute_dtype) + offset
+        outputs = inputs * gain + offset
         return keras.ops.cast(outputs, self.compute_dtype)
 
     def inference_gains(self):
