@@ -292,6 +292,16 @@ def test_lipschitz_hook_runs_before_tracing(trained, tmp_path):
     assert export.prepare_for_export(trained) == 0
 
 
+def test_constrained_models_are_projected_onto_their_bound_before_export(monkeypatch):
+    from iterconv_keras import lipschitz
+
+    model = build_model("tiny", SHAPE, 10, lipschitz=0.9)
+    projected = []
+    monkeypatch.setattr(lipschitz, "enforce", lambda m: projected.append(m))
+    assert export.prepare_for_export(model) == 1 and projected == [model]
+    assert export.model_card(model)["constraint"]["lipschitz"] == 0.9
+
+
 def test_export_refuses_an_existing_directory(trained, saved):
     with pytest.raises(ValueError, match="already exists"):
         export.write_saved_model(trained, saved, {})
