@@ -73,7 +73,10 @@ def _index_curves(document, title):
         axis.set_ylabel(ylabel)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
-    left.set_ylim(-0.02, 1.02)
+    _accuracy_limits(left, [document["accuracy"]] + [v for row in indices["per_stage"] for v in row["curves"]["accuracy"]])
+    # Diverging networks reach losses many orders above the trained one.
+    right.set_yscale("symlog", linthresh=1)
+    right.set_ylim(bottom=0)
     figure.suptitle(
         f"Divergence: performance beyond the trained depth, one stage at a time\n"
         f"RI {_fmt(indices['recurrence'])}  DI {_fmt(indices['divergence'])}  CI {_fmt(indices['convergence'])}"
@@ -86,6 +89,7 @@ def _index_curves(document, title):
 
 def _update_sizes(document, title):
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     indices = document["indices"]
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -100,8 +104,12 @@ def _update_sizes(document, title):
     left.set_ylabel("update size  u_k = mean ||f(x_k)||")
     right.set_ylabel("relative update  u_k / mean ||x_k||")
     for axis in (left, right):
-        axis.set_yscale("log")
-        axis.set_xlabel("block application k (dotted: end of the trained blocks)")
+        values = [v for line in axis.get_lines() for v in line.get_ydata() if v == v and v > 0]
+        # Log scale only when the sizes span decades; otherwise it hides the tick labels.
+        if values and max(values) / min(values) > 20:
+            axis.set_yscale("log")
+        axis.set_xlabel("block application k (dotted: end of the trained blocks, then extra iterations)")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3, which="both")
         axis.legend(fontsize=8)
     figure.suptitle(f"Convergence: update size per block, then extra iterations of the last block\n({title})",
@@ -121,11 +129,11 @@ def _occlusion(document, title):
     left.plot(levels, _nan(section["accuracy"]), marker="o", label=f"patch occlusion (AUC {_fmt(section['auc'])})")
     left.set_xlabel("occluded area (% of the image, patches filled with the mean)")
     left.set_ylabel("accuracy")
-    left.set_ylim(-0.02, 1.02)
+    _accuracy_limits(left, section["accuracy"])
     left.grid(alpha=0.3)
     if section.get("clutter"):
-        text = "digits: " + "  ".join(f"{n}: {_fmt(a)}" for n, a in section["clutter"].items())
-        left.text(0.02, 0.03, "exact-set accuracy by " + text, transform=left.transAxes, fontsize=8)
+        text = "  ".join(f"{n} digits: {_fmt(a)}" for n, a in section["clutter"].items())
+        left.set_title("Digitclutter exact-set accuracy: " + text, fontsize=8)
     left.legend(fontsize=8)
     if panels == 2:
         right = axes[0][1]
@@ -138,7 +146,7 @@ def _occlusion(document, title):
         right.set_xticklabels([str(k) for k in ks])
         right.set_xlabel("extra iterations of every stage's last block")
         right.set_ylabel("accuracy")
-        right.set_ylim(-0.02, 1.02)
+        _accuracy_limits(right, sweep["clean"] + sweep["occluded"])
         right.grid(alpha=0.3)
         right.legend(fontsize=8)
     figure.suptitle(f"Occlusion robustness ({title})", fontsize=10)
@@ -146,5 +154,13 @@ def _occlusion(document, title):
     return figure
 
 
+def _accuracy_limits(axis, values):
+    # From 0 to a little above the best value: low accuracies stay readable.
+    top = max([v for v in values if v is not None] + [0.05])
+    axis.set_ylim(0, min(1.02, top * 1.15))
+
+
 def _fmt(value):
-    return "n/a" if value is None else f"{value:.2f}"
+    if value is None:
+        return "n/a"
+    return f"{value:.2f}" if abs(value) < 1000 else f"{value:.2g}"

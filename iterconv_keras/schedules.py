@@ -109,12 +109,12 @@ class StagePrograms:
     # -- compiled pieces, one program each, traced once per batch shape
 
     def _program(self, key, fn):
-        program = self._programs.get(key)
-        if program is None:
+        entry = self._programs.get(key)
+        if entry is None:
             # No autograph: the pieces have no tensor-dependent Python control flow.
             program = tf.function(fn, jit_compile=self.jit_compile, reduce_retracing=True, autograph=False)
-            self._programs[key] = program
-        return program
+            entry = self._programs[key] = _QuietlyTraced(program)
+        return entry
 
     @property
     def num_programs(self):
@@ -199,6 +199,31 @@ class StagePrograms:
             state_norms.append(ns)
         loss, correct = self.score(h, labels)
         return Trace(states, updates, state_norms, loss, correct)
+
+
+class _QuietlyTraced:
+    """A compiled piece whose first traces do not log TensorFlow's retracing warning.
+
+    Dozens of pieces share a few Python closures, so TensorFlow's heuristic takes
+    their single traces for a function "retraced in a loop" and warns on stderr.
+    """
+
+    def __init__(self, program):
+        self.program = program
+
+    def experimental_get_tracing_count(self):
+        return self.program.experimental_get_tracing_count()
+
+    def __call__(self, *args):
+        if self.program.experimental_get_tracing_count() >= 2:
+            return self.program(*args)
+        logger = tf.get_logger()
+        level = logger.level
+        logger.setLevel("ERROR")
+        try:
+            return self.program(*args)
+        finally:
+            logger.setLevel(level)
 
 
 def _per_example_norm(v):
