@@ -1,8 +1,6 @@
 """``iterconv eval``: accuracy, indices of iterative convergence and occlusion robustness."""
 
-import json
 import os
-import tempfile
 
 import click
 
@@ -37,10 +35,18 @@ def COMMAND(model_reference, dataset, indices, occlusion, limit, batch_size, plo
     reference NAME[@VERSION]. The indices are iterconv's operationalisation of
     Lippl, Peters & Kriegeskorte (PLoS One 2024); see docs/indices.md.
     """
-    from iterconv_keras import evaluation, loading
+    from iterconv_keras import evaluation, fsutil, loading
 
+    # Everything that can be refused is checked before the (long) evaluation starts.
+    if plots_dir:
+        if os.path.exists(plots_dir) and not os.path.isdir(plots_dir):
+            raise ValueError(f"--plots {plots_dir} exists and is not a directory")
+        fsutil.check_writable(os.path.join(plots_dir, "indices.png"))
+    if out:
+        fsutil.check_writable(out)
     loaded = loading.load_model(model_reference, zoo_root=zoo_root)
     data = evaluation.load_for_model(loaded.model, loaded.metadata, dataset=dataset, data_dir=data_dir, limit=limit)
+    evaluation.check_compatible(loaded.model, evaluation.as_eval_data(data))
     stderr = click.get_text_stream("stderr")
     with click.progressbar(length=1, label="evaluating", file=stderr) as bar:
 
@@ -58,26 +64,12 @@ def COMMAND(model_reference, dataset, indices, occlusion, limit, batch_size, plo
         for path in plots.write_plots(document, plots_dir):
             click.echo(f"wrote {path}", err=True)
     if out:
-        _write_atomically(out, document)
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        fsutil.write_json_atomic(out, document)
     if json_output:
         emit_json(document)
     else:
         click.echo(format_table(document))
-
-
-def _write_atomically(path, document):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(document, stream, indent=2, allow_nan=False)
-            stream.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _fmt(value, digits=3):

@@ -4,11 +4,9 @@ Table-driven: each row is a command line, the expected exit code, a phrase the
 error line must contain, and paths that must not exist afterwards.
 """
 
-import json
 import os
 
 import keras
-import numpy as np
 import pytest
 from click.testing import CliRunner
 

@@ -3,7 +3,6 @@
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from iterconv_keras import coupling
 from iterconv_keras.model import IterativeResNet
