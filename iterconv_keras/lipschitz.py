@@ -43,8 +43,16 @@ ACTIVATION_LIPSCHITZ = {"relu": 1.0, "tanh": 1.0, "gelu": 1.1290, "silu": 1.0999
 TRAIN_ITERATIONS = 1
 """Power iterations per optimizer step (on the persistent vector)."""
 
-ENFORCE_ITERATIONS = 200
-"""Power iterations used at construction, after ``fit`` and by `enforce`."""
+INIT_ITERATIONS = 200
+"""Power iterations of the projection at model construction (a feasible start)."""
+
+ENFORCE_ITERATIONS = 1000
+"""Power iterations of `enforce`, run at the end of ``fit`` and before export.
+
+Conv operators have many singular values close to the top one, so power
+iteration converges slowly (roughly as 1/k in the worst case); 200 iterations
+after training left kernels up to 7e-4 relative above their bound as measured
+by a further 1000 iterations, 1000 left them within 3.1e-4 (tiny variant, Adam)."""
 
 CERTIFY_ITERATIONS = 1000
 """Power iterations per convolution used by `certify`."""

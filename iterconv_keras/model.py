@@ -134,7 +134,7 @@ class IterativeResNet(keras.Model):
         # fresh He-normal kernels are far above the bound, and one power iteration
         # per step would take many steps to catch up from a cold vector.
         if self.lipschitz is not None:
-            lipschitz_lib.enforce(self)
+            lipschitz_lib.enforce(self, lipschitz_lib.INIT_ITERATIONS)
 
     def _outer_norm(self, name):
         # Stem, transitions and head always normalise (they are never iterated);

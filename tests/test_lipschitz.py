@@ -324,6 +324,12 @@ def test_unconstrained_model_is_unchanged():
     assert type(block.norm1) is keras.layers.BatchNormalization
     assert block.conv1.kernel_constraint is None
     assert not any("power_vector" in w.path for w in model.weights)
+    # certify still reports; its Jacobian estimate never exceeds the certified product.
+    report = lipschitz.certify(model, iterations=300, jacobian_iterations=10, num_random=2)
+    assert report["lipschitz"] is None
+    for block_report in report["blocks"]:
+        assert block_report["bound"] is None
+        assert 0 < block_report["empirical"] <= block_report["certified"] * (1 + 1e-3)
 
 
 def test_constrained_block_needs_static_spatial_shape():
