@@ -152,7 +152,7 @@ def _power_step(u, kernel, shape):
     w = _conv_adjoint(_conv(u, kernel), kernel, shape)
     norm = tf.norm(w)
     # A zero kernel maps everything to 0; keep the old vector rather than NaN.
-    u = tf.where(norm > 0, w / tf.maximum(norm, tf.keras.backend.epsilon() ** 4), u)
+    u = tf.where(norm > 0, w / tf.maximum(norm, tf.constant(1e-30, norm.dtype)), u)
     return u, norm
 
 
