@@ -26,6 +26,7 @@ def list_command(zoo_dir, json_output):
     """Models of the zoo with their versions, default version and accuracy."""
     from iterconv_keras import zoo
 
+    zoo.existing_root(zoo_dir)
     rows = zoo.list_models(zoo_dir)
     if json_output:
         emit_json({"zoo": zoo.resolve_root(zoo_dir), "models": rows})
@@ -51,6 +52,7 @@ def show_command(reference, zoo_dir, json_output):
     """The model card of a version (default: the default version)."""
     from iterconv_keras import zoo
 
+    zoo.existing_root(zoo_dir)
     info = zoo.show(reference, zoo_dir)
     if json_output:
         emit_json(info)
@@ -92,6 +94,8 @@ def verify_command(reference, no_load, zoo_dir, json_output):
     Exits 5 naming the bad file when a check fails, 4 for an unknown name.
     """
     from iterconv_keras import zoo
+
+    zoo.existing_root(zoo_dir)
     from iterconv_keras.errors import IntegrityError
 
     report = zoo.verify_report(reference, zoo_dir, load_models=not no_load)
@@ -123,6 +127,7 @@ def serving_config_command(out, zoo_dir, json_output):
 
     from iterconv_keras import zoo
 
+    zoo.existing_root(zoo_dir)
     text = zoo.serving_config(zoo_dir)
     written = [os.path.join(zoo.resolve_root(zoo_dir), zoo.SERVING_CONFIG)]
     if out:

@@ -88,6 +88,22 @@ def resolve_root(root=None):
     return os.path.join(os.path.dirname(package_dir), "zoo")
 
 
+def existing_root(root=None):
+    """`resolve_root`, but the folder must exist (for commands that only read the zoo).
+
+    Raises:
+        ModelNotFound: there is no zoo folder there (exit code 4).
+    """
+    path = resolve_root(root)
+    if not os.path.isdir(path):
+        origin = "--zoo" if root else (f"${ENV_VAR}" if os.environ.get(ENV_VAR) else "the repository default")
+        raise ModelNotFound(
+            f"no zoo at {path} (from {origin}): the folder does not exist; pass --zoo DIR, "
+            f"set ${ENV_VAR}, or create one with 'iterconv export MODEL --name NAME --zoo DIR'"
+        )
+    return path
+
+
 def validate_name(name):
     """Return ``name`` if it is a valid zoo model name, else raise ValueError."""
     if not isinstance(name, str) or not NAME_PATTERN.match(name):
