@@ -8,6 +8,7 @@ drop or extend blocks (method.md section 2).
 import keras
 
 from iterconv_keras import lipschitz as lipschitz_lib
+from iterconv_keras.normalization import FusedBatchNormalization
 
 NORMS = ("batch", "sync_batch", "none")
 ACTIVATIONS = ("relu", "gelu", "tanh", "silu")
@@ -26,9 +27,11 @@ def make_norm(norm, momentum, name, max_gain=None):
         return lipschitz_lib.GainCappedBatchNormalization(
             max_gain=max_gain, momentum=momentum, synchronized=norm == "sync_batch", name=name
         )
-    return keras.layers.BatchNormalization(
-        momentum=momentum, synchronized=norm == "sync_batch", name=name
-    )
+    if norm == "batch":
+        # TensorFlow's fused kernel: the same function as Keras' layer, faster
+        # (one op instead of ~10 each way; see iterconv_keras/normalization.py).
+        return FusedBatchNormalization(momentum=momentum, name=name)
+    return keras.layers.BatchNormalization(momentum=momentum, synchronized=True, name=name)
 
 
 @keras.saving.register_keras_serializable(package="iterconv")

@@ -321,7 +321,8 @@ def test_unconstrained_model_is_unchanged():
     model = build_model("tiny", SHAPE, N_CLASSES)
     assert model.lipschitz is None and model.get_config()["lipschitz"] is None
     block = model.stages[0][0]
-    assert type(block.norm1) is keras.layers.BatchNormalization
+    assert isinstance(block.norm1, keras.layers.BatchNormalization)
+    assert not isinstance(block.norm1, lipschitz.GainCappedBatchNormalization)
     assert block.conv1.kernel_constraint is None
     assert not any("power_vector" in w.path for w in model.weights)
     # certify still reports; its Jacobian estimate never exceeds the certified product.
