@@ -27,6 +27,8 @@ import json
 import os
 import platform
 
+import numpy as np
+
 IMAGE_FEATURE = "images"
 SERVING_SIGNATURE = "serving_default"
 CLASSIFY_SIGNATURE = "classify"
@@ -34,12 +36,6 @@ ASSETS_EXTRA = "assets.extra"
 MODEL_FILE = os.path.join(ASSETS_EXTRA, "model.keras")
 METADATA_FILE = os.path.join(ASSETS_EXTRA, "metadata.json")
 METADATA_SCHEMA = 1
-
-# Name of an optional method of the model (or of any of its layers) that the
-# Lipschitz-constraint work may provide: it tightens the operator-norm estimate
-# (extra power iterations) and re-applies the projection so the exported weights
-# satisfy the bound as well as possible. Called once, before tracing.
-LIPSCHITZ_EXPORT_HOOK = "tighten_lipschitz_estimate"
 
 # Names of the classes of the datasets the toolkit trains on; other models get
 # their class ids as strings.
@@ -64,32 +60,25 @@ def class_names_for(dataset, num_classes):
 
 
 def prepare_for_export(model):
-    """Make a constrained model's weights satisfy its Lipschitz bound before export.
+    """Project a Lipschitz-constrained model's kernels onto its bound before export.
 
-    Calls the method named `LIPSCHITZ_EXPORT_HOOK` on the model and on every
-    layer that defines it. A model with a ``lipschitz`` bound but no hook gets
-    `iterconv_keras.lipschitz.enforce` (a many-iteration projection), so weights
-    trained without ``fit`` (which enforces at its end) are exported within the
-    bound too. Unconstrained models are left untouched.
+    `iterconv_keras.lipschitz.enforce` runs many power iterations and rescales
+    every constrained kernel, so weights trained outside ``fit`` (which enforces
+    at its end) are exported within the bound too. Unconstrained models are
+    left untouched.
 
     Args:
         model: the Keras model about to be exported.
 
     Returns:
-        The number of hooks or projections applied (0 for unconstrained models).
+        True when a projection was applied.
     """
-    called = 0
-    for obj in [model, *model._flatten_layers(include_self=False)]:
-        hook = getattr(obj, LIPSCHITZ_EXPORT_HOOK, None)
-        if callable(hook):
-            hook()
-            called += 1
-    if not called and getattr(model, "lipschitz", None) is not None:
-        from iterconv_keras import lipschitz
+    if getattr(model, "lipschitz", None) is None:
+        return False
+    from iterconv_keras import lipschitz
 
-        lipschitz.enforce(model)
-        called = 1
-    return called
+    lipschitz.enforce(model)
+    return True
 
 
 def serving_functions(model, class_names):
@@ -227,7 +216,9 @@ def model_card(model, *, name=None, run_config=None, metrics=None, evaluation=No
         # The run's flag says whether --spectral-norm was on; with it off a
         # configured --lipschitz value is not applied.
         "constraint": {"lipschitz": lipschitz, "spectral_norm": run_config.get("spectral_norm")},
-        "parameters": int(model.count_params()),
+        # Trainable parameters, the count the effective number is compared with
+        # (batch-norm moving statistics are not learned).
+        "parameters": int(sum(np.prod(v.shape) for v in model.trainable_variables)),
         "effective_parameters": indices.get("effective_parameters"),
         "metrics": _final_metrics(metrics, evaluation),
         "indices": _index_summary(indices) if indices else None,
