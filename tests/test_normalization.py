@@ -63,3 +63,27 @@ def test_make_norm_uses_it_and_config_round_trips():
     config = keras.saving.serialize_keras_object(layer)
     restored = keras.saving.deserialize_keras_object(config)
     assert type(restored) is FusedBatchNormalization and restored.get_config() == layer.get_config()
+
+
+def test_gain_capped_fused_training_path_has_the_capped_function_and_its_gradient():
+    from iterconv_keras.lipschitz import GainCappedBatchNormalization
+
+    fused, reference = GainCappedBatchNormalization(max_gain=1.0), GainCappedBatchNormalization(max_gain=1.0)
+    reference._fusable = lambda inputs, mask: False  # the separate-ops arithmetic as the oracle
+    x = tf.random.stateless_normal((8, 5, 5, 3), seed=(5, 6)) * 3.0 + 1.0  # batch std ~3
+    results = []
+    for layer in (fused, reference):
+        layer.build(x.shape)
+        layer.gamma.assign([0.5, 20.0, -9.0])  # channels 2 and 3 bind the cap, channel 1 does not
+        layer.beta.assign([0.1, 0.2, 0.3])
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(y * tf.sin(y))
+        grads = tape.gradient(loss, [x, layer.gamma, layer.beta])
+        results.append([y, *grads, layer.moving_mean, layer.moving_variance])
+    for a, b in zip(*results):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+    # Where the cap binds the output's std is exactly max_gain times the input's.
+    y = results[0][0].numpy()
+    np.testing.assert_allclose(y.std(axis=(0, 1, 2))[1:], x.numpy().std(axis=(0, 1, 2))[1:], rtol=1e-4)
