@@ -13,8 +13,13 @@ import keras
 import tensorflow as tf
 
 
-@keras.saving.register_keras_serializable(package="iterconv")
-class FusedBatchNormalization(keras.layers.BatchNormalization):
+# The class is deliberately named BatchNormalization: Keras' .keras format stores
+# the weights of layers held in lists under the snake-cased class name
+# ("layers/batch_normalization"), so the name keeps files saved with Keras' own
+# layer loadable (tests/test_normalization.py). It is registered as
+# "iterconv>FusedBatchNormalization".
+@keras.saving.register_keras_serializable(package="iterconv", name="FusedBatchNormalization")
+class BatchNormalization(keras.layers.BatchNormalization):
     """`keras.layers.BatchNormalization` through ``tf.raw_ops.FusedBatchNormV3``.
 
     Takes the fused path for float32 NHWC feature maps (rank 4, ``axis=-1``)
@@ -69,3 +74,6 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
             epsilon=self.epsilon, is_training=False, data_format="NHWC",
         )
         return outputs
+
+
+FusedBatchNormalization = BatchNormalization

@@ -87,3 +87,31 @@ def test_gain_capped_fused_training_path_has_the_capped_function_and_its_gradien
     # Where the cap binds the output's std is exactly max_gain times the input's.
     y = results[0][0].numpy()
     np.testing.assert_allclose(y.std(axis=(0, 1, 2))[1:], x.numpy().std(axis=(0, 1, 2))[1:], rtol=1e-4)
+
+
+def test_files_saved_with_keras_batch_norm_still_load(tmp_path):
+    # Models trained before the fused layer existed hold Keras' own BatchNormalization;
+    # their weights must load into today's model and give the same predictions.
+    from iterconv_keras import blocks
+    from iterconv_keras import model as model_module
+    from iterconv_keras.loading import load_model
+    from iterconv_keras.variants import build_model
+
+    def keras_norm(norm, momentum, name, max_gain=None):
+        return keras.layers.BatchNormalization(momentum=momentum, name=name)
+
+    keras.utils.set_random_seed(4)
+    original = blocks.make_norm
+    blocks.make_norm = model_module.make_norm = keras_norm
+    try:
+        old = build_model("tiny", (12, 12, 1), 5)
+    finally:
+        blocks.make_norm = model_module.make_norm = original
+    assert type(old.stem_norm) is keras.layers.BatchNormalization
+    x = np.random.default_rng(0).random((3, 12, 12, 1), dtype=np.float32)
+    expected = np.asarray(old(x))
+    old.save(tmp_path / "old.keras")
+
+    loaded = load_model(str(tmp_path / "old.keras")).model
+    assert isinstance(loaded.stem_norm, FusedBatchNormalization)
+    np.testing.assert_allclose(np.asarray(loaded(x)), expected, rtol=1e-5, atol=1e-6)
