@@ -4,6 +4,7 @@ import json
 import os
 
 import keras
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -37,7 +38,7 @@ def run_dir(tmp_path_factory):
     (run / "metrics.json").write_text(json.dumps({"accuracy": 0.91, "loss": 0.3, "dataset": "mnist"}))
     evaluation = {"model": str(run), "dataset": "mnist", "accuracy": 0.9, "loss": 0.31,
                   "indices": {"recurrence": 0.12, "divergence": 0.85, "convergence": -0.4,
-                              "effective_parameters": 2000, "parameters": 3550, "per_stage": []},
+                              "effective_parameters": 2000, "parameters": 3422, "per_stage": []},
                   "occlusion": {"levels": [0.0, 0.5], "accuracy": [0.9, 0.3], "auc": 0.71}}
     (run / "eval.json").write_text(json.dumps(evaluation))
     return str(run)
@@ -80,7 +81,9 @@ def test_list_table_and_json(cli, exported):
     root = exported[0]
     table = CliRunner().invoke(cli, ["zoo", "list", "--zoo", root])
     assert table.exit_code == 0
-    assert table.stdout.splitlines()[1].split() == ["digits", "2", "1,2", "mnist", "0.9100", "3550"]
+    model = keras.saving.load_model(os.path.join(exported[0], "digits", "2", "assets.extra", "model.keras"))
+    trainable = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
+    assert table.stdout.splitlines()[1].split() == ["digits", "2", "1,2", "mnist", "0.9100", str(trainable)]
     document = json.loads(CliRunner().invoke(cli, ["zoo", "list", "--zoo", root, "--json"]).stdout)
     assert [(m["name"], m["versions"]) for m in document["models"]] == [("digits", [1, 2])]
 
