@@ -125,13 +125,13 @@ def serving_config_command(out, zoo_dir, json_output):
     """Write TensorFlow Serving's models.config for the whole zoo and print it."""
     import os
 
-    from iterconv_keras import zoo
+    from iterconv_keras import fsutil, zoo
 
     zoo.existing_root(zoo_dir)
     text = zoo.serving_config(zoo_dir)
     written = [os.path.join(zoo.resolve_root(zoo_dir), zoo.SERVING_CONFIG)]
     if out:
-        zoo.write_text_atomic(out, text)
+        fsutil.write_text_atomic(out, text)
         written.append(os.path.abspath(out))
     if json_output:
         emit_json({"config": text, "written": written})

@@ -30,15 +30,20 @@ def check_writable(path):
         raise ValueError(f"cannot write {path}: {folder} is not writable ({exc.strerror})") from None
 
 
-def write_json_atomic(path, document):
-    """Write JSON to ``path`` through a temporary file, fsync and a rename."""
+def write_text_atomic(path, text):
+    """Write ``text`` to ``path`` via a temporary file, fsync and `os.replace`.
+
+    Readers (a TF Serving poller, a resumed run) never see half a file; missing
+    folders are created; the file is world-readable (mkstemp makes it private,
+    and a server may run as another user).
+    """
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
     try:
-        os.fchmod(fd, 0o644)  # mkstemp creates 0600; results are meant to be shared
+        os.fchmod(fd, 0o644)
         with os.fdopen(fd, "w") as f:
-            json.dump(document, f, indent=2)
-            f.write("\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -46,3 +51,8 @@ def write_json_atomic(path, document):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def write_json_atomic(path, document, **dump_options):
+    """`write_text_atomic` of ``document`` as indented JSON (``dump_options`` go to json.dumps)."""
+    write_text_atomic(path, json.dumps(document, indent=2, **dump_options) + "\n")

@@ -36,6 +36,7 @@ import tempfile
 
 from iterconv_keras import export as export_lib
 from iterconv_keras.errors import IntegrityError, ModelNotFound
+from iterconv_keras.fsutil import write_json_atomic, write_text_atomic
 
 ENV_VAR = "ITERCONV_ZOO"
 MANIFEST = "MANIFEST.json"
@@ -153,26 +154,7 @@ def read_manifest(root=None):
 
 
 def _write_json_atomic(path, document):
-    write_text_atomic(path, json.dumps(document, indent=2, sort_keys=True) + "\n")
-
-
-def write_text_atomic(path, text):
-    """Write ``text`` to ``path`` via a temporary file and `os.replace` (readers never see half)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=folder)
-    try:
-        with os.fdopen(handle, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp makes the file private; a server running as another user must read it.
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    write_json_atomic(path, document, sort_keys=True)
 
 
 @contextlib.contextmanager
