@@ -563,7 +563,7 @@ def available(data_dir=None):
         {
             "name": "digitclutter",
             "available": True,
-            "where": "generated on the fly (iterconv_keras.digitclutter)",
+            "where": "on the fly (iterconv_keras.digitclutter)",
             "format": "generated",
             "how_to_get": "nothing to get: generated deterministically from fixed seeds",
         }
