@@ -341,22 +341,9 @@ class GainCappedBatchNormalization(keras.layers.BatchNormalization):
                 and inputs.dtype == tf.float32 and self.compute_dtype == "float32")
 
     def _fused_training_call(self, inputs):
-        # The training step through TensorFlow's fused batch-norm kernel (about 1.2x
-        # faster per constrained step on `small` than the ~10 separate ops below):
-        # the kernel's scale is the capped gain times the batch std, i.e. gamma where
-        # the cap does not bind. Where it binds, that scale depends on the batch
-        # variance, which comes from a differentiable tf.nn.moments, so the gradient
-        # is the capped function's exact gradient (tests/test_lipschitz.py).
-        mean, variance = tf.nn.moments(inputs, axes=[0, 1, 2])
-        std = tf.sqrt(variance + self.epsilon)
-        gamma = self.gamma if self.scale else tf.ones_like(std)
-        scale = tf.clip_by_value(gamma / std, -self.max_gain, self.max_gain) * std
-        offset = self.beta if self.center else tf.zeros_like(std)
-        empty = tf.constant([], tf.float32)
-        outputs, *_ = tf.raw_ops.FusedBatchNormV3(
-            x=inputs, scale=scale, offset=offset, mean=empty, variance=empty,
-            epsilon=self.epsilon, is_training=True, data_format="NHWC",
-        )
+        gamma = self.gamma if self.scale else tf.ones_like(self.moving_mean)
+        beta = self.beta if self.center else tf.zeros_like(self.moving_mean)
+        outputs, mean, variance = _capped_batch_norm(inputs, gamma, beta, self.epsilon, self.max_gain)
         self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
         self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
         return outputs
@@ -372,6 +359,56 @@ class GainCappedBatchNormalization(keras.layers.BatchNormalization):
         config = super().get_config()
         config["max_gain"] = self.max_gain
         return config
+
+
+def _capped_batch_norm(x, gamma, beta, epsilon, max_gain):
+    """Training-mode gain-capped batch norm on TensorFlow's fused kernels.
+
+    Forward: one ``FusedBatchNormV3`` (scale 1) gives ``xhat`` and the batch
+    statistics; ``y = xhat * clip(gamma / std, +-max_gain) * std + beta``.
+    Backward: ``FusedBatchNormGradV3`` gives batch norm's gradient for the applied
+    scale; in channels where the cap binds the scale is ``max_gain * std``, which
+    depends on x through std, so the function there is ``max_gain * (x - mean) +
+    beta`` and the term batch norm's gradient subtracts for std must be added
+    back: ``dx += gain * xhat * sum(dy * xhat) / n``, and ``dgamma = 0``. This is
+    the exact gradient of the capped function without a separate
+    ``tf.nn.moments`` pass (tests/test_normalization.py compares it with the
+    separate-ops layer).
+
+    Returns:
+        ``(y, batch_mean, biased_batch_variance)``.
+    """
+    empty = tf.constant([], x.dtype)
+
+    @tf.custom_gradient
+    def capped(x, gamma, beta):
+        ones = tf.ones_like(gamma)
+        xhat, _, _, mean, variance, reserve = tf.raw_ops.FusedBatchNormV3(
+            x=x, scale=ones, offset=tf.zeros_like(gamma), mean=empty, variance=empty,
+            epsilon=epsilon, is_training=True, data_format="NHWC",
+        )
+        std = tf.sqrt(variance + epsilon)
+        gain = tf.clip_by_value(gamma / std, -max_gain, max_gain)
+        binds = tf.cast(tf.abs(gamma / std) > max_gain, x.dtype)
+        scale = gain * std
+        y = xhat * scale + beta
+
+        def grad(dy, dmean, dvariance):
+            # The batch statistics returned beside y feed only the moving averages,
+            # which are not differentiated (as in Keras' layer).
+            del dmean, dvariance
+            dx, dscale, doffset, _, _ = tf.raw_ops.FusedBatchNormGradV3(
+                y_backprop=dy, x=x, scale=scale, reserve_space_1=mean, reserve_space_2=variance,
+                reserve_space_3=reserve, epsilon=epsilon, data_format="NHWC", is_training=True,
+            )
+            count = tf.cast(tf.size(x) // tf.size(gamma), x.dtype)
+            dx = dx + xhat * (binds * gain * dscale / count)
+            return dx, (1.0 - binds) * dscale, doffset
+
+        return (y, tf.identity(mean), tf.identity(variance)), grad
+
+    # Tensors, not variables: the custom gradient then covers gamma and beta directly.
+    return capped(tf.convert_to_tensor(x), tf.convert_to_tensor(gamma), tf.convert_to_tensor(beta))
 
 
 # -- model-level helpers --------------------------------------------------------
