@@ -9,7 +9,7 @@ import traceback
 
 import click
 
-from iterconv_keras import _env, errors
+from iterconv_keras import _env, errors, fsutil
 
 
 def report_errors(func):
@@ -64,14 +64,7 @@ def _fail(message, code, debug):
 
 def emit_json(document):
     """Print exactly one JSON document on stdout."""
-    click.echo(json.dumps(document, indent=2, sort_keys=False, default=_json_default))
-
-
-def _json_default(value):
-    # numpy scalars and arrays reach here from metrics.
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+    click.echo(json.dumps(document, indent=2, sort_keys=False, default=fsutil.json_default))
 
 
 def progress_to_stderr(json_output):

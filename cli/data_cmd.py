@@ -1,7 +1,6 @@
 """``iterconv data``: generate Digitclutter files and report which datasets are available."""
 
 import os
-import tempfile
 
 import click
 
@@ -66,17 +65,10 @@ def digitclutter_command(n_digits, count, seed, out, json_output):
 def _atomic_savez(path, **arrays):
     import numpy as np
 
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            np.savez_compressed(stream, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from iterconv_keras import fsutil
+
+    with fsutil.atomic_file(path, "wb", suffix=".npz") as stream:
+        np.savez_compressed(stream, **arrays)
 
 
 @COMMAND.command("info")

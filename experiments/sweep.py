@@ -65,7 +65,7 @@ def main(argv=None):
                 data = evaluation.load_for_model(loaded.model, loaded.metadata, limit=args.limit)
                 document = evaluation.evaluate(loaded.model, data, limit=args.limit, model_reference=run)
                 document = {"model": run, "dataset": args.dataset, **document}
-                write_json_atomic(eval_path, evaluation.json_safe(document))
+                write_json_atomic(eval_path, document)  # evaluate() returns strict-JSON values
             with open(eval_path) as f:
                 document = json.load(f)
             with open(os.path.join(run, "metrics.json")) as f:

@@ -29,6 +29,8 @@ import platform
 
 import numpy as np
 
+from iterconv_keras.fsutil import write_json_atomic
+
 IMAGE_FEATURE = "images"
 SERVING_SIGNATURE = "serving_default"
 CLASSIFY_SIGNATURE = "classify"
@@ -167,9 +169,7 @@ def write_saved_model(model, path, metadata, class_names=None):
     archive.write_out(path, verbose=False)
     os.makedirs(os.path.join(path, ASSETS_EXTRA), exist_ok=True)
     model.save(os.path.join(path, MODEL_FILE))
-    with open(os.path.join(path, METADATA_FILE), "w") as f:
-        json.dump(metadata, f, indent=2, sort_keys=True, default=_json_default)
-        f.write("\n")
+    write_json_atomic(os.path.join(path, METADATA_FILE), metadata, sort_keys=True)
 
 
 def model_card(model, *, name=None, run_config=None, metrics=None, evaluation=None, source=None, class_names=None):
@@ -302,7 +302,3 @@ def read_run_files(run_dir):
     return documents
 
 
-def _json_default(value):
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

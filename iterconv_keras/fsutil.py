@@ -1,5 +1,6 @@
 """Small file-system helpers shared by the commands: writability checks, atomic JSON."""
 
+import contextlib
 import json
 import os
 import tempfile
@@ -30,20 +31,27 @@ def check_writable(path):
         raise ValueError(f"cannot write {path}: {folder} is not writable ({exc.strerror})") from None
 
 
-def write_text_atomic(path, text):
-    """Write ``text`` to ``path`` via a temporary file, fsync and `os.replace`.
+@contextlib.contextmanager
+def atomic_file(path, mode="w", suffix=""):
+    """Open a temporary file beside ``path``; on success fsync it and rename it to ``path``.
 
-    Readers (a TF Serving poller, a resumed run) never see half a file; missing
-    folders are created; the file is world-readable (mkstemp makes it private,
-    and a server may run as another user).
+    Readers (a TF Serving poller, a resumed run) never see half a file; on any
+    error the temporary file is removed; missing folders are created; the file
+    is world-readable (mkstemp makes it private, and a server may run as
+    another user).
+
+    Args:
+        path: the final file.
+        mode: ``"w"`` (text) or ``"wb"`` (binary).
+        suffix: suffix of the temporary name (numpy appends ``.npz`` otherwise).
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
     try:
         os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -53,6 +61,19 @@ def write_text_atomic(path, text):
         raise
 
 
+def write_text_atomic(path, text):
+    """Write ``text`` to ``path`` through `atomic_file`."""
+    with atomic_file(path) as f:
+        f.write(text)
+
+
+def json_default(value):
+    """``json.dumps(default=...)`` for numpy scalars and arrays."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
 def write_json_atomic(path, document, **dump_options):
-    """`write_text_atomic` of ``document`` as indented JSON (``dump_options`` go to json.dumps)."""
-    write_text_atomic(path, json.dumps(document, indent=2, **dump_options) + "\n")
+    """`write_text_atomic` of ``document`` as indented JSON (numpy values allowed)."""
+    write_text_atomic(path, json.dumps(document, indent=2, default=json_default, **dump_options) + "\n")
