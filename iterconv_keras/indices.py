@@ -24,8 +24,9 @@ Every stage is manipulated on its own; the reported index is the mean over stage
 import math
 
 import numpy as np
+import tensorflow as tf
 
-from iterconv_keras.schedules import StagePrograms, Totals, padded_batches
+from iterconv_keras.schedules import StagePrograms, Totals, padded_batches, per_example_norm
 
 DEFAULT_EXTRA_ITERATIONS = (1, 2, 4, 8, 16)
 # |L(drop_t) - L(full)| below this (nats) makes RI_t a ratio of noise: t is skipped.
@@ -182,10 +183,11 @@ def group_rho(copies):
 def measure(programs, x, y, *, extra_iterations=DEFAULT_EXTRA_ITERATIONS, batch_size=256, progress=None):
     """Run every schedule the indices need and return the masked totals.
 
-    Per batch: one trained-schedule trace keeps every block's input; then, for
-    each stage s, ``drop_t``/``rep_t`` start from the cached input of block t
-    and the extra iterations continue from the cached output of stage s, each
-    followed by the later stages. Nothing before stage s is recomputed.
+    One compiled program per batch (`suite_program`): the trained-schedule pass
+    keeps every block's input; then, for each stage s, ``drop_t``/``rep_t``
+    start from the cached input of block t and the extra iterations continue
+    from the cached output of stage s, and the later stages run once on all of
+    stage s's variants side by side. Nothing before stage s is recomputed.
 
     Args:
         programs: a `StagePrograms` for the model.
@@ -200,58 +202,97 @@ def measure(programs, x, y, *, extra_iterations=DEFAULT_EXTRA_ITERATIONS, batch_
         ``("update", s, k)``, ``("norm", s, k)``.
     """
     extra = _validate_extra(extra_iterations)
-    model = programs.model
+    sizes = tuple(len(blocks) for blocks in programs.model.stages)
+    keys = suite_keys(sizes, extra)
+    program = programs.compiled(("indices", extra), lambda images, labels: suite_program(programs, extra, images, labels))
     totals = Totals()
-    batch_size = min(batch_size, int(x.shape[0]))
-    for xb, yb, mask in padded_batches(x, y, batch_size):
-        trace = programs.trace(xb, yb)
-        _add_scores(totals, ("full",), trace.loss, trace.correct, mask)
-        for s, blocks in enumerate(model.stages):
-            _measure_stage(programs, totals, trace, s, len(blocks), extra, yb, mask)
+    for xb, yb, mask in padded_batches(x, y, min(batch_size, int(x.shape[0]))):
+        for key, vector in zip(keys, program(xb, yb)):
+            totals.add(key, vector, mask)
         if progress is not None:
             progress(1)
     return totals
 
 
-def _measure_stage(programs, totals, trace, s, count, extra, labels, mask):
-    states = trace.states[s]
-    for k in range(count):
-        totals.add(("update", s, k), trace.updates[s][k], mask)
-        totals.add(("norm", s, k), trace.state_norms[s][k], mask)
-    keys, outputs = [], []
-    rest = list(range(count))
+def suite_keys(stage_sizes, extra):
+    """The names of `suite_program`'s outputs, in order.
+
+    Args:
+        stage_sizes: number of blocks T of each stage.
+        extra: the increasing extra-iteration counts K.
+    """
+    keys = [("full", "loss"), ("full", "correct")]
+    for s, count in enumerate(stage_sizes):
+        keys += [(kind, s, k) for k in range(count + extra[-1]) for kind in ("update", "norm")]
+        keys += [variant + (score,) for variant in _variants(s, count, extra) for score in ("loss", "correct")]
+    return keys
+
+
+def _variants(stage, count, extra):
+    """The schedules of one stage, in the order `suite_program` stacks them."""
+    variants = [(kind, stage, t) for t in range(1, count) for kind in ("drop", "rep")]
+    return variants + [("extra", stage, k) for k in extra]
+
+
+def suite_program(programs, extra, images, labels):
+    """Every per-example vector the indices need, for one batch (traced, not run eagerly).
+
+    Args:
+        programs: a `StagePrograms` (its graph-building pieces are used).
+        extra: the increasing extra-iteration counts K.
+        images, labels: one batch.
+
+    Returns:
+        list of ``[batch]`` tensors named by `suite_keys`.
+    """
+    out = {}
+    states = []
+    h = programs.embed(images)
+    for s, blocks in enumerate(programs.model.stages):
+        h = programs.enter(s, h)
+        kept = [h]
+        for t in range(len(blocks)):
+            h = _measured_step(programs, out, s, t, t, h)
+            kept.append(h)
+        states.append(kept)
+    out["full", "loss"], out["full", "correct"] = programs.scores(programs.head(h), labels)
+    for s, kept in enumerate(states):
+        _stage_variants(programs, out, s, kept, extra, labels)
+    sizes = tuple(len(blocks) for blocks in programs.model.stages)
+    return [out[key] for key in suite_keys(sizes, extra)]
+
+
+def _measured_step(programs, out, stage, index, k, h):
+    """``h + f(h)`` for block ``index``, recording ``||f(h)||`` and ``||h||`` as step ``k``."""
+    update = programs.residual(stage, index, h)
+    out["update", stage, k] = per_example_norm(update)
+    out["norm", stage, k] = per_example_norm(h)
+    return h + update
+
+
+def _stage_variants(programs, out, s, states, extra, labels):
+    count = len(states) - 1
+    outputs = {}
     for t in range(1, count):
         # Both variants share the trained prefix: start from block t's cached input.
-        keys.append(("drop", s, t))
-        outputs.append(programs.run_blocks(s, rest[t + 1 :], states[t]))
-        keys.append(("rep", s, t))
-        outputs.append(programs.run_blocks(s, [t - 1] + rest[t + 1 :], states[t]))
+        outputs["drop", s, t] = programs.run_blocks(s, range(t + 1, count), states[t])
+        outputs["rep", s, t] = programs.run_blocks(s, [t - 1, *range(t + 1, count)], states[t])
     # One chain of extra iterations serves every K (divergence) and the update curve (convergence).
     h = states[count]
     for k in range(1, extra[-1] + 1):
-        h, update, norm = programs.block(s, count - 1, h, with_norms=True)
-        totals.add(("update", s, count - 1 + k), update, mask)
-        totals.add(("norm", s, count - 1 + k), norm, mask)
+        h = _measured_step(programs, out, s, count - 1, count - 1 + k, h)
         if k in extra:
-            keys.append(("extra", s, k))
-            outputs.append(h)
-    # The later stages run once on all variants side by side: one call per piece
-    # instead of one per variant, and larger matrix products for the small late maps.
-    loss, correct = programs.tail(s, _concat(outputs), _concat([labels] * len(outputs)))
-    loss, correct = np.split(np.asarray(loss), len(outputs)), np.split(np.asarray(correct), len(outputs))
-    for key, l, c in zip(keys, loss, correct):
-        _add_scores(totals, key, l, c, mask)
-
-
-def _concat(tensors):
-    import tensorflow as tf
-
-    return tf.concat(tensors, axis=0)
-
-
-def _add_scores(totals, key, loss, correct, mask):
-    totals.add(key + ("loss",), loss, mask)
-    totals.add(key + ("correct",), correct, mask)
+            outputs["extra", s, k] = h
+    # The later stages run once on all variants side by side: larger matrix
+    # products for the small late feature maps than one pass per variant.
+    variants = _variants(s, count, extra)
+    stacked = tf.concat([outputs[v] for v in variants], axis=0)
+    loss, correct = programs.scores(
+        programs.tail_logits(s, stacked), tf.concat([labels] * len(variants), axis=0)
+    )
+    for v, l, c in zip(variants, tf.split(loss, len(variants)), tf.split(correct, len(variants))):
+        out[v + ("loss",)] = l
+        out[v + ("correct",)] = c
 
 
 def _validate_extra(extra_iterations):

@@ -1,25 +1,25 @@
-"""Compiled pieces of the forward pass, for evaluating many block schedules cheaply.
+"""Compiled evaluation programs of a model, for evaluating many block schedules cheaply.
 
 The indices of iterative convergence (`iterconv_keras.indices`) evaluate dozens
 of block schedules: drop a block, repeat one, iterate the last one K more
-times, one stage at a time. Compiling one `tf.function` per whole schedule would
-compile dozens of programs; recomputing the trained prefix of every schedule
-would multiply the cost. Instead the model is cut into its pieces (stem, each
-stage's transition, each block, head plus scoring), each compiled once, and a
-schedule is a short Python sequence of calls on cached intermediate tensors:
-a schedule that changes only stage s starts from the cached input of the
+times, one stage at a time. Evaluating each as a separate forward pass would
+recompute the trained prefix of every schedule. Instead the model is exposed as
+graph-building pieces (stem, each stage's transition, each block, the later
+stages plus head, scoring) from which whole programs are written and compiled
+once: a schedule that changes only stage s starts from the cached input of the
 changed block in stage s and runs the later stages normally (method.md
 section 5, last paragraph).
 
-Every piece sees batches of one fixed size (the last batch is padded and
-masked, see `padded_batches`), so each program is traced exactly once.
+Each program is one `tf.function` traced once for the one padded batch shape
+(see `padded_batches`). Whole programs rather than one call per block: on
+2 CPU cores one compiled forward pass ran 1.4x faster than the same pass as a
+chain of per-block calls, and TensorFlow runs the independent schedules inside
+one program side by side (``docs/performance.md``).
 
 Reference: Lippl, Peters & Kriegeskorte, "Can neural networks benefit from
 objectives that encourage iterative convergent computations? A case study of
 ResNets and object classification", PLoS One 19(3): e0293440, 2024.
 """
-
-import dataclasses
 
 import numpy as np
 import tensorflow as tf
@@ -63,42 +63,25 @@ def to_unit_float(x):
     return x.astype(np.float32, copy=False)
 
 
-@dataclasses.dataclass
-class Trace:
-    """The trained-schedule forward pass of one batch, with per-block intermediates.
-
-    Attributes:
-        states: per stage, the list ``[x_0, ..., x_T]``: ``x_0`` enters the
-            stage's blocks, ``x_k`` leaves block k-1 (so ``x_T`` leaves the stage).
-        updates: per stage, ``[batch]`` vectors ``||f_k(x_k)||`` for k < T.
-        state_norms: per stage, ``[batch]`` vectors ``||x_k||`` for k < T.
-        loss, correct: ``[batch]`` per-example loss and 0/1 correctness.
-    """
-
-    states: list
-    updates: list
-    state_norms: list
-    loss: object
-    correct: object
-
-
 class StagePrograms:
-    """The model cut into compiled pieces that block schedules are built from.
+    """A model's compiled evaluation programs, and the pieces they are written from.
+
+    The pieces (`embed`, `enter`, `residual`, `apply_block`, `run_blocks`,
+    `tail_logits`, `scores`) build graph ops; call them while tracing a program
+    passed to `compiled`. `run_schedule` is the ready-made program for one
+    whole block schedule.
 
     Args:
         model: an `IterativeResNet` (anything with ``embed``, ``enter_stage``,
-            ``stages[s][t].residual``, ``classify``, ``num_stages`` and
-            ``multi_label``).
-        jit_compile: bool, compile each piece with XLA. Default False: for
+            ``transitions``, ``stages[s][t].residual``, ``classify``,
+            ``num_stages``, ``multi_label`` and ``validate_schedule``).
+        jit_compile: bool, compile each program with XLA. Default False: for
             inference on 2 CPU cores with oneDNN, XLA ran the ``small`` variant
-            no faster (often slower) and compiling every piece took seconds
-            (``benchmarks/bench_indices.py --no-xla``).
+            no faster and compiling took seconds (``benchmarks/bench_indices.py --xla``).
 
     Example:
         >>> programs = StagePrograms(model)
-        >>> trace = programs.trace(images, labels)
-        >>> h = programs.run_blocks(0, [0, 0, 2], trace.states[0][0])
-        >>> loss, correct = programs.tail(0, h, labels)
+        >>> loss, correct = programs.run_schedule(images, labels, [[0, 0, 2], [0, 1, 2]])
     """
 
     def __init__(self, model, jit_compile=False):
@@ -106,99 +89,83 @@ class StagePrograms:
         self.jit_compile = bool(jit_compile)
         self._programs = {}
 
-    # -- compiled pieces, one program each, traced once per batch shape
+    def compiled(self, key, fn):
+        """The compiled program for ``fn`` under ``key``, compiled on first use only.
 
-    def _program(self, key, fn):
+        Args:
+            key: hashable name of the program (one program per key).
+            fn: a function of tensors built from this object's pieces.
+        """
         entry = self._programs.get(key)
         if entry is None:
-            # No autograph: the pieces have no tensor-dependent Python control flow.
+            # No autograph: the programs have no tensor-dependent Python control flow.
             program = tf.function(fn, jit_compile=self.jit_compile, reduce_retracing=True, autograph=False)
             entry = self._programs[key] = _QuietlyTraced(program)
         return entry
 
     @property
     def num_programs(self):
-        """How many pieces have been compiled so far (for tests of reuse)."""
+        """How many programs have been compiled so far (for tests of reuse)."""
         return len(self._programs)
 
-    def stem(self, images):
+    # -- graph-building pieces (call while tracing)
+
+    def embed(self, images):
         """Input normalisation and stem: the representation before stage 0."""
-        return self._program("stem", lambda x: self.model.embed(x, training=False))(images)
+        return self.model.embed(images, training=False)
 
     def enter(self, stage, h):
         """Stage ``stage``'s transition (identity when it has none)."""
-        if self.model.transitions[stage] is None:
-            return h
-        return self._program(("enter", stage), lambda v: self.model.enter_stage(v, stage, training=False))(h)
+        return self.model.enter_stage(h, stage, training=False)
 
-    def block(self, stage, index, h, with_norms=False):
-        """One application ``h + f(h)`` of block ``(stage, index)``.
+    def residual(self, stage, index, h):
+        """The residual function ``f(h)`` of block ``(stage, index)``."""
+        return self.model.stages[stage][index].residual(h, training=False)
 
-        With ``with_norms`` also returns the per-example norms ``||f(h)||`` and
-        ``||h||`` (the update size of the convergence index).
-        """
-        block = self.model.stages[stage][index]
-        if with_norms:
-
-            def step_with_norms(v):
-                update = block.residual(v, training=False)
-                return v + update, _per_example_norm(update), _per_example_norm(v)
-
-            return self._program(("block", stage, index, True), step_with_norms)(h)
-        return self._program(("block", stage, index, False), lambda v: v + block.residual(v, training=False))(h)
-
-    def score(self, h, labels):
-        """Head and scoring: per-example loss and 0/1 correctness."""
-        multi_label = self.model.multi_label
-
-        def head_and_score(v, y):
-            logits = tf.cast(self.model.classify(v, training=False), tf.float32)
-            return per_example_loss(logits, y, multi_label), per_example_correct(logits, y, multi_label)
-
-        return self._program("score", head_and_score)(h, labels)
-
-    # -- schedules built from the pieces
+    def apply_block(self, stage, index, h):
+        """One application ``h + f(h)`` of block ``(stage, index)``."""
+        return h + self.residual(stage, index, h)
 
     def run_blocks(self, stage, order, h):
         """Apply the blocks of ``stage`` listed in ``order`` to ``h``."""
         for t in order:
-            h = self.block(stage, t, h)
+            h = self.apply_block(stage, t, h)
         return h
 
-    def tail(self, stage, h, labels):
-        """Stages after ``stage`` under the trained schedule, then head and scoring.
+    def tail_logits(self, stage, h):
+        """Stages after ``stage`` under the trained schedule, then the head.
 
-        ``h`` is the output of stage ``stage``'s blocks.
+        ``h`` is the output of stage ``stage``'s blocks (``stage=-1``: of the stem).
         """
         for s in range(stage + 1, self.model.num_stages):
             h = self.run_blocks(s, range(len(self.model.stages[s])), self.enter(s, h))
-        return self.score(h, labels)
+        return self.head(h)
+
+    def head(self, h):
+        """Logits (float32) from the output of the last stage."""
+        return tf.cast(self.model.classify(h, training=False), tf.float32)
+
+    def scores(self, logits, labels):
+        """Per-example loss and 0/1 correctness of ``logits``."""
+        multi_label = self.model.multi_label
+        return per_example_loss(logits, labels, multi_label), per_example_correct(logits, labels, multi_label)
+
+    # -- ready-made programs
 
     def run_schedule(self, images, labels, schedule):
-        """Per-example loss and correctness under a full ``schedule`` (one list per stage)."""
-        schedule = self.model.validate_schedule(schedule)
-        h = self.stem(images)
-        for s, order in enumerate(schedule):
-            h = self.run_blocks(s, order, self.enter(s, h))
-        return self.score(h, labels)
+        """Per-example loss and correctness under a full ``schedule`` (one list per stage).
 
-    def trace(self, images, labels):
-        """The trained schedule with every block's input and update norm kept (a `Trace`)."""
-        states, updates, state_norms = [], [], []
-        h = self.stem(images)
-        for s, blocks in enumerate(self.model.stages):
-            h = self.enter(s, h)
-            xs, us, ns = [h], [], []
-            for t in range(len(blocks)):
-                h, u, n = self.block(s, t, h, with_norms=True)
-                xs.append(h)
-                us.append(u)
-                ns.append(n)
-            states.append(xs)
-            updates.append(us)
-            state_norms.append(ns)
-        loss, correct = self.score(h, labels)
-        return Trace(states, updates, state_norms, loss, correct)
+        One compiled program per distinct schedule.
+        """
+        schedule = tuple(tuple(order) for order in self.model.validate_schedule(schedule))
+
+        def forward_and_score(x, y):
+            h = self.embed(x)
+            for s, order in enumerate(schedule):
+                h = self.run_blocks(s, order, self.enter(s, h))
+            return self.scores(self.head(h), y)
+
+        return self.compiled(("schedule", schedule), forward_and_score)(images, labels)
 
 
 class _QuietlyTraced:
@@ -226,7 +193,8 @@ class _QuietlyTraced:
             logger.setLevel(level)
 
 
-def _per_example_norm(v):
+def per_example_norm(v):
+    """Euclidean norm of each example's entries, ``[batch]`` float32."""
     v = tf.cast(v, tf.float32)
     return tf.sqrt(tf.reduce_sum(tf.square(tf.reshape(v, [tf.shape(v)[0], -1])), axis=1))
 
