@@ -73,9 +73,12 @@ def main(argv=None):
             rows.append(_row(name, seed, metrics, document))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     write_json_atomic(os.path.join(args.out, "summary.json"), rows)
+    text = _table(rows)
+    if len({r["seed"] for r in rows}) > 1:
+        text += "\n" + _seed_table(rows)
     with open(os.path.join(args.out, "summary.md"), "w") as f:
-        f.write(_table(rows))
-    print(_table(rows))
+        f.write(text)
+    print(text)
 
 
 def _row(name, seed, metrics, document):
@@ -116,6 +119,31 @@ def _table(rows):
         lines.append(f"| {r['condition']} | {r['seed']} | {_fmt(r['test_accuracy'])} | {_fmt(r['test_loss'])} | "
                      f"{_fmt(r['recurrence'])} | {_fmt(r['divergence'])} | {_fmt(r['convergence'])} | {ratio} | "
                      f"{_fmt(r['occlusion_auc'])} | {clutter_text} |")
+    return header + "\n".join(lines) + "\n"
+
+
+SEED_COLUMNS = ("test_accuracy", "recurrence", "divergence", "convergence", "occlusion_auc")
+
+
+def _seed_table(rows):
+    """Mean and sample standard deviation over seeds, per condition (n seeds each)."""
+    import numpy as np
+
+    header = ("| condition | seeds | " + " | ".join(SEED_COLUMNS) + " |\n"
+              "|---|---|" + "---|" * len(SEED_COLUMNS) + "\n")
+    lines = []
+    for name in dict.fromkeys(r["condition"] for r in rows):
+        group = [r for r in rows if r["condition"] == name]
+        cells = []
+        for column in SEED_COLUMNS:
+            values = np.array([r[column] for r in group if r[column] is not None], dtype=float)
+            if values.size == 0:
+                cells.append("n/a")
+            elif values.size == 1:
+                cells.append(_fmt(float(values[0])))
+            else:
+                cells.append(f"{values.mean():.3f} +- {values.std(ddof=1):.3f}")
+        lines.append(f"| {name} | {len(group)} | " + " | ".join(cells) + " |")
     return header + "\n".join(lines) + "\n"
 
 
