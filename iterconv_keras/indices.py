@@ -235,7 +235,7 @@ def _variants(stage, count, extra):
 
 
 def suite_program(programs, extra, images, labels):
-    """Every per-example vector the indices need, for one batch (traced, not run eagerly).
+    """Every per-example vector the indices need, for one batch (compiled by `measure`).
 
     Args:
         programs: a `StagePrograms` (its graph-building pieces are used).

@@ -169,10 +169,11 @@ class StagePrograms:
 
 
 class _QuietlyTraced:
-    """A compiled piece whose first traces do not log TensorFlow's retracing warning.
+    """A compiled program whose first traces do not log TensorFlow's retracing warning.
 
-    Dozens of pieces share a few Python closures, so TensorFlow's heuristic takes
-    their single traces for a function "retraced in a loop" and warns on stderr.
+    The programs of several schedules share one Python closure, so TensorFlow's
+    heuristic takes their single traces for a function "retraced in a loop" and
+    warns on stderr.
     """
 
     def __init__(self, program):
