@@ -248,6 +248,23 @@ def test_schedule_scores_equal_the_models_own_forward_pass():
         assert totals.mean(key + ("loss",)) == pytest.approx(_direct_loss(model, x, y, schedule), rel=1e-4), key
 
 
+def test_run_schedule_equals_the_models_forward_pass_with_one_program_per_schedule():
+    x, y = _class_images(per_class=8)  # 32 examples = 2 batches of 16
+    model = _hand_model(blocks=3, stage_widths=(CLASSES, 8))
+    for s, blocks in enumerate(model.stages):
+        for t, block in enumerate(blocks):
+            _set_random_block(block, seed=50 + 10 * s + t)
+    programs = StagePrograms(model)
+    schedules = [None, [[0, 0, 2], [2, 1]]]
+    for schedule in schedules:
+        losses = [np.asarray(programs.run_schedule(xb, yb, schedule)[0])
+                  for xb, yb, _ in padded_batches(x, y, 16)]
+        assert np.mean(losses) == pytest.approx(_direct_loss(model, x, y, schedule), rel=1e-5)
+    programs.run_schedule(next(padded_batches(x, y, 16))[0], y[:16], [[0, 1, 2], [0, 1, 2]])
+    # The trained schedule given explicitly is the same program as None.
+    assert programs.num_programs == 2
+
+
 def test_later_schedules_reuse_cached_stage_inputs():
     x, y = _class_images(per_class=16)  # 64 examples = 2 batches of 32
     model = _hand_model(blocks=3, stage_widths=(CLASSES, 8))
