@@ -110,12 +110,22 @@ def fragment_size_range(image_size):
     return low, high
 
 
-def _validate(n_fragments, count, image_size, seed):
+def validate_fragments(n_fragments, name="n_fragments"):
+    """Raise ``ValueError`` naming ``name`` and echoing the value unless it is 10, 30 or 50.
+
+    The debris levels of Spoerer et al. (2017) and of the spec; other counts are not
+    standard sets, so they are refused rather than silently generated.
+    """
     if isinstance(n_fragments, bool) or not isinstance(n_fragments, (int, np.integer)) or (
         n_fragments not in FRAGMENT_COUNTS
     ):
         levels = ", ".join(map(str, FRAGMENT_COUNTS))
-        raise ValueError(f"n_fragments must be one of {levels} (the debris levels), got {n_fragments!r}")
+        raise ValueError(f"{name} must be one of {levels} (the debris levels), got {n_fragments!r}")
+    return int(n_fragments)
+
+
+def _validate(n_fragments, count, image_size, seed):
+    validate_fragments(n_fragments)
     dc.validate_generation(count, image_size, seed)
 
 
