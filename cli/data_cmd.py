@@ -12,12 +12,22 @@ def COMMAND():
     """Datasets: generate Digitclutter or its debris variant, show what is available offline."""
 
 
+def _set_options(command):
+    """The options every generator command shares: --count, --seed, --out, --json."""
+    options = [
+        click.option("--count", type=int, default=10_000, show_default=True, help="Number of images."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed; the same seed gives the same bytes."),
+        click.option("--out", "out", type=click.Path(dir_okay=False), required=True, help="Output .npz file."),
+        click.option("--json", "json_output", is_flag=True, help="Print a JSON summary on stdout."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @COMMAND.command("digitclutter")
 @click.option("--n-digits", type=int, default=3, show_default=True, help="Distinct digits per image (2..5).")
-@click.option("--count", type=int, default=10_000, show_default=True, help="Number of images.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed; the same seed gives the same bytes.")
-@click.option("--out", "out", type=click.Path(dir_okay=False), required=True, help="Output .npz file.")
-@click.option("--json", "json_output", is_flag=True, help="Print a JSON summary on stdout.")
+@_set_options
 @report_errors
 def digitclutter_command(n_digits, count, seed, out, json_output):
     """Generate a Digitclutter set (Spoerer et al. 2017) into an .npz file.
@@ -39,10 +49,7 @@ def digitclutter_command(n_digits, count, seed, out, json_output):
 
 @COMMAND.command("debris")
 @click.option("--fragments", type=int, default=30, show_default=True, help="Digit fragments per image (10, 30 or 50).")
-@click.option("--count", type=int, default=10_000, show_default=True, help="Number of images.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed; the same seed gives the same bytes.")
-@click.option("--out", "out", type=click.Path(dir_okay=False), required=True, help="Output .npz file.")
-@click.option("--json", "json_output", is_flag=True, help="Print a JSON summary on stdout.")
+@_set_options
 @report_errors
 def debris_command(fragments, count, seed, out, json_output):
     """Generate a debris set (one digit among digit fragments, Spoerer et al. 2017) into an .npz file.

@@ -57,8 +57,6 @@ FRAGMENT_COUNTS = (10, 30, 50)
 FRAGMENT_SIZE_PER_PIXEL = (6 / 32, 9 / 32)
 # Uniforms per fragment: digit, side, crop row, crop column, canvas row, canvas column.
 _FRAGMENT_UNIFORMS = 6
-_SEED_BLOCK = 4096
-_BATCH = 512
 
 
 @dataclasses.dataclass
@@ -218,8 +216,8 @@ def render(params):
     # The canvas is padded by one fragment side so that windows never leave it.
     pad = size + side
     window = np.arange(side)
-    for start in range(0, count, _BATCH):
-        stop = min(start + _BATCH, count)
+    for start in range(0, count, dc._BATCH):
+        stop = min(start + dc._BATCH, count)
         canvas = np.zeros((stop - start, pad, pad), np.uint8)
         canvas[:, :size, :size] = out[start:stop]
         flat = canvas.reshape(-1)
@@ -326,12 +324,12 @@ def generate(n_fragments, count, seed, *, image_size=32, progress=None):
     Args:
         n_fragments: int, fragments per image: 10, 30 or 50.
         count: int, number of images.
-        seed: int (non-negative); block b of 4096 images draws from
-            ``numpy.random.default_rng([seed, b])``, so the same seed gives the same
-            bytes on any machine with the same font file, and a smaller count gives
-            a prefix of a larger one.
-        image_size: int, output side in pixels, default 32 (8..128).
-        progress: optional callable receiving the number of images done so far.
+        seed: int (non-negative); streams per 4096-image block as in
+            `digitclutter.generate`: same seed and font file, same bytes; fewer
+            images, a prefix.
+        image_size: int, output side in pixels, default 32 (8..128); fragment sides
+            scale with it.
+        progress: optional callable called with the number of images done.
 
     Returns:
         `Debris` with images ``[N, S, S, 1]`` uint8, int64 target labels and ``info``.
@@ -347,8 +345,8 @@ def generate(n_fragments, count, seed, *, image_size=32, progress=None):
     _validate(n_fragments, count, image_size, seed)
     images = np.empty((count, image_size, image_size, 1), np.uint8)
     labels = np.empty(count, np.int64)
-    for block, start in enumerate(range(0, count, _SEED_BLOCK)):
-        stop = min(start + _SEED_BLOCK, count)
+    for block, start in enumerate(range(0, count, dc._SEED_BLOCK)):
+        stop = min(start + dc._SEED_BLOCK, count)
         params = sample_params(n_fragments, stop - start, np.random.default_rng([seed, block]), image_size)
         images[start:stop, :, :, 0] = render(params)
         labels[start:stop] = params.target.digits[:, 0]
