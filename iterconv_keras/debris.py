@@ -28,7 +28,8 @@ Our operationalisation follows that recipe, with these choices (documented in
 - All fragments are drawn in front of the target (the original's ``add_debris``
   overwrites the digit image wherever the debris mask is set), so they occlude it;
   this is what makes the task harder as fragments are added.
-- Fragment counts are exactly 10, 30 or 50, the levels of the spec and the paper.
+- Fragment counts are exactly 10, 30 or 50, the levels the spec names (the original
+  package's light and default debris scripts use 10 and 50).
 
 How it is fast: the target is `digitclutter.render`; a fragment's pixels are read
 from tables, built once per process from Digitclutter's coverage tables, that hold
@@ -111,8 +112,8 @@ def fragment_size_range(image_size):
 def validate_fragments(n_fragments, name="n_fragments"):
     """Raise ``ValueError`` naming ``name`` and echoing the value unless it is 10, 30 or 50.
 
-    The debris levels of Spoerer et al. (2017) and of the spec; other counts are not
-    standard sets, so they are refused rather than silently generated.
+    The debris levels the spec names after Spoerer et al. (2017); other counts are
+    not standard sets, so they are refused rather than silently generated.
     """
     if isinstance(n_fragments, bool) or not isinstance(n_fragments, (int, np.integer)) or (
         n_fragments not in FRAGMENT_COUNTS
