@@ -1,4 +1,4 @@
-"""``iterconv data``: generate Digitclutter files and report which datasets are available."""
+"""``iterconv data``: generate Digitclutter and debris files; report which datasets are available."""
 
 import os
 
@@ -9,15 +9,25 @@ from iterconv_cli._common import emit_json, report_errors
 
 @click.group("data")
 def COMMAND():
-    """Datasets: generate Digitclutter, show what is available offline."""
+    """Datasets: generate Digitclutter or its debris variant, show what is available offline."""
+
+
+def _set_options(command):
+    """The options every generator command shares: --count, --seed, --out, --json."""
+    options = [
+        click.option("--count", type=int, default=10_000, show_default=True, help="Number of images."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed; the same seed gives the same bytes."),
+        click.option("--out", "out", type=click.Path(dir_okay=False), required=True, help="Output .npz file."),
+        click.option("--json", "json_output", is_flag=True, help="Print a JSON summary on stdout."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
 
 
 @COMMAND.command("digitclutter")
 @click.option("--n-digits", type=int, default=3, show_default=True, help="Distinct digits per image (2..5).")
-@click.option("--count", type=int, default=10_000, show_default=True, help="Number of images.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed; the same seed gives the same bytes.")
-@click.option("--out", "out", type=click.Path(dir_okay=False), required=True, help="Output .npz file.")
-@click.option("--json", "json_output", is_flag=True, help="Print a JSON summary on stdout.")
+@_set_options
 @report_errors
 def digitclutter_command(n_digits, count, seed, out, json_output):
     """Generate a Digitclutter set (Spoerer et al. 2017) into an .npz file.
@@ -27,19 +37,51 @@ def digitclutter_command(n_digits, count, seed, out, json_output):
     ``info`` (a JSON string: font, sha256, recipe, seed). It is written to a
     temporary file and renamed, so a reader never sees half a file.
     """
-    import json
-
-    import numpy as np
-
-    from iterconv_keras import digitclutter, fsutil
+    from iterconv_keras import digitclutter
 
     # Validate before the (possibly long) generation, with the generator's messages.
     digitclutter._validate(n_digits, count, 32, seed)
+    _check_output(count, out)
+    clutter = _with_progress(lambda progress: digitclutter.generate(n_digits, count, seed, progress=progress), count)
+    _write(out, {"images": clutter.images, "labels": clutter.labels, "order": clutter.order}, clutter.info,
+           {"n_digits": n_digits}, json_output, f"wrote {count} images with {n_digits} digits (seed {seed}) to {out}")
+
+
+@COMMAND.command("debris")
+@click.option("--fragments", type=int, default=30, show_default=True, help="Digit fragments per image (10, 30 or 50).")
+@_set_options
+@report_errors
+def debris_command(fragments, count, seed, out, json_output):
+    """Generate a debris set (one digit among digit fragments, Spoerer et al. 2017) into an .npz file.
+
+    The file holds ``images`` uint8 [N,32,32,1], ``labels`` int64 [N] (the target
+    digit) and ``info`` (a JSON string: font, sha256, recipe, seed). The recipe is
+    iterconv's operationalisation (docs/datasets.md). It is written to a temporary
+    file and renamed, so a reader never sees half a file.
+    """
+    from iterconv_keras import debris
+
+    debris.validate_fragments(fragments, "--fragments")
+    debris._validate(fragments, count, 32, seed)
+    _check_output(count, out)
+    generated = _with_progress(lambda progress: debris.generate(fragments, count, seed, progress=progress), count)
+    _write(out, {"images": generated.images, "labels": generated.labels}, generated.info,
+           {"fragments": fragments}, json_output, f"wrote {count} images with {fragments} fragments (seed {seed}) to {out}")
+
+
+def _check_output(count, out):
+    """Refuse an empty set or an output that is not a writable ``.npz`` before generating."""
+    from iterconv_keras import fsutil
+
     if count < 1:
         raise ValueError(f"--count must be at least 1, got {count}")
     if not out.endswith(".npz"):
         raise ValueError(f"--out must name a .npz file, got {out!r}")
     fsutil.check_writable(out)
+
+
+def _with_progress(generate, count):
+    """Call ``generate(progress)`` under a progress bar on stderr."""
     with click.progressbar(length=count, label="generating", file=click.get_text_stream("stderr")) as bar:
         done = [0]
 
@@ -47,28 +89,25 @@ def digitclutter_command(n_digits, count, seed, out, json_output):
             bar.update(total - done[0])
             done[0] = total
 
-        clutter = digitclutter.generate(n_digits, count, seed, progress=progress)
-    _atomic_savez(
-        out,
-        images=clutter.images,
-        labels=clutter.labels,
-        order=clutter.order,
-        info=np.array(json.dumps(clutter.info)),
-    )
-    summary = {"path": os.path.abspath(out), "count": count, "n_digits": n_digits, "seed": seed, "info": clutter.info}
-    if json_output:
-        emit_json(summary)
-    else:
-        click.echo(f"wrote {count} images with {n_digits} digits (seed {seed}) to {out}")
+        return generate(progress)
 
 
-def _atomic_savez(path, **arrays):
+def _write(out, arrays, info, settings, json_output, message):
+    """Write ``arrays`` and ``info`` atomically to ``out``; report as JSON or one line."""
+    import json
+
     import numpy as np
 
     from iterconv_keras import fsutil
 
-    with fsutil.atomic_file(path, "wb", suffix=".npz") as stream:
-        np.savez_compressed(stream, **arrays)
+    with fsutil.atomic_file(out, "wb", suffix=".npz") as stream:
+        np.savez_compressed(stream, **arrays, info=np.array(json.dumps(info)))
+    count = len(arrays["images"])
+    summary = {"path": os.path.abspath(out), "count": count, **settings, "seed": info["seed"], "info": info}
+    if json_output:
+        emit_json(summary)
+    else:
+        click.echo(message)
 
 
 @COMMAND.command("info")

@@ -6,7 +6,7 @@ import click
 
 from iterconv_cli._common import emit_json, report_errors
 
-DATASETS = ("digitclutter", "mnist", "fashion_mnist", "cifar10", "cifar100")
+DATASETS = ("digitclutter", "digitdebris", "mnist", "fashion_mnist", "cifar10", "cifar100")
 
 
 @click.command("eval")

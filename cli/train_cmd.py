@@ -4,20 +4,20 @@ import click
 
 from iterconv_cli._common import emit_json, progress_to_stderr, report_errors
 
-DATASETS = ("digitclutter", "mnist", "fashion_mnist", "cifar10", "cifar100")
+DATASETS = ("digitclutter", "digitdebris", "mnist", "fashion_mnist", "cifar10", "cifar100")
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 
 # Options whose explicit use together with --resume must agree with the run's config.
 _RESUMABLE_SETTINGS = (
     "dataset", "variant", "coupling", "spectral_norm", "lipschitz", "epochs", "batch_size", "lr",
-    "optimizer", "weight_decay", "schedule", "train_size", "validation_size", "test_size", "clutter_digits", "seed", "data_dir",
-    "jit_compile",
+    "optimizer", "weight_decay", "schedule", "train_size", "validation_size", "test_size", "clutter_digits",
+    "debris_fragments", "seed", "data_dir", "jit_compile",
 )
 
 
 @click.command("train")
 @click.option("--dataset", type=click.Choice(DATASETS), default="digitclutter", show_default=True,
-              help="Dataset to train on (Digitclutter is generated offline).")
+              help="Dataset to train on (Digitclutter and digitdebris are generated offline).")
 @click.option("--variant", default="small", show_default=True,
               help="Architecture: tiny, small, paper_mnist, paper_cifar.")
 @click.option("--coupling", type=float, default=0.0, show_default=True,
@@ -40,6 +40,8 @@ _RESUMABLE_SETTINGS = (
               help="Test images for the final evaluation (default: the dataset's).")
 @click.option("--clutter-digits", type=int, default=3, show_default=True,
               help="Digits per Digitclutter image (2..5).")
+@click.option("--debris-fragments", type=int, default=30, show_default=True,
+              help="Digit fragments per digitdebris image (10, 30 or 50).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds initialisation and data order.")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
               help="Folder searched first for dataset files.")

@@ -8,9 +8,10 @@ and ``/usr/share/datasets`` (Debian's ``dataset-fashion-mnist`` installs there).
 missing dataset raises `DatasetNotAvailable` (exit code 3) with every place looked
 and how to get the files; an unreadable file raises it too, naming the file.
 
-Digitclutter (Spoerer, McClure & Kriegeskorte 2017, Front. Psychol. 8:1551) is
-generated with fixed dataset seeds, independent of the training seed, so its test sets
-are the same in every run (see `CLUTTER_SEEDS`).
+Digitclutter (Spoerer, McClure & Kriegeskorte 2017, Front. Psychol. 8:1551) and its
+debris variant ``digitdebris`` (one digit among 10, 30 or 50 digit fragments) are
+generated with fixed dataset seeds, independent of the training seed, so their test
+sets are the same in every run (see `CLUTTER_SEEDS`, `DEBRIS_SEEDS`).
 
 Images stay uint8 ``[N, H, W, C]``; models normalise inside with ``mean``/``std``.
 """
@@ -24,13 +25,17 @@ import numpy as np
 
 from iterconv_keras import errors
 
-DATASET_NAMES = ("digitclutter", "mnist", "fashion_mnist", "cifar10", "cifar100")
+DATASET_NAMES = ("digitclutter", "digitdebris", "mnist", "fashion_mnist", "cifar10", "cifar100")
+GENERATED_NAMES = ("digitclutter", "digitdebris")
 ENV_VAR = "ITERCONV_DATA_DIR"
 # Default Digitclutter sizes: generated in about a second, large enough for the small
 # models to learn (the original used about 100k train / 10k test).
 CLUTTER_SIZES = {"train": 20_000, "validation": 2_000, "test": 5_000}
 # Fixed seeds per split; the digit count is mixed in so n-digit sets are independent.
 CLUTTER_SEEDS = {"train": 2017_1, "validation": 2017_2, "test": 2017_3}
+# Debris sets use the same sizes and their own seeds, the fragment count mixed in.
+DEBRIS_SEEDS = {"train": 2017_11, "validation": 2017_12, "test": 2017_13}
+DEFAULT_DEBRIS_FRAGMENTS = 30
 # Validation carved from train for file datasets: 10 %, at most this many images.
 MAX_DEFAULT_VALIDATION = 5_000
 # Test subsamples use this seed, never the training seed, so they match across runs.
@@ -47,10 +52,11 @@ class DatasetSplits:
         y_train, y_val, y_test: int64 ``[N]`` class ids, or float32 ``[N, K]`` multi-hot
             when ``multi_label``.
         num_classes: number of classes K.
-        multi_label: True for Digitclutter (sigmoid outputs, exact-set accuracy).
+        multi_label: True for Digitclutter (sigmoid outputs, exact-set accuracy);
+            False for the debris variant (one target digit, softmax).
         mean, std: per-channel statistics of ``x_train`` in [0, 1] units.
         source: where the data came from, or how they were generated.
-        info: extra provenance (font and seeds for clutter, file format ...).
+        info: extra provenance (font and seeds for generated sets, file format ...).
     """
 
     name: str
@@ -483,25 +489,71 @@ def clutter_test_set(n_digits, count=CLUTTER_SIZES["test"], seed=None):
     return clutter.images, clutter.labels, clutter.info
 
 
-def _load_clutter(n_digits, train_size, validation_size, test_size, progress=None):
-    from iterconv_keras import digitclutter
-
-    if isinstance(n_digits, bool) or not isinstance(n_digits, (int, np.integer)) or not 2 <= n_digits <= 5:
-        raise ValueError(f"clutter_digits must be an integer in 2..5, got {n_digits!r}")
+def _generated_sets(make, seed_of, train_size, validation_size, test_size):
+    """Generate train / validation / test with ``make(count, seed)`` at the fixed split seeds."""
     sizes = {
         "train": CLUTTER_SIZES["train"] if train_size is None else train_size,
         "validation": CLUTTER_SIZES["validation"] if validation_size is None else validation_size,
         "test": CLUTTER_SIZES["test"] if test_size is None else test_size,
     }
-    sets = {split: digitclutter.generate(n_digits, count, clutter_seed(split, n_digits)) for split, count in sizes.items()}
+    sets = {split: make(count, seed_of(split)) for split, count in sizes.items()}
     info = dict(sets["train"].info)
     info.pop("seed")
-    info["seeds"] = {split: clutter_seed(split, n_digits) for split in sizes}
+    info["seeds"] = {split: seed_of(split) for split in sizes}
     info["sizes"] = sizes
     return sets, info
 
 
-def load(name, *, data_dir=None, train_size=None, validation_size=None, test_size=None, seed=0, clutter_digits=3):
+def _load_clutter(n_digits, train_size, validation_size, test_size):
+    from iterconv_keras import digitclutter
+
+    if isinstance(n_digits, bool) or not isinstance(n_digits, (int, np.integer)) or not 2 <= n_digits <= 5:
+        raise ValueError(f"clutter_digits must be an integer in 2..5, got {n_digits!r}")
+    return _generated_sets(
+        lambda count, seed: digitclutter.generate(n_digits, count, seed),
+        lambda split: clutter_seed(split, n_digits), train_size, validation_size, test_size,
+    )
+
+
+def debris_seed(split, n_fragments):
+    """The fixed dataset seed of a debris split for n fragments."""
+    return DEBRIS_SEEDS[split] * 100 + int(n_fragments)
+
+
+def _load_debris(n_fragments, train_size, validation_size, test_size):
+    from iterconv_keras import debris
+
+    debris.validate_fragments(n_fragments, "debris_fragments")
+    return _generated_sets(
+        lambda count, seed: debris.generate(n_fragments, count, seed),
+        lambda split: debris_seed(split, n_fragments), train_size, validation_size, test_size,
+    )
+
+
+def _generated(name, clutter_digits, debris_fragments, train_size, validation_size, test_size):
+    """Arrays, classes and provenance of a generated dataset."""
+    if name == "digitclutter":
+        sets, info = _load_clutter(clutter_digits, train_size, validation_size, test_size)
+        multi_label, source = True, f"generated: Digitclutter {clutter_digits} digits (seeds {info['seeds']})"
+    else:
+        sets, info = _load_debris(debris_fragments, train_size, validation_size, test_size)
+        multi_label = False
+        source = f"generated: Digitclutter debris, 1 digit and {debris_fragments} fragments (seeds {info['seeds']})"
+    arrays = tuple(a for split in ("train", "validation", "test") for a in (sets[split].images, sets[split].labels))
+    return arrays, 10, multi_label, source, info
+
+
+def load(
+    name,
+    *,
+    data_dir=None,
+    train_size=None,
+    validation_size=None,
+    test_size=None,
+    seed=0,
+    clutter_digits=3,
+    debris_fragments=DEFAULT_DEBRIS_FRAGMENTS,
+):
     """Load a dataset offline, with a validation split carved deterministically from train.
 
     Args:
@@ -509,14 +561,16 @@ def load(name, *, data_dir=None, train_size=None, validation_size=None, test_siz
         data_dir: optional folder searched first (then ``$ITERCONV_DATA_DIR``, then
             ``~/.keras/datasets``, ``~/tensorflow_datasets``, ``/usr/share/datasets``).
         train_size: optional number of training images (a subsample by ``seed``; for
-            Digitclutter the number generated, default 20,000).
+            generated sets the number generated, default 20,000).
         validation_size: validation images; default 10 % of train capped at 5,000 for
-            file datasets, 2,000 for Digitclutter.
+            file datasets, 2,000 for generated sets.
         test_size: optional test subsample (fixed seed, comparable across runs); for
-            Digitclutter the number generated, default 5,000.
+            generated sets the number generated, default 5,000.
         seed: int, chooses the validation split and train subsample of file datasets.
-            Digitclutter ignores it: its data come from fixed seeds (`CLUTTER_SEEDS`).
+            Generated sets ignore it: their data come from fixed seeds
+            (`CLUTTER_SEEDS`, `DEBRIS_SEEDS`).
         clutter_digits: digits per Digitclutter image, 2..5 (default 3).
+        debris_fragments: fragments per ``digitdebris`` image, 10, 30 or 50 (default 30).
 
     Returns:
         `DatasetSplits`.
@@ -526,21 +580,19 @@ def load(name, *, data_dir=None, train_size=None, validation_size=None, test_siz
         DatasetNotAvailable: files missing (the message lists every place looked and
             how to obtain them) or unreadable.
 
-    Reference for Digitclutter: Spoerer, McClure & Kriegeskorte (2017), Front.
-    Psychol. 8:1551.
+    Reference for Digitclutter and its debris variant: Spoerer, McClure &
+    Kriegeskorte (2017), Front. Psychol. 8:1551.
     """
     if name not in DATASET_NAMES:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
     train_size = _check_size("train_size", train_size)
     validation_size = _check_size("validation_size", validation_size)
     test_size = _check_size("test_size", test_size)
-    if name == "digitclutter":
-        sets, info = _load_clutter(clutter_digits, train_size, validation_size, test_size)
-        x_train, y_train = sets["train"].images, sets["train"].labels
-        x_val, y_val = sets["validation"].images, sets["validation"].labels
-        x_test, y_test = sets["test"].images, sets["test"].labels
-        num_classes, multi_label = 10, True
-        source = f"generated: Digitclutter {clutter_digits} digits (seeds {info['seeds']})"
+    if name in GENERATED_NAMES:
+        arrays, num_classes, multi_label, source, info = _generated(
+            name, clutter_digits, debris_fragments, train_size, validation_size, test_size
+        )
+        x_train, y_train, x_val, y_val, x_test, y_test = arrays
     else:
         (x_train, y_train, x_test, y_test), fmt, source = _load_file_dataset(name, data_dir)
         x_train, y_train, x_val, y_val = _split_train(x_train, y_train, train_size, validation_size, seed)
@@ -561,12 +613,13 @@ def available(data_dir=None):
     """
     rows = [
         {
-            "name": "digitclutter",
+            "name": name,
             "available": True,
-            "where": "on the fly (iterconv_keras.digitclutter)",
+            "where": f"on the fly (iterconv_keras.{module})",
             "format": "generated",
             "how_to_get": "nothing to get: generated deterministically from fixed seeds",
         }
+        for name, module in zip(GENERATED_NAMES, ("digitclutter", "debris"), strict=True)
     ]
     for name, spec in _FILE_DATASETS.items():
         fmt, where = _locate(name, data_dir)

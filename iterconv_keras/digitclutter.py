@@ -118,6 +118,11 @@ def _validate(n_digits, count, image_size, seed=0):
         raise ValueError(f"n_digits must be an integer in {MIN_DIGITS}..{MAX_DIGITS}, got {n_digits!r}")
     if not MIN_DIGITS <= n_digits <= MAX_DIGITS:
         raise ValueError(f"n_digits must be in {MIN_DIGITS}..{MAX_DIGITS}, got {n_digits!r}")
+    validate_generation(count, image_size, seed)
+
+
+def validate_generation(count, image_size, seed):
+    """Raise ``ValueError`` echoing a bad count, image size or seed (shared with `debris`)."""
     if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
         raise ValueError(f"count must be a non-negative integer, got {count!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -247,7 +252,28 @@ def sample_params(n_digits, count, rng, image_size=32):
     """
     # One row of uniforms per image (10 sort keys, n x, n y), so the parameters of
     # image i do not depend on how many images are drawn after it.
-    uniforms = rng.random((count, 10 + 2 * n_digits))
+    return params_from_uniforms(rng.random((count, uniforms_per_image(n_digits))), n_digits, image_size)
+
+
+def uniforms_per_image(n_digits):
+    """How many uniforms `params_from_uniforms` consumes per image: 10 sort keys, n x, n y."""
+    return 10 + 2 * n_digits
+
+
+def params_from_uniforms(uniforms, n_digits, image_size=32):
+    """Map rows of U[0, 1) numbers to digit identities and positions (see `sample_params`).
+
+    Exposed so other generators (`iterconv_keras.debris`) draw their digits exactly
+    as Digitclutter does, from columns of their own per-image rows.
+
+    Args:
+        uniforms: float ``[N, uniforms_per_image(n_digits)]`` in [0, 1).
+        n_digits: digits per image (distinct).
+        image_size: output side length.
+
+    Returns:
+        `Params`.
+    """
     # Distinct digits: the first n of a random permutation per image (stable
     # argsort so ties, however unlikely, resolve identically everywhere).
     digits = np.argsort(uniforms[:, :10], axis=1, kind="stable")[:, :n_digits]
@@ -330,9 +356,22 @@ def render_reference(params):
             dy, dx = glyphs.origin[digit]
             origin = (int(params.left[i, k] + dx), int(params.top[i, k] + dy))
             _draw_digit(draw, origin, int(digit), font, stroke, FACE, EDGE)
-        blocks = np.asarray(image, np.int64).reshape(size, RENDER_SCALE, size, RENDER_SCALE).sum(axis=(1, 3))
-        out[i] = (2 * blocks + RENDER_SCALE**2) // (2 * RENDER_SCALE**2)
+        out[i] = block_mean(np.asarray(image), size)
     return out
+
+
+def block_mean(hires, size):
+    """Mean of each ``RENDER_SCALE`` x ``RENDER_SCALE`` block of a hi-res canvas, rounded half up.
+
+    Args:
+        hires: uint8 ``[16 * size, 16 * size]`` canvas.
+        size: output side length.
+
+    Returns:
+        int64 ``[size, size]`` grey levels, exact integer arithmetic.
+    """
+    blocks = np.asarray(hires, np.int64).reshape(size, RENDER_SCALE, size, RENDER_SCALE).sum(axis=(1, 3))
+    return (2 * blocks + RENDER_SCALE**2) // (2 * RENDER_SCALE**2)
 
 
 def recipe_info(n_digits, seed, image_size=32):

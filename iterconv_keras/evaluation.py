@@ -126,7 +126,7 @@ def evaluate(
         levels: occlusion levels, starting with 0.0.
         occlusion_seed: seed of the occlusion masks. Default 0.
         clutter: bool, add the 2..5-digit clutter sweep; default: when the data
-            are Digitclutter.
+            are Digitclutter (not for its debris variant, a single-label task).
         jit_compile: compile the model pieces with XLA. Default False (see `StagePrograms`).
         progress: optional callable ``progress(done, total)`` in batches.
         model_reference: optional string stored under ``"model"``.
@@ -234,10 +234,11 @@ def load_for_model(model, metadata, *, dataset=None, data_dir=None, limit=None):
 
     Args:
         model: the model (its ``multi_label`` decides Digitclutter when nothing else does).
-        metadata: the run's ``config.json`` or the zoo version's ``metadata.json``.
+        metadata: the run's ``config.json`` or the zoo version's ``metadata.json``
+            (whose training settings sit under ``"recipe"``).
         dataset: name overriding the metadata's ``"dataset"``.
         data_dir: folder overriding the metadata's ``"data_dir"``.
-        limit: only this many test images are needed (Digitclutter generates only those).
+        limit: only this many test images are needed (generated sets make only those).
 
     Returns:
         `datasets.DatasetSplits`.
@@ -252,9 +253,18 @@ def load_for_model(model, metadata, *, dataset=None, data_dir=None, limit=None):
             )
         name = "digitclutter"
     data_dir = data_dir or metadata.get("data_dir")
-    digits = metadata.get("clutter_digits") or metadata.get("n_digits") or 3
-    if name == "digitclutter":
+    if name in datasets.GENERATED_NAMES:
         # Generated on demand and prefix-stable: the first `limit` images are the same
-        # whatever the size, so only those are made.
-        return datasets.load(name, clutter_digits=int(digits), test_size=limit)
+        # whatever the size, so only those are made. The set is the one the model was
+        # trained for: its digit or fragment count comes from the metadata.
+        digits = _setting(metadata, "clutter_digits") or metadata.get("n_digits") or 3
+        fragments = _setting(metadata, "debris_fragments") or datasets.DEFAULT_DEBRIS_FRAGMENTS
+        return datasets.load(name, clutter_digits=int(digits), debris_fragments=int(fragments), test_size=limit)
     return datasets.load(name, data_dir=data_dir)
+
+
+def _setting(metadata, key):
+    """A training setting from a run's config.json or a zoo card's recipe, or None."""
+    if metadata.get(key) is not None:
+        return metadata[key]
+    return (metadata.get("recipe") or {}).get(key)

@@ -47,6 +47,7 @@ _FASHION_NAMES = (
 )
 DATASET_CLASS_NAMES = {
     "digitclutter": tuple(str(d) for d in range(10)),
+    "digitdebris": tuple(str(d) for d in range(10)),
     "mnist": tuple(str(d) for d in range(10)),
     "fashion_mnist": _FASHION_NAMES,
     "cifar10": _CIFAR10_NAMES,

@@ -68,8 +68,10 @@ class TrainConfig:
         train_size: training images (None: the dataset's default).
         validation_size: validation images (None: the dataset's default).
         test_size: test images for the final evaluation (None: the whole test set,
-            or 5,000 generated Digitclutter images).
+            or 5,000 generated Digitclutter or debris images).
         clutter_digits: digits per image for Digitclutter (2..5).
+        debris_fragments: digit fragments per image for ``digitdebris`` (10, 30 or 50;
+            default 30), after Spoerer, McClure & Kriegeskorte (2017).
         seed: seeds initialisation and data order.
         data_dir: folder searched first for dataset files.
         jit_compile: compile the train step with XLA.
@@ -91,6 +93,7 @@ class TrainConfig:
     validation_size: int | None = None
     test_size: int | None = None
     clutter_digits: int = 3
+    debris_fragments: int = 30
     seed: int = 0
     data_dir: str | None = None
     jit_compile: bool = False
@@ -98,7 +101,7 @@ class TrainConfig:
 
     def validate(self):
         """Raise ``ValueError`` naming the first bad setting; return self."""
-        from iterconv_keras import datasets, variants
+        from iterconv_keras import datasets, debris, variants
 
         if self.dataset not in datasets.DATASET_NAMES:
             raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(datasets.DATASET_NAMES)}")
@@ -123,6 +126,7 @@ class TrainConfig:
                  f"test_size must be an integer > 0, got {self.test_size!r}")
         _require(_is_int(self.clutter_digits) and 2 <= self.clutter_digits <= 5,
                  f"clutter_digits must be 2..5, got {self.clutter_digits!r}")
+        debris.validate_fragments(self.debris_fragments, "debris_fragments")
         _require(_is_int(self.seed) and self.seed >= 0, f"seed must be an integer >= 0, got {self.seed!r}")
         return self
 
@@ -365,7 +369,7 @@ def train(config, *, resume=False, log=None):
     splits = datasets.load(
         config.dataset, data_dir=config.data_dir, train_size=config.train_size,
         validation_size=config.validation_size, test_size=config.test_size,
-        seed=config.seed, clutter_digits=config.clutter_digits,
+        seed=config.seed, clutter_digits=config.clutter_digits, debris_fragments=config.debris_fragments,
     )
     if resume:
         clean_stale_temporaries(config.out)

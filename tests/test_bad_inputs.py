@@ -53,6 +53,7 @@ CASES = [
     ("train-lipschitz-negative", ["train", "--spectral-norm", "--lipschitz", "-1", "--out", "{out}"], 2, "lipschitz", ["{out}"]),
     ("train-unknown-variant", ["train", "--variant", "resnet9000", "--out", "{out}"], 2, "resnet9000", ["{out}"]),
     ("train-unknown-dataset", ["train", "--dataset", "imagenet", "--out", "{out}"], 2, "imagenet", ["{out}"]),
+    ("train-debris-fragments", ["train", "--dataset", "digitdebris", "--debris-fragments", "20", "--out", "{out}"], 2, "got 20", ["{out}"]),
     ("train-train-size-zero", ["train", "--train-size", "0", "--out", "{out}"], 2, "train_size", ["{out}"]),
     ("train-existing-output", ["train", "--out", "{full}"], 2, "already exists", []),
     ("train-resume-not-a-run", ["train", "--resume", "--out", "{not_a_run}"], 2, "not a run directory", []),
@@ -65,6 +66,7 @@ CASES = [
     ("eval-unknown-zoo-version", ["eval", "clutter@7", "--zoo", "{zoo}"], 4, "no version 7", []),
     ("eval-corrupt-model", ["eval", "{garbage}"], 5, "garbage.keras", []),
     ("eval-wrong-dataset", ["eval", "{clutter}", "--dataset", "fashion_mnist", "--limit", "8", "--out", "{out}.json"], 2, "(28, 28, 1)", ["{out}.json"]),
+    ("eval-clutter-model-on-debris", ["eval", "{clutter}", "--dataset", "digitdebris", "--limit", "8", "--out", "{out}.json"], 2, "single-label", ["{out}.json"]),
     ("eval-limit-zero", ["eval", "{clutter}", "--limit", "0"], 2, "--limit", []),
     ("eval-dir-not-a-model", ["eval", "{not_a_run}"], 4, "not_a_run", []),
     ("eval-plots-is-a-file", ["eval", "{clutter}", "--limit", "8", "--plots", "{a_file}"], 2, "a_file", []),
@@ -86,6 +88,11 @@ CASES = [
     ("data-count-type", ["data", "digitclutter", "--count", "many", "--out", "{out}.npz"], 2, "'many' is not a valid integer", ["{out}.npz"]),
     ("data-unwritable-output", ["data", "digitclutter", "--count", "4", "--out", "/proc/clutter.npz"], 2, "/proc", ["/proc/clutter.npz"]),
     ("data-output-under-a-file", ["data", "digitclutter", "--count", "4", "--out", "{a_file}/c.npz"], 2, "a_file", []),
+    ("data-debris-fragments", ["data", "debris", "--fragments", "40", "--count", "4", "--out", "{out}.npz"], 2, "got 40", ["{out}.npz"]),
+    ("data-debris-fragments-type", ["data", "debris", "--fragments", "lots", "--out", "{out}.npz"], 2, "'lots' is not a valid integer", ["{out}.npz"]),
+    ("data-debris-count-zero", ["data", "debris", "--count", "0", "--out", "{out}.npz"], 2, "count", ["{out}.npz"]),
+    ("data-debris-not-npz", ["data", "debris", "--count", "4", "--out", "{out}.txt"], 2, "{out}.txt", ["{out}.txt"]),
+    ("data-debris-unwritable-output", ["data", "debris", "--count", "4", "--out", "/proc/debris.npz"], 2, "/proc", ["/proc/debris.npz"]),
 ]
 
 

@@ -1,4 +1,4 @@
-"""``iterconv data``: digitclutter writer and info table, run in-process with CliRunner."""
+"""``iterconv data``: digitclutter and debris writers' refusals, info table, run in-process with CliRunner."""
 
 import json
 import os
@@ -50,22 +50,28 @@ def test_digitclutter_writes_the_generated_set(cli, runner, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "args, echoed",
+    "command, args, echoed",
     [
-        (["--n-digits", "7"], "got 7"),
-        (["--count", "-3"], "got -3"),
-        (["--seed", "-1"], "got -1"),
-        (["--out-name", "x.txt"], "x.txt'"),
+        ("digitclutter", ["--n-digits", "7"], "got 7"),
+        ("digitclutter", ["--count", "-3"], "got -3"),
+        ("digitclutter", ["--seed", "-1"], "got -1"),
+        ("digitclutter", ["--out-name", "x.txt"], "x.txt'"),
+        ("debris", ["--fragments", "20"], "--fragments must be one of 10, 30, 50 (the debris levels), got 20"),
+        ("debris", ["--count", "-3"], "got -3"),
+        ("debris", ["--count", "0"], "--count must be at least 1, got 0"),
+        ("debris", ["--seed", "-1"], "got -1"),
+        ("debris", ["--out-name", "x.txt"], "x.txt'"),
     ],
 )
-def test_digitclutter_refuses_bad_values(cli, runner, tmp_path, args, echoed):
+def test_generators_refuse_bad_values(cli, runner, tmp_path, command, args, echoed):
     out = str(tmp_path / "c.npz")
     if args[0] == "--out-name":
         args, out = [], str(tmp_path / args[1])
-    result = runner.invoke(cli, ["data", "digitclutter", "--count", "10", "--out", out, *args])
+    result = runner.invoke(cli, ["data", command, "--count", "10", "--out", out, *args])
     assert result.exit_code == 2
-    assert echoed in result.output
-    assert not os.path.exists(out)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("iterconv: error:") and echoed in lines[0], result.stderr
+    assert [name for name in os.listdir(tmp_path) if name != "home"] == []  # nothing written
 
 
 def test_info_lists_datasets_as_json_and_table(cli, runner, tmp_path):

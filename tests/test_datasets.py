@@ -238,7 +238,7 @@ def test_npz_wrong_shape_and_missing_keys(tmp_path):
 
 
 def test_unknown_name_lists_valid_names():
-    with pytest.raises(ValueError, match="'imagenet'.*digitclutter, mnist, fashion_mnist, cifar10, cifar100"):
+    with pytest.raises(ValueError, match="'imagenet'.*digitclutter, digitdebris, mnist, fashion_mnist, cifar10, cifar100"):
         datasets.load("imagenet")
 
 
@@ -257,7 +257,7 @@ def test_available_reports_each_dataset(tmp_path):
     write_idx(tmp_path / "mnist")
     rows = {row["name"]: row for row in datasets.available(tmp_path)}
     assert set(rows) == set(datasets.DATASET_NAMES)
-    assert rows["digitclutter"]["available"]
+    assert rows["digitclutter"]["available"] and rows["digitdebris"]["available"]
     assert rows["mnist"]["available"] and rows["mnist"]["where"] == str(tmp_path / "mnist")
     assert not rows["cifar10"]["available"] and str(tmp_path) in " ".join(rows["cifar10"]["where"])
 
@@ -279,3 +279,30 @@ def test_digitclutter_uses_fixed_seeds_independent_of_training_seed():
     assert np.all(y4.sum(axis=1) == 4) and info["n_digits"] == 4
     with pytest.raises(ValueError, match="got 6"):
         datasets.load("digitclutter", clutter_digits=6)
+
+
+def test_digitdebris_uses_fixed_seeds_independent_of_training_seed():
+    from iterconv_keras import debris
+
+    a = datasets.load("digitdebris", debris_fragments=10, train_size=200, validation_size=50, test_size=100, seed=0)
+    b = datasets.load("digitdebris", debris_fragments=10, train_size=200, validation_size=50, test_size=100, seed=9)
+    assert not a.multi_label and a.num_classes == 10 and a.input_shape == (32, 32, 1)
+    assert a.y_train.shape == (200,) and a.y_train.dtype == np.int64
+    np.testing.assert_array_equal(a.x_train, b.x_train)
+    np.testing.assert_array_equal(a.x_test, b.x_test)
+    expected = debris.generate(10, 100, seed=datasets.debris_seed("test", 10))
+    np.testing.assert_array_equal(a.x_test, expected.images)
+    np.testing.assert_array_equal(a.y_test, expected.labels)
+    # Splits come from different seeds, so they share no images; other fragment counts
+    # and Digitclutter have their own seeds too.
+    assert not _same_rows(a.x_val, a.x_test[:50])
+    seeds = {datasets.debris_seed(split, n) for split in datasets.DEBRIS_SEEDS for n in debris.FRAGMENT_COUNTS}
+    seeds |= {datasets.clutter_seed(split, n) for split in datasets.CLUTTER_SEEDS for n in range(2, 6)}
+    assert len(seeds) == 3 * 3 + 3 * 4
+    assert a.info["n_fragments"] == 10 and a.info["seeds"]["test"] == datasets.debris_seed("test", 10)
+    assert "debris" in a.source and "10 fragments" in a.source
+    default = datasets.load("digitdebris", train_size=10, validation_size=0, test_size=5)
+    assert default.info["n_fragments"] == 30
+    for bad in (20, 30.0, True):
+        with pytest.raises(ValueError, match=f"debris_fragments must be one of 10, 30, 50.*got {bad!r}"):
+            datasets.load("digitdebris", debris_fragments=bad)

@@ -56,6 +56,7 @@ def test_train_json_is_one_document_and_progress_goes_to_stderr(tmp_path):
         (["--lipschitz", "abc"], 2, "'abc' is not a valid float"),
         (["--batch-size", "0"], 2, "batch_size"),
         (["--clutter-digits", "9"], 2, "clutter_digits must be 2..5, got 9"),
+        (["--dataset", "digitdebris", "--debris-fragments", "25"], 2, "debris_fragments must be one of 10, 30, 50 (the debris levels), got 25"),
     ],
 )
 def test_bad_options_give_one_line_and_exit_code(tmp_path, args, code, needle):

@@ -133,6 +133,8 @@ def test_non_finite_loss_stops_with_epoch_and_step(tmp_path):
         ({"variant": "huge"}, "variant"),
         ({"dataset": "imagenet"}, "dataset"),
         ({"clutter_digits": 7}, "clutter_digits"),
+        ({"debris_fragments": 40}, "debris_fragments.*got 40"),
+        ({"debris_fragments": 30.0}, "debris_fragments.*got 30.0"),
         ({"optimizer": "lion"}, "optimizer"),
     ],
 )
