@@ -48,7 +48,7 @@ def digitclutter_command(n_digits, count, seed, out, json_output):
 
 
 @COMMAND.command("debris")
-@click.option("--fragments", type=int, default=30, show_default=True, help="Digit fragments per image (10, 30 or 50).")
+@click.option("--fragments", type=int, default=10, show_default=True, help="Digit fragments per image (10, 30 or 50).")
 @_set_options
 @report_errors
 def debris_command(fragments, count, seed, out, json_output):

@@ -40,7 +40,7 @@ _RESUMABLE_SETTINGS = (
               help="Test images for the final evaluation (default: the dataset's).")
 @click.option("--clutter-digits", type=int, default=3, show_default=True,
               help="Digits per Digitclutter image (2..5).")
-@click.option("--debris-fragments", type=int, default=30, show_default=True,
+@click.option("--debris-fragments", type=int, default=10, show_default=True,
               help="Digit fragments per digitdebris image (10, 30 or 50).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds initialisation and data order.")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,

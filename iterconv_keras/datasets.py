@@ -35,7 +35,7 @@ CLUTTER_SIZES = {"train": 20_000, "validation": 2_000, "test": 5_000}
 CLUTTER_SEEDS = {"train": 2017_1, "validation": 2017_2, "test": 2017_3}
 # Debris sets use the same sizes and their own seeds, the fragment count mixed in.
 DEBRIS_SEEDS = {"train": 2017_11, "validation": 2017_12, "test": 2017_13}
-DEFAULT_DEBRIS_FRAGMENTS = 30
+DEFAULT_DEBRIS_FRAGMENTS = 10
 # Validation carved from train for file datasets: 10 %, at most this many images.
 MAX_DEFAULT_VALIDATION = 5_000
 # Test subsamples use this seed, never the training seed, so they match across runs.
@@ -570,7 +570,7 @@ def load(
             Generated sets ignore it: their data come from fixed seeds
             (`CLUTTER_SEEDS`, `DEBRIS_SEEDS`).
         clutter_digits: digits per Digitclutter image, 2..5 (default 3).
-        debris_fragments: fragments per ``digitdebris`` image, 10, 30 or 50 (default 30).
+        debris_fragments: fragments per ``digitdebris`` image, 10, 30 or 50 (default 10).
 
     Returns:
         `DatasetSplits`.

@@ -71,7 +71,7 @@ class TrainConfig:
             or 5,000 generated Digitclutter or debris images).
         clutter_digits: digits per image for Digitclutter (2..5).
         debris_fragments: digit fragments per image for ``digitdebris`` (10, 30 or 50;
-            default 30), after Spoerer, McClure & Kriegeskorte (2017).
+            default 10), after Spoerer, McClure & Kriegeskorte (2017).
         seed: seeds initialisation and data order.
         data_dir: folder searched first for dataset files.
         jit_compile: compile the train step with XLA.
@@ -93,7 +93,7 @@ class TrainConfig:
     validation_size: int | None = None
     test_size: int | None = None
     clutter_digits: int = 3
-    debris_fragments: int = 30
+    debris_fragments: int = 10
     seed: int = 0
     data_dir: str | None = None
     jit_compile: bool = False

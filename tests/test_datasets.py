@@ -302,7 +302,7 @@ def test_digitdebris_uses_fixed_seeds_independent_of_training_seed():
     assert a.info["n_fragments"] == 10 and a.info["seeds"]["test"] == datasets.debris_seed("test", 10)
     assert "debris" in a.source and "10 fragments" in a.source
     default = datasets.load("digitdebris", train_size=10, validation_size=0, test_size=5)
-    assert default.info["n_fragments"] == 30
+    assert default.info["n_fragments"] == 10
     for bad in (20, 30.0, True):
         with pytest.raises(ValueError, match=f"debris_fragments must be one of 10, 30, 50.*got {bad!r}"):
             datasets.load("digitdebris", debris_fragments=bad)

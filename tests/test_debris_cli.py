@@ -55,7 +55,7 @@ def test_data_debris_writes_the_generated_set(tmp_path):
     # Atomic write: no temporary file is left next to the output.
     assert os.listdir(out.parent) == ["debris.npz"]
     plain = _invoke(["data", "debris", "--count", "20", "--out", str(tmp_path / "d.npz")])
-    assert plain.exit_code == 0 and plain.stdout.strip() == f"wrote 20 images with 30 fragments (seed 0) to {tmp_path / 'd.npz'}"
+    assert plain.exit_code == 0 and plain.stdout.strip() == f"wrote 20 images with 10 fragments (seed 0) to {tmp_path / 'd.npz'}"
 
 
 def test_command_line_dataset_choices_match_the_library():
@@ -100,4 +100,4 @@ def test_load_for_model_reads_the_fragment_count_from_run_or_zoo_metadata(monkey
         assert splits.info["n_fragments"] == 50 and len(splits.x_test) == 8
         expected = debris.generate(50, 8, seed=datasets.debris_seed("test", 50))
         np.testing.assert_array_equal(splits.x_test, expected.images)
-    assert evaluation.load_for_model(model, {"dataset": "digitdebris"}, limit=4).info["n_fragments"] == 30
+    assert evaluation.load_for_model(model, {"dataset": "digitdebris"}, limit=4).info["n_fragments"] == 10
