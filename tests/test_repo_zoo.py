@@ -1,8 +1,9 @@
 """The repository's own zoo: every version intact and reproducing its model card.
 
 Schema and drift checks (style.md 7): checksums recomputed, parameter counts
-recounted from the loaded model, and each Digitclutter model re-evaluated on
-the same generated test images must give the accuracy its card records.
+recounted from the loaded model, and each model of generated data (Digitclutter,
+debris) re-evaluated on the same generated test images must give the accuracy
+its card records.
 """
 
 import os
@@ -39,15 +40,17 @@ def test_card_schema_and_parameter_count(name):
     assert card["coupling"] == entry.model.coupling
 
 
-@pytest.mark.parametrize("name", [m["name"] for m in MODELS if m["dataset"] == "digitclutter"])
-def test_digitclutter_models_reproduce_their_recorded_accuracy(name):
+@pytest.mark.parametrize("name", [m["name"] for m in MODELS if m["dataset"] in datasets.GENERATED_NAMES])
+def test_generated_data_models_reproduce_their_recorded_accuracy(name):
     entry = zoo.load_entry(name, root=ROOT)
     recipe = entry.metadata["recipe"]
     recorded = entry.metadata["metrics"]
-    splits = datasets.load("digitclutter", clutter_digits=recipe.get("clutter_digits", 3),
+    dataset = entry.metadata["dataset"]
+    splits = datasets.load(dataset, clutter_digits=recipe.get("clutter_digits", 3),
+                           debris_fragments=recipe.get("debris_fragments", datasets.DEFAULT_DEBRIS_FRAGMENTS),
                            train_size=8, validation_size=0, test_size=recorded.get("examples", 5000))
     model = entry.model
-    model.compile(loss=training.make_loss(True), metrics=[training.make_accuracy(True)])
+    model.compile(loss=training.make_loss(model.multi_label), metrics=[training.make_accuracy(model.multi_label)])
     result = model.evaluate(pipeline.evaluation_batches(splits.x_test, splits.y_test), verbose=0, return_dict=True)
     # Same generated images, same weights: equal up to float summation order.
     assert result["accuracy"] == pytest.approx(recorded["accuracy"], abs=1e-3)
