@@ -16,7 +16,7 @@ DATASETS = ("digitclutter", "digitdebris", "mnist", "fashion_mnist", "cifar10", 
 @click.option("--indices/--no-indices", default=True, show_default=True,
               help="Recurrence, divergence and convergence indices and effective parameters.")
 @click.option("--occlusion/--no-occlusion", default=True, show_default=True,
-              help="Patch-occlusion sweep, clutter digit counts, iterations under occlusion.")
+              help="Patch-occlusion sweep, clutter digit counts or debris levels, iterations under occlusion.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate the first N test examples only.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--plots", "plots_dir", type=click.Path(file_okay=False), default=None,
@@ -115,6 +115,8 @@ def format_table(document):
         lines.append("  accuracy  " + " ".join(f"{_fmt(v):>6}" for v in occ["accuracy"]))
         if "clutter" in occ:
             lines.append("  clutter   " + "  ".join(f"{n} digits: {_fmt(a)}" for n, a in occ["clutter"].items()))
+        if "debris" in occ:
+            lines.append("  debris    " + "  ".join(f"{n} fragments: {_fmt(a)}" for n, a in occ["debris"].items()))
         if "iterations" in occ:
             it = occ["iterations"]
             lines.append("  extra iterations " + " ".join(f"{k:>6}" for k in it["extra_iterations"]))

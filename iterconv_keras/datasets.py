@@ -489,6 +489,25 @@ def clutter_test_set(n_digits, count=CLUTTER_SIZES["test"], seed=None):
     return clutter.images, clutter.labels, clutter.info
 
 
+def debris_test_set(n_fragments, count=CLUTTER_SIZES["test"]):
+    """A debris test set with n fragments, for evaluation across debris levels.
+
+    The set that `load("digitdebris", debris_fragments=n_fragments)` uses as test
+    (the fixed seed of `debris_seed`).
+
+    Args:
+        n_fragments: 10, 30 or 50.
+        count: int, number of images (default 5,000).
+
+    Returns:
+        ``(images uint8 [N, 32, 32, 1], labels int64 [N], info dict)``.
+    """
+    from iterconv_keras import debris
+
+    generated = debris.generate(n_fragments, count, debris_seed("test", n_fragments))
+    return generated.images, generated.labels, generated.info
+
+
 def _generated_sets(make, seed_of, train_size, validation_size, test_size):
     """Generate train / validation / test with ``make(count, seed)`` at the fixed split seeds."""
     sizes = {

@@ -107,6 +107,7 @@ def evaluate(
     levels=occlusion_lib.DEFAULT_LEVELS,
     occlusion_seed=occlusion_lib.DEFAULT_SEED,
     clutter=None,
+    debris=None,
     jit_compile=False,
     progress=None,
     model_reference=None,
@@ -127,6 +128,8 @@ def evaluate(
         occlusion_seed: seed of the occlusion masks. Default 0.
         clutter: bool, add the 2..5-digit clutter sweep; default: when the data
             are Digitclutter (not for its debris variant, a single-label task).
+        debris: bool, add the 10/30/50-fragment debris sweep; default: when the
+            data are ``digitdebris``.
         jit_compile: compile the model pieces with XLA. Default False (see `StagePrograms`).
         progress: optional callable ``progress(done, total)`` in batches.
         model_reference: optional string stored under ``"model"``.
@@ -145,9 +148,10 @@ def evaluate(
             raise ValueError(f"limit must be a positive int, got {limit!r}")
         data = dataclasses.replace(data, x=data.x[:limit], y=data.y[:limit])
     clutter = data.name == "digitclutter" if clutter is None else bool(clutter)
+    debris = data.name == "digitdebris" if debris is None else bool(debris)
     n = int(data.x.shape[0])
     batch_size = min(batch_size, n)
-    tracker = _Progress(progress, _planned_batches(n, batch_size, model, indices, occlusion, clutter, levels))
+    tracker = _Progress(progress, _planned_batches(n, batch_size, indices, occlusion, clutter, debris, levels))
     programs = StagePrograms(model, jit_compile=jit_compile)
 
     document = {}
@@ -170,6 +174,8 @@ def evaluate(
         section = {"levels": sweep["levels"], "accuracy": sweep["accuracy"], "auc": sweep["auc"], "loss": sweep["loss"]}
         if clutter:
             section["clutter"] = occlusion_lib.clutter_sweep(model, n, batch_size=batch_size, programs=programs, progress=tracker)
+        if debris:
+            section["debris"] = occlusion_lib.debris_sweep(model, n, batch_size=batch_size, programs=programs, progress=tracker)
         section["iterations"] = occlusion_lib.iteration_sweep(
             model, data.x, data.y, data.mean, seed=occlusion_seed, batch_size=batch_size,
             programs=programs, progress=tracker,
@@ -188,7 +194,7 @@ def evaluate(
     return json_safe(ordered)
 
 
-def _planned_batches(n, batch_size, model, indices, occlusion, clutter, levels):
+def _planned_batches(n, batch_size, indices, occlusion, clutter, debris, levels):
     per_pass = math.ceil(n / batch_size)
     total = per_pass if indices else (0 if occlusion else per_pass)
     if occlusion:
@@ -196,6 +202,8 @@ def _planned_batches(n, batch_size, model, indices, occlusion, clutter, levels):
         total += per_pass * 2 * len(occlusion_lib.DEFAULT_ITERATIONS)
         if clutter:
             total += per_pass * len(occlusion_lib.CLUTTER_DIGITS)
+        if debris:
+            total += per_pass * len(occlusion_lib.DEBRIS_FRAGMENTS)
     return total
 
 

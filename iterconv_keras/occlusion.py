@@ -11,6 +11,7 @@ evaluators measure it for a trained model:
 - `occlusion_sweep`: accuracy per level and the normalised area under the
   curve ``AUC = mean_p A(p) / A(0)``.
 - `clutter_sweep`: exact-set accuracy of a Digitclutter model on 2..5-digit sets.
+- `debris_sweep`: accuracy of a debris model with 10, 30 and 50 fragments.
 - `iteration_sweep`: accuracy versus K extra iterations of every stage's last
   block, on clean and on occluded inputs.
 
@@ -28,6 +29,9 @@ DEFAULT_SEED = 0
 DEFAULT_ITERATIONS = (0, 1, 2, 4, 8, 16)
 DEFAULT_ITERATION_LEVEL = 0.3
 CLUTTER_DIGITS = (2, 3, 4, 5)
+# Debris levels of the debris sweep (`debris.FRAGMENT_COUNTS`; kept here so that
+# importing this module does not build the glyph tables).
+DEBRIS_FRAGMENTS = (10, 30, 50)
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
@@ -180,10 +184,30 @@ def clutter_sweep(model, count, *, digits=CLUTTER_DIGITS, batch_size=256, progra
     """
     from iterconv_keras import datasets
 
+    return _accuracy_per_set(model, digits, datasets.clutter_test_set, count, batch_size, programs, progress)
+
+
+def debris_sweep(model, count, *, fragments=DEBRIS_FRAGMENTS, batch_size=256, programs=None, progress=None):
+    """Accuracy of a debris model on the test sets with 10, 30 and 50 fragments.
+
+    The sets are `datasets.debris_test_set` (fixed seeds, the first ``count`` images):
+    more fragments hide more of the target digit (Spoerer, McClure & Kriegeskorte,
+    2017, Front. Psychol. 8:1551).
+
+    Returns:
+        ``{"10": acc, "30": acc, "50": acc}``.
+    """
+    from iterconv_keras import datasets
+
+    return _accuracy_per_set(model, fragments, datasets.debris_test_set, count, batch_size, programs, progress)
+
+
+def _accuracy_per_set(model, settings, test_set, count, batch_size, programs, progress):
+    """``{str(n): accuracy on test_set(n, count)[:2]}`` for each n in ``settings``."""
     programs = programs or StagePrograms(model)
     result = {}
-    for n in digits:
-        images, labels, _ = datasets.clutter_test_set(n, count)
+    for n in settings:
+        images, labels, _ = test_set(n, count)
         result[str(n)] = _scores(programs, images, labels, batch_size, progress=progress)[0]
     return result
 

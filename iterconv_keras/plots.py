@@ -134,6 +134,9 @@ def _occlusion(document, title):
     if section.get("clutter"):
         text = "  ".join(f"{n} digits: {_fmt(a)}" for n, a in section["clutter"].items())
         left.set_title("Digitclutter exact-set accuracy: " + text, fontsize=8)
+    if section.get("debris"):
+        text = "  ".join(f"{n} fragments: {_fmt(a)}" for n, a in section["debris"].items())
+        left.set_title("debris accuracy: " + text, fontsize=8)
     left.legend(fontsize=8)
     if panels == 2:
         right = axes[0][1]

@@ -63,15 +63,19 @@ def test_command_line_dataset_choices_match_the_library():
     assert train_cmd.DATASETS == datasets.DATASET_NAMES == eval_cmd.DATASETS
 
 
-def test_eval_rebuilds_the_debris_test_set_and_scores_a_prefix(run_dir):
-    result = _invoke(["eval", run_dir, "--limit", "16", "--json"])
+def test_eval_rebuilds_the_debris_test_set_and_scores_a_prefix(run_dir, tmp_path):
+    result = _invoke(["eval", run_dir, "--limit", "16", "--json", "--plots", str(tmp_path)])
     assert result.exit_code == 0, result.stderr
+    assert (tmp_path / "occlusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     document = json.loads(result.stdout)
     assert (document["dataset"], document["split"], document["examples"]) == ("digitdebris", "test", 16)
     assert {"recurrence", "divergence", "convergence", "per_stage", "curves"} <= set(document["indices"])
     occlusion = document["occlusion"]
     assert occlusion["levels"][0] == 0.0 and len(occlusion["accuracy"]) == len(occlusion["levels"])
     assert "clutter" not in occlusion  # the clutter sweep is for multi-label Digitclutter models
+    assert list(occlusion["debris"]) == ["10", "30", "50"]
+    # The 10-fragment set of the sweep is the evaluated test set itself.
+    assert occlusion["debris"][str(FRAGMENTS)] == pytest.approx(document["accuracy"])
     assert 0.0 <= document["accuracy"] <= 1.0
     # Independently: the first 16 images of the fixed 10-fragment test stream, scored
     # by the saved model's plain forward pass.
@@ -81,6 +85,16 @@ def test_eval_rebuilds_the_debris_test_set_and_scores_a_prefix(run_dir):
     assert document["accuracy"] == pytest.approx(float(np.mean(logits.argmax(axis=1) == test.labels)))
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(test.labels, logits)
     assert document["loss"] == pytest.approx(float(loss), rel=1e-4)
+    # And the 50-fragment level of the sweep, from its own fixed test stream.
+    harder = debris.generate(50, 16, seed=datasets.debris_seed("test", 50))
+    predicted = np.asarray(model(harder.images.astype(np.float32) / 255)).argmax(axis=1)
+    assert occlusion["debris"]["50"] == pytest.approx(float(np.mean(predicted == harder.labels)))
+
+
+def test_debris_sweep_levels_are_the_generators():
+    from iterconv_keras import occlusion
+
+    assert occlusion.DEBRIS_FRAGMENTS == debris.FRAGMENT_COUNTS
 
 
 def test_resume_keeps_the_fragment_count(run_dir):
