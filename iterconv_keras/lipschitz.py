@@ -34,6 +34,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from iterconv_keras.validation import positive_shape
+
 # Largest |derivative| of each block activation, rounded up (verified on a grid by
 # tests/test_lipschitz.py). GELU (keras' default, exact erf form) peaks at
 # x = sqrt(2) with Phi(sqrt 2) + sqrt(2) phi(sqrt 2) = 1.12890; SiLU at x ~ 2.40
@@ -238,12 +240,7 @@ class ConvOperatorNormBound(keras.constraints.Constraint):
         self.bound = validate_bound(bound, "bound")
         if self.bound is None:
             raise ValueError("bound must be a positive finite number, got None")
-        try:
-            shape = tuple(int(d) for d in input_shape)
-        except (TypeError, ValueError):
-            raise ValueError(f"input_shape must be (H, W, Cin) ints, got {input_shape!r}") from None
-        if len(shape) != 3 or min(shape) < 1:
-            raise ValueError(f"input_shape must be (H, W, Cin) with positive sizes, got {input_shape!r}")
+        shape = positive_shape(input_shape, "input_shape", ("H", "W", "Cin"))
         if not isinstance(iterations, int) or iterations < 1:
             raise ValueError(f"iterations must be an int >= 1, got {iterations!r}")
         self.input_shape = shape

@@ -18,6 +18,7 @@ import tensorflow as tf
 from iterconv_keras import coupling as coupling_lib
 from iterconv_keras import lipschitz as lipschitz_lib
 from iterconv_keras.blocks import ResidualBlock, make_norm
+from iterconv_keras.validation import positive_shape
 
 
 @keras.saving.register_keras_serializable(package="iterconv")
@@ -84,7 +85,7 @@ class IterativeResNet(keras.Model):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.image_shape = _validate_image_shape(image_shape)
+        self.image_shape = positive_shape(image_shape, "image_shape", ("H", "W", "C"))
         if not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
         self.num_classes = num_classes
@@ -330,16 +331,6 @@ class IterativeResNet(keras.Model):
             }
         )
         return config
-
-
-def _validate_image_shape(shape):
-    try:
-        shape = tuple(int(d) for d in shape)
-    except (TypeError, ValueError):
-        raise ValueError(f"image_shape must be (H, W, C), got {shape!r}") from None
-    if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"image_shape must be (H, W, C) with positive sizes, got {shape!r}")
-    return shape
 
 
 def _positive_ints(name, values):
