@@ -380,10 +380,15 @@ def _capped_batch_norm(x, gamma, beta, epsilon, max_gain):
     @tf.custom_gradient
     def capped(x, gamma, beta):
         ones = tf.ones_like(gamma)
-        xhat, _, _, mean, variance, reserve = tf.raw_ops.FusedBatchNormV3(
+        xhat, mean, corrected, saved_mean, saved_variance, reserve = tf.raw_ops.FusedBatchNormV3(
             x=x, scale=ones, offset=tf.zeros_like(gamma), mean=empty, variance=empty,
             epsilon=epsilon, is_training=True, data_format="NHWC",
         )
+        # The statistics from the documented outputs, not the reserve spaces (which
+        # hold the inverse variance under cuDNN); the kernel's variance is
+        # Bessel-corrected, batch norm normalises with the biased one.
+        count = tf.cast(tf.size(x) // tf.size(gamma), x.dtype)
+        variance = corrected * ((count - 1.0) / tf.maximum(count, 1.0))
         std = tf.sqrt(variance + epsilon)
         gain = tf.clip_by_value(gamma / std, -max_gain, max_gain)
         binds = tf.cast(tf.abs(gamma / std) > max_gain, x.dtype)
@@ -395,10 +400,9 @@ def _capped_batch_norm(x, gamma, beta, epsilon, max_gain):
             # which are not differentiated (as in Keras' layer).
             del dmean, dvariance
             dx, dscale, doffset, _, _ = tf.raw_ops.FusedBatchNormGradV3(
-                y_backprop=dy, x=x, scale=scale, reserve_space_1=mean, reserve_space_2=variance,
+                y_backprop=dy, x=x, scale=scale, reserve_space_1=saved_mean, reserve_space_2=saved_variance,
                 reserve_space_3=reserve, epsilon=epsilon, data_format="NHWC", is_training=True,
             )
-            count = tf.cast(tf.size(x) // tf.size(gamma), x.dtype)
             dx = dx + xhat * (binds * gain * dscale / count)
             return dx, (1.0 - binds) * dscale, doffset
 

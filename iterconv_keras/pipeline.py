@@ -8,12 +8,19 @@ normalises inside), which keeps a 50k-image dataset at a quarter of the float
 size and the per-step work to one gather and one cast.
 """
 
-import numpy as np
 import tensorflow as tf
 
 
 def _scale(images):
     return tf.cast(images, tf.float32) * (1.0 / 255.0)
+
+
+def steps_per_epoch(n, batch_size):
+    """Full batches of ``batch_size`` in ``n`` training images, or ``ValueError`` when there are none."""
+    steps = n // batch_size
+    if steps < 1:
+        raise ValueError(f"batch_size {batch_size} is larger than the training set ({n} images)")
+    return steps
 
 
 def training_batches(x, y, *, batch_size, seed, initial_epoch, epochs):
@@ -32,9 +39,7 @@ def training_batches(x, y, *, batch_size, seed, initial_epoch, epochs):
         ``(dataset, steps_per_epoch)``.
     """
     n = int(x.shape[0])
-    steps = n // batch_size
-    if steps < 1:
-        raise ValueError(f"batch_size {batch_size} is larger than the training set ({n} images)")
+    steps = steps_per_epoch(n, batch_size)
     images = tf.constant(x)
     labels = tf.constant(y)
 
@@ -63,8 +68,3 @@ def evaluation_batches(x, y=None, *, batch_size=256):
             lambda a, b: (_scale(a), b)
         )
     return dataset.prefetch(tf.data.AUTOTUNE)
-
-
-def to_float_images(x):
-    """uint8 images as float32 in [0, 1] (numpy), for small in-memory work."""
-    return np.asarray(x, dtype=np.float32) * np.float32(1.0 / 255.0)

@@ -29,8 +29,8 @@ import time
 import keras
 
 from iterconv_keras import coupling as coupling_lib
-from iterconv_keras.errors import IterconvError, UsageError
-from iterconv_keras.fsutil import check_writable, write_json_atomic
+from iterconv_keras.errors import IntegrityError, IterconvError, UsageError
+from iterconv_keras.fsutil import check_writable, read_json_if_present, write_json_atomic
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 SCHEDULES = ("constant", "cosine")
@@ -371,6 +371,9 @@ def train(config, *, resume=False, log=None):
         validation_size=config.validation_size, test_size=config.test_size,
         seed=config.seed, clutter_digits=config.clutter_digits, debris_fragments=config.debris_fragments,
     )
+    # Also before the run directory: a run that cannot take one step must not leave
+    # a config.json that neither a new run nor --resume can get past.
+    steps = pipeline.steps_per_epoch(len(splits.x_train), config.batch_size)
     if resume:
         clean_stale_temporaries(config.out)
     else:
@@ -379,7 +382,7 @@ def train(config, *, resume=False, log=None):
     log(f"dataset {splits.name}: {len(splits.x_train)} train, {len(splits.x_val)} validation, "
         f"{len(splits.x_test)} test images of shape {splits.input_shape} ({splits.source})")
 
-    done, history, model = _restore_or_build(config, splits, resume, log)
+    done, history, model = _restore_or_build(config, splits, steps, resume, log)
     if done < config.epochs:
         dataset, steps = pipeline.training_batches(
             splits.x_train, splits.y_train, batch_size=config.batch_size, seed=config.seed,
@@ -398,6 +401,12 @@ def train(config, *, resume=False, log=None):
                 f"{guard.failure['step'] + 1}; the last good checkpoint "
                 f"(epoch {len(history)}) is kept in {config.out}/{CHECKPOINT_DIR}"
             )
+    elif model.lipschitz is not None:
+        # Killed after the last checkpoint but before model.keras: the projection that
+        # ends fit (IterativeResNet.fit) never ran on these weights.
+        from iterconv_keras import lipschitz
+
+        lipschitz.enforce(model)
     test = evaluate_test(model, splits)
     _save_final(model, config, history, test)
     log(f"test: loss {test['loss']:.4f}, accuracy {test['accuracy']:.4f} on {test['examples']} images")
@@ -414,16 +423,17 @@ def _verbosity():
     return 1 if sys.stdout.isatty() or sys.stderr.isatty() else 2
 
 
-def _restore_or_build(config, splits, resume, log):
+def _restore_or_build(config, splits, steps, resume, log):
     """Return (epochs completed, history, compiled model), from a checkpoint if any."""
-    steps = max(1, len(splits.x_train) // config.batch_size)
     model = build_and_compile(config, splits, steps)
     epochs = checkpoint_epochs(config.out) if resume else []
     if not epochs:
         return 0, [], model
     path = _checkpoint_path(config.out, epochs[-1])
-    with open(os.path.join(path, "state.json")) as f:
-        state = json.load(f)
+    state_path = os.path.join(path, "state.json")
+    state = read_json_if_present(state_path)
+    if not {"epochs_completed", "history"} <= set(state):
+        raise IntegrityError(f"checkpoint state {state_path} is missing or incomplete")
     restore_training_state(model, os.path.join(path, MODEL_FILE))
     log(f"resuming after epoch {state['epochs_completed']} from {path}")
     return state["epochs_completed"], state["history"], model
@@ -433,7 +443,10 @@ def restore_training_state(model, path):
     """Load weights and optimizer state saved by `save_checkpoint` into ``model``."""
     import iterconv_keras.metrics  # noqa: F401  (registers ExactSetAccuracy)
 
-    saved = keras.saving.load_model(path)
+    try:
+        saved = keras.saving.load_model(path)
+    except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is the same integrity error
+        raise IntegrityError(f"cannot load checkpoint {path}: {type(exc).__name__}: {exc}") from exc
     for target, source in zip(model.weights, saved.weights, strict=True):
         target.assign(source)
     model.optimizer.build(model.trainable_variables)

@@ -34,11 +34,6 @@ def variant_kwargs(name):
     return dict(_REGISTRY[name]["kwargs"])
 
 
-def variant_description(name):
-    variant_kwargs(name)
-    return _REGISTRY[name]["description"]
-
-
 def build_model(variant, image_shape, num_classes, **overrides):
     """Build an `IterativeResNet` from a named variant.
 

@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
+from conftest import exact_set_accuracy
 from iterconv_keras import training
 from iterconv_keras.errors import UsageError
 from iterconv_keras.training import TrainConfig
@@ -49,8 +50,17 @@ def test_run_directory_contents(reference_run):
     # metrics.json agrees with an independent evaluation of the saved model.
     with open(os.path.join(run, "metrics.json")) as f:
         metrics = json.load(f)
-    assert metrics["examples"] == reference_run["test"]["examples"] > 0
-    assert 0.0 <= metrics["accuracy"] <= 1.0 and np.isfinite(metrics["loss"])
+    assert metrics["examples"] == reference_run["test"]["examples"] == FAST["test_size"]
+    import keras
+
+    from iterconv_keras import datasets
+
+    images, labels, _ = datasets.clutter_test_set(3, FAST["test_size"])  # the run's test set
+    model = keras.saving.load_model(os.path.join(run, "model.keras"), compile=False)
+    logits = np.asarray(model(images.astype(np.float32) / 255, training=False))
+    assert metrics["accuracy"] == pytest.approx(exact_set_accuracy(logits, labels))
+    loss = keras.losses.BinaryCrossentropy(from_logits=True)(labels, logits)
+    assert metrics["loss"] == pytest.approx(float(loss), rel=1e-4)
 
 
 def test_same_seed_gives_identical_weights_and_other_seed_differs(tmp_path, reference_run):
@@ -141,3 +151,27 @@ def test_non_finite_loss_stops_with_epoch_and_step(tmp_path):
 def test_config_validation_echoes_the_value(overrides, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**overrides).validate()
+
+
+def test_resume_after_the_last_checkpoint_still_projects_onto_the_bound(tmp_path):
+    # A constrained run killed after its last checkpoint but before model.keras:
+    # resuming trains nothing, so the end-of-fit projection must run on resume.
+    import keras
+
+    from iterconv_keras import lipschitz
+
+    settings = dict(FAST, epochs=1, lr=0.05, spectral_norm=True, lipschitz=0.9)
+    run = _train(tmp_path, **settings)["run_dir"]
+    for name in ("model.keras", "metrics.json"):
+        os.remove(os.path.join(run, name))
+    training.train(TrainConfig(**dict(settings, out=run)), resume=True, log=lambda line: None)
+    model = keras.saving.load_model(os.path.join(run, "model.keras"), compile=False)
+    report = lipschitz.certify(model, iterations=500)
+    assert max(block["certified"] for block in report["blocks"]) <= 0.9 * (1 + 1e-3)
+
+
+def test_batch_larger_than_the_training_set_leaves_no_run_directory(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="batch_size 512 is larger than the training set"):
+        _train(tmp_path, "run", batch_size=512)
+    assert not out.exists()
