@@ -12,7 +12,8 @@ Why the multiple cannot fall much below ~13.5x here: the floating-point work of
 the suite is fixed by the definitions (method.md section 5); the benchmark
 counts it in the compiled graphs (TensorFlow's own op statistics) and measures
 how fast each program turns FLOPs into results against a large float32 matmul,
-the machine's practical peak. multiple >= flop_ratio * plain_rate / peak.
+the machine's practical peak (`run_all.matmul_gflops`, best of numpy and TensorFlow).
+multiple >= flop_ratio * plain_rate / peak.
 
 Usage:
     python benchmarks/bench_indices.py [--examples 2048] [--batch-size 256] [--xla]
@@ -20,9 +21,9 @@ Usage:
 
 import argparse
 import json
-import time
 
 import iterconv_keras  # noqa: F401  (TF environment defaults)
+from run_all import _timed, matmul_gflops
 
 
 def main():
@@ -73,7 +74,7 @@ def main():
     batches = -(-args.examples // args.batch_size)
     plain_flops = _graph_flops(programs, "schedule", batch) * batches
     suite_flops = _graph_flops(programs, "indices", batch) * batches
-    peak = _matmul_rate()
+    peak = matmul_gflops(n=4096)["reference_gflops"] * 1e9
     plain_rate, suite_rate = plain_flops / plain_s, suite_flops / suite_s
 
     # For reference: what a user's plain Keras evaluation of the same examples costs.
@@ -110,23 +111,6 @@ def _graph_flops(programs, kind, batch):
     options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
     options["output"] = "none"
     return tf.compat.v1.profiler.profile(graph, options=options).total_float_ops
-
-
-def _matmul_rate(n=4096, repeats=5):
-    """Float32 FLOP/s of an n x n matmul: the practical peak of this machine."""
-    import tensorflow as tf
-
-    a, b = tf.random.normal((n, n)), tf.random.normal((n, n))
-    matmul = tf.function(tf.linalg.matmul, autograph=False)
-    matmul(a, b).numpy()
-    best = min(_timed(lambda: matmul(a, b).numpy()) for _ in range(repeats))
-    return 2 * n**3 / best
-
-
-def _timed(fn):
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 if __name__ == "__main__":

@@ -262,12 +262,15 @@ def load_for_model(model, metadata, *, dataset=None, data_dir=None, limit=None):
         name = "digitclutter"
     data_dir = data_dir or metadata.get("data_dir")
     if name in datasets.GENERATED_NAMES:
-        # Generated on demand and prefix-stable: the first `limit` images are the same
-        # whatever the size, so only those are made. The set is the one the model was
-        # trained for: its digit or fragment count comes from the metadata.
+        # Generated on demand and prefix-stable: the first `limit` test images are the
+        # same whatever the size, so only those are made; no validation set is needed
+        # (the training set is, for the mean that fills occluded patches). The set is
+        # the one the model was trained for: its digit or fragment count comes from
+        # the metadata.
         digits = _setting(metadata, "clutter_digits") or metadata.get("n_digits") or 3
         fragments = _setting(metadata, "debris_fragments") or datasets.DEFAULT_DEBRIS_FRAGMENTS
-        return datasets.load(name, clutter_digits=int(digits), debris_fragments=int(fragments), test_size=limit)
+        return datasets.load(name, clutter_digits=int(digits), debris_fragments=int(fragments),
+                             validation_size=0, test_size=limit)
     return datasets.load(name, data_dir=data_dir)
 
 

@@ -23,13 +23,12 @@ The SavedModel needs neither Keras nor this package to load and run.
 """
 
 import datetime
-import json
 import os
 import platform
 
 import numpy as np
 
-from iterconv_keras.fsutil import write_json_atomic
+from iterconv_keras.fsutil import read_json_if_present, write_json_atomic
 
 IMAGE_FEATURE = "images"
 SERVING_SIGNATURE = "serving_default"
@@ -287,19 +286,6 @@ def read_run_files(run_dir):
     Raises:
         IntegrityError: one of the files exists but is not valid JSON.
     """
-    from iterconv_keras.errors import IntegrityError
-
-    documents = {}
-    for key in ("config", "metrics", "eval"):
-        path = os.path.join(run_dir, f"{key}.json")
-        if not os.path.isfile(path):
-            documents[key] = {}
-            continue
-        try:
-            with open(path) as f:
-                documents[key] = json.load(f)
-        except (OSError, ValueError) as exc:
-            raise IntegrityError(f"cannot read {path}: {exc}") from exc
-    return documents
+    return {key: read_json_if_present(os.path.join(run_dir, f"{key}.json")) for key in ("config", "metrics", "eval")}
 
 

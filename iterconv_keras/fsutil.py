@@ -77,3 +77,21 @@ def json_default(value):
 def write_json_atomic(path, document, **dump_options):
     """`write_text_atomic` of ``document`` as indented JSON (numpy values allowed)."""
     write_text_atomic(path, json.dumps(document, indent=2, default=json_default, **dump_options) + "\n")
+
+
+def read_json_if_present(path):
+    """The JSON document at ``path``, or ``{}`` when there is no such file.
+
+    Raises:
+        IntegrityError: the file exists but cannot be read or is not JSON; the
+            message names the file.
+    """
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as exc:
+        from iterconv_keras.errors import IntegrityError
+
+        raise IntegrityError(f"cannot read {path}: {exc}") from exc

@@ -13,7 +13,7 @@ A = accuracy, chance = 1/K or the exact-set chance 1/C(K, n)):
 
     RI_t  = (L(drop_t) - L(rep_t)) / (L(drop_t) - L(full))      t = 2..T
             rep_t: block t replaced by a second application of block t-1
-            drop_t: block t removed; t is skipped when |L(drop_t) - L(full)| < tol
+            drop_t: block t removed; t is skipped when |L(drop_t) - L(full)| <= tol
     DI(K) = (A(full) - A(full+K)) / (A(full) - chance)           K extra iterations
             of the stage's last block; DI = mean over K
     CI    = 1 - u_(T+Kmax) / u_T,   u_k = mean_x ||f(x_k)||
@@ -325,7 +325,7 @@ def compute_indices(
         y: labels ``[N]`` or multi-hot ``[N, K]`` for a multi-label model.
         extra_iterations: the K of the divergence index, increasing; the largest
             is K_max of the convergence index. Default ``(1, 2, 4, 8, 16)``.
-        tolerance: RI_t is skipped when ``|L(drop_t) - L(full)| < tolerance``
+        tolerance: RI_t is skipped when ``|L(drop_t) - L(full)| <= tolerance``
             (nats). Default 1e-3.
         accuracy_tolerance: the same for the accuracy version. Default 0.01.
         batch_size: examples per compiled call. Default 256.

@@ -9,10 +9,10 @@ A reference is, in the order tried (interfaces.md):
 """
 
 import dataclasses
-import json
 import os
 
 from iterconv_keras.errors import ModelNotFound
+from iterconv_keras.fsutil import read_json_if_present
 
 RUN_MODEL_FILE = "model.keras"
 ZOO_MODEL_FILE = os.path.join("assets.extra", "model.keras")
@@ -53,10 +53,10 @@ def load_model(reference, *, zoo_root=None):
     reference = str(reference)
     if os.path.isdir(reference):
         if os.path.isfile(os.path.join(reference, RUN_MODEL_FILE)):
-            metadata = _read_json(os.path.join(reference, "config.json"))
+            metadata = read_json_if_present(os.path.join(reference, "config.json"))
             return _from_file(reference, "run", os.path.join(reference, RUN_MODEL_FILE), metadata)
         if os.path.isfile(os.path.join(reference, ZOO_MODEL_FILE)):
-            metadata = _read_json(os.path.join(reference, ZOO_METADATA_FILE))
+            metadata = read_json_if_present(os.path.join(reference, ZOO_METADATA_FILE))
             return _from_file(reference, "zoo_version", os.path.join(reference, ZOO_MODEL_FILE), metadata)
         raise ModelNotFound(
             f"{reference} is a directory but holds neither {RUN_MODEL_FILE} (a finished "
@@ -87,10 +87,3 @@ def _from_file(reference, kind, path, metadata):
 
         raise IntegrityError(f"cannot load model {path}: {type(exc).__name__}: {exc}") from exc
     return LoadedModel(model, reference, kind, path, metadata)
-
-
-def _read_json(path):
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)

@@ -66,7 +66,7 @@ def to_unit_float(x):
 class StagePrograms:
     """A model's compiled evaluation programs, and the pieces they are written from.
 
-    The pieces (`embed`, `enter`, `residual`, `apply_block`, `run_blocks`,
+    The pieces (`embed`, `enter`, `residual`, `run_blocks`,
     `tail_logits`, `scores`) build graph ops; call them while tracing a program
     passed to `compiled`. `run_schedule` is the ready-made program for one
     whole block schedule.
@@ -122,15 +122,9 @@ class StagePrograms:
         """The residual function ``f(h)`` of block ``(stage, index)``."""
         return self.model.stages[stage][index].residual(h, training=False)
 
-    def apply_block(self, stage, index, h):
-        """One application ``h + f(h)`` of block ``(stage, index)``."""
-        return h + self.residual(stage, index, h)
-
     def run_blocks(self, stage, order, h):
-        """Apply the blocks of ``stage`` listed in ``order`` to ``h``."""
-        for t in order:
-            h = self.apply_block(stage, t, h)
-        return h
+        """Apply the blocks of ``stage`` listed in ``order`` to ``h`` (the model's own `run_stage`)."""
+        return self.model.run_stage(h, stage, list(order), training=False)
 
     def tail_logits(self, stage, h):
         """Stages after ``stage`` under the trained schedule, then the head.
@@ -234,6 +228,3 @@ class Totals:
 
     def mean(self, key):
         return self._sums[key] / self._counts[key]
-
-    def __contains__(self, key):
-        return key in self._sums

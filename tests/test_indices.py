@@ -269,18 +269,21 @@ def test_later_schedules_reuse_cached_stage_inputs():
     x, y = _class_images(per_class=16)  # 64 examples = 2 batches of 32
     model = _hand_model(blocks=3, stage_widths=(CLASSES, 8))
     programs = StagePrograms(model)
-    # The pieces build graph ops, so their calls while tracing count the block
+    # The pieces build graph ops, so calls while tracing count the block
     # applications in the compiled suite, whatever the number of batches.
     calls = {}
-    for name in ("embed", "residual"):
-        original = getattr(programs, name)
 
-        def counted(*args, _original=original, _name=name):
-            key = (_name,) + tuple(a for a in args[:1] if isinstance(a, int))
+    def counting(original, key):
+        def counted(*args, **kwargs):
             calls[key] = calls.get(key, 0) + 1
-            return _original(*args)
+            return original(*args, **kwargs)
 
-        setattr(programs, name, counted)
+        return counted
+
+    programs.embed = counting(programs.embed, ("embed",))
+    for s, blocks in enumerate(model.stages):
+        for block in blocks:
+            block.residual = counting(block.residual, ("residual", s))
     indices.measure(programs, x, y, extra_iterations=(1, 2), batch_size=32)
     # The stem is in the program once: no schedule recomputes what comes before its stage.
     assert calls[("embed",)] == 1
