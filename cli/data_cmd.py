@@ -60,9 +60,10 @@ def debris_command(fragments, count, seed, out, json_output):
     file and renamed, so a reader never sees half a file.
     """
     from iterconv_keras import debris
+    from iterconv_keras import digitclutter as dc
 
     debris.validate_fragments(fragments, "--fragments")
-    debris._validate(fragments, count, 32, seed)
+    dc.validate_generation(count, 32, seed)
     _check_output(count, out)
     generated = _with_progress(lambda progress: debris.generate(fragments, count, seed, progress=progress), count)
     _write(out, {"images": generated.images, "labels": generated.labels}, generated.info,
@@ -131,4 +132,5 @@ def info_command(data_dir, json_output):
         if row["available"]:
             click.echo(f"{row['name']:<{width}}  yes  {row['format']}: {row['where']}")
         else:
-            click.echo(f"{row['name']:<{width}}  no   to get it: {row['how_to_get']}")
+            looked = "; ".join(row["where"]) if isinstance(row["where"], list) else row["where"]
+            click.echo(f"{row['name']:<{width}}  no   looked in: {looked}; to get it: {row['how_to_get']}")

@@ -24,7 +24,7 @@ def COMMAND(model, name, zoo_dir, json_output):
     """
     from iterconv_keras import zoo
 
-    # Validate before loading TensorFlow and the model.
+    # Validate the name before loading the model.
     zoo.validate_name(name)
     path = zoo.export_version(model, name, root=zoo_dir)
     if json_output:

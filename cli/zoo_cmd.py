@@ -128,6 +128,9 @@ def serving_config_command(out, zoo_dir, json_output):
     from iterconv_keras import fsutil, zoo
 
     zoo.existing_root(zoo_dir)
+    if out:
+        # Refuse a bad --out before <zoo>/models.config is rewritten, naming the user's path.
+        fsutil.check_writable(out)
     text = zoo.serving_config(zoo_dir)
     written = [os.path.join(zoo.resolve_root(zoo_dir), zoo.SERVING_CONFIG)]
     if out:

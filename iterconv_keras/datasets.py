@@ -341,6 +341,11 @@ def _load_idx(paths):
 
 
 def _load_npz(path):
+    import zipfile
+
+    if os.path.isfile(path) and not zipfile.is_zipfile(path):
+        # numpy would suggest allow_pickle=True for a non-zip file: never what is meant here.
+        raise errors.DatasetNotAvailable(f"cannot read {path}: not a .npz (zip) archive (truncated or corrupt)")
     try:
         with np.load(path, allow_pickle=False) as archive:
             missing = {"x_train", "y_train", "x_test", "y_test"} - set(archive.files)

@@ -265,7 +265,9 @@ def _model_and_card(model_or_reference, name, root):
 def _rename_to_next_version(build, root, name):
     folder = os.path.join(root, name)
     os.makedirs(folder, exist_ok=True)
-    version = max(_versions_on_disk(root, name), default=0) + 1
+    # Past the manifest's versions too: a number whose folder was deleted is not reused
+    # (versions are immutable: a client may still hold the old one).
+    version = max([*_versions_on_disk(root, name), *_registered_versions(root, name)], default=0) + 1
     for _ in range(_MAX_RENAME_ATTEMPTS):
         target = os.path.join(folder, str(version))
         try:
@@ -277,6 +279,11 @@ def _rename_to_next_version(build, root, name):
                 raise
             version += 1
     raise IntegrityError(f"could not find a free version number under {folder}")
+
+
+def _registered_versions(root, name):
+    """The version numbers of ``name`` in the manifest."""
+    return [int(v) for v in read_manifest(root)["models"].get(name, {}).get("versions", {})]
 
 
 def _register_version(root, name, version, checksums, card):

@@ -12,16 +12,8 @@ from iterconv_keras import datasets, digitclutter
 
 @pytest.fixture(scope="module")
 def cli():
-    try:
-        from iterconv_cli.main import cli as root
-    except ImportError as exc:  # the train command is written in parallel
-        if "train_cmd" not in str(exc):
-            raise
-        import click
+    from iterconv_cli.main import cli as root
 
-        from iterconv_cli import data_cmd
-
-        root = click.Group("iterconv", commands={"data": data_cmd.COMMAND})
     return root
 
 

@@ -115,3 +115,15 @@ def test_load_for_model_reads_the_fragment_count_from_run_or_zoo_metadata(monkey
         expected = debris.generate(50, 8, seed=datasets.debris_seed("test", 50))
         np.testing.assert_array_equal(splits.x_test, expected.images)
     assert evaluation.load_for_model(model, {"dataset": "digitdebris"}, limit=4).info["n_fragments"] == 10
+
+
+def test_command_line_defaults_match_the_library():
+    # The commands keep literal defaults (for a fast --help); the library decides them.
+    from iterconv_cli import data_cmd
+    from iterconv_keras.training import TrainConfig
+
+    train = {p.name: p.default for p in train_cmd.COMMAND.params}
+    data = {p.name: p.default for p in data_cmd.COMMAND.commands["debris"].params}
+    assert train["debris_fragments"] == data["fragments"] == datasets.DEFAULT_DEBRIS_FRAGMENTS
+    assert train["debris_fragments"] == TrainConfig().debris_fragments
+    assert train["clutter_digits"] == TrainConfig().clutter_digits

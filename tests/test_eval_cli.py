@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from conftest import exact_set_accuracy
 from iterconv_cli.main import cli
 from iterconv_keras.variants import build_model
 
@@ -57,9 +58,15 @@ def test_json_document_follows_interfaces(run_dir, tmp_path):
     assert len(occluded["accuracy"]) == 6
     assert sorted(occluded["clutter"]) == ["2", "3", "4", "5"]  # a Digitclutter model
     assert occluded["accuracy"][0] == pytest.approx(document["accuracy"])
+    # The clutter sweep's 3-digit set is the evaluated test set itself.
+    assert occluded["clutter"]["3"] == pytest.approx(document["accuracy"])
     # An untrained network's blocks are tied at initialisation (method.md section 3):
     # rho = 0, one block's worth of parameters per stage.
-    assert indices["effective_parameters"] < indices["parameters"]
+    model = keras.saving.load_model(os.path.join(run_dir, "model.keras"), compile=False)
+    per_block = [sum(int(np.prod(v.shape)) for v in blocks[0].trainable_variables) for blocks in model.stages]
+    tied = sum((len(blocks) - 1) * p for blocks, p in zip(model.stages, per_block))
+    assert indices["parameters"] == sum(int(np.prod(v.shape)) for v in model.trainable_variables)
+    assert indices["effective_parameters"] == pytest.approx(indices["parameters"] - tied)
     # --out holds the same document, written atomically (no temporary left behind).
     assert json.loads(out.read_text()) == document
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")] == []
@@ -83,15 +90,16 @@ def test_sections_not_requested_are_absent_and_table_is_default(run_dir):
 
 def test_limit_evaluates_a_prefix(run_dir):
     from iterconv_keras import datasets, loading
-    from iterconv_keras.schedules import StagePrograms
 
     result = _invoke(["eval", run_dir, "--limit", "10", "--no-indices", "--no-occlusion", "--json"])
     document = json.loads(result.stdout)
     model = loading.load_model(run_dir).model
     images, labels, _ = datasets.clutter_test_set(3, 10)
-    loss, correct = StagePrograms(model).run_schedule(images.astype(np.float32) / 255, labels, None)
-    assert document["accuracy"] == pytest.approx(float(np.mean(correct)))
-    assert document["loss"] == pytest.approx(float(np.mean(loss)), rel=1e-5)
+    # Oracle: the model's plain forward pass, exact-set accuracy and Keras' own loss.
+    logits = np.asarray(model(images.astype(np.float32) / 255, training=False))
+    assert document["accuracy"] == pytest.approx(exact_set_accuracy(logits, labels))
+    loss = keras.losses.BinaryCrossentropy(from_logits=True)(labels, logits)
+    assert document["loss"] == pytest.approx(float(loss), rel=1e-5)
 
 
 def test_missing_model_exits_4(tmp_path):

@@ -76,6 +76,8 @@ def test_kill_during_an_epoch(tmp_path, uninterrupted):
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
+    # The kill landed while training ran: resuming a finished run would prove nothing.
+    assert process.returncode == -signal.SIGKILL, "the run ended before the kill"
     _resume_and_compare(out, uninterrupted)
 
 
@@ -91,4 +93,6 @@ def test_kill_at_arbitrary_times(tmp_path, uninterrupted, delay):
     time.sleep(delay)
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
+    # The kill landed while training ran: resuming a finished run would prove nothing.
+    assert process.returncode == -signal.SIGKILL, "the run ended before the kill"
     _resume_and_compare(out, uninterrupted)

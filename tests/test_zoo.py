@@ -225,10 +225,18 @@ def test_rename_falls_through_to_the_next_free_number(monkeypatch, zoo_root, mod
     before = zoo.file_checksums(os.path.join(zoo_root, "toy", "1"))
     monkeypatch.setattr(zoo.export_lib, "write_saved_model", _fake_write_saved_model)
     monkeypatch.setattr(zoo, "_versions_on_disk", lambda *_: [])
+    monkeypatch.setattr(zoo, "_registered_versions", lambda *_: [])
     path = zoo.export_version(models[0], "toy", root=zoo_root)
     assert path == os.path.join(zoo_root, "toy", "3")
     assert zoo.file_checksums(os.path.join(zoo_root, "toy", "1")) == before
     assert all(r["ok"] for r in zoo.verify_report(root=zoo_root, load_models=False))
+
+
+def test_a_deleted_version_number_is_not_reused(monkeypatch, zoo_root, models):
+    monkeypatch.setattr(zoo.export_lib, "write_saved_model", _fake_write_saved_model)
+    shutil.rmtree(os.path.join(zoo_root, "toy", "2"))  # still registered in the manifest
+    path = zoo.export_version(models[0], "toy", root=zoo_root)
+    assert path == os.path.join(zoo_root, "toy", "3")
 
 
 def test_failed_registration_leaves_nothing_behind(monkeypatch, zoo_root, models):

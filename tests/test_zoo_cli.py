@@ -14,16 +14,8 @@ from iterconv_keras.variants import build_model
 
 @pytest.fixture(scope="module")
 def cli():
-    try:
-        from iterconv_cli.main import cli as root
-    except ImportError as exc:  # other commands are written in parallel
-        if "_cmd" not in str(exc):
-            raise
-        import click
+    from iterconv_cli.main import cli as root
 
-        from iterconv_cli import export_cmd, zoo_cmd
-
-        root = click.Group("iterconv", commands={"export": export_cmd.COMMAND, "zoo": zoo_cmd.COMMAND})
     return root
 
 
