@@ -30,7 +30,8 @@ _RESUMABLE_SETTINGS = (
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--lr", type=float, default=0.002, show_default=True, help="Peak learning rate.")
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adam", show_default=True)
-@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--weight-decay", type=float, default=0.0, show_default=True,
+              help="Decoupled weight decay; 0 with --optimizer adamw means 1e-4.")
 @click.option("--schedule", type=click.Choice(("cosine", "constant")), default="cosine", show_default=True,
               help="Learning-rate schedule.")
 @click.option("--train-size", type=int, default=None, help="Training images (default: the dataset's).")

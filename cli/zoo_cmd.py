@@ -96,8 +96,6 @@ def verify_command(reference, no_load, zoo_dir, json_output):
     from iterconv_keras import zoo
 
     zoo.existing_root(zoo_dir)
-    from iterconv_keras.errors import IntegrityError
-
     report = zoo.verify_report(reference, zoo_dir, load_models=not no_load)
     if json_output:
         emit_json({"zoo": zoo.resolve_root(zoo_dir), "ok": all(r["ok"] for r in report), "versions": report})
@@ -109,10 +107,7 @@ def verify_command(reference, no_load, zoo_dir, json_output):
             click.echo(f"{result['name']}@{result['version']}  {status}")
             for problem in result["problems"]:
                 click.echo(f"  {problem}")
-    problems = [p for r in report for p in r["problems"]]
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise IntegrityError(f"zoo verification failed: {problems[0]}{more}")
+    zoo.raise_on_problems(report)
 
 
 @COMMAND.command("serving-config")

@@ -62,7 +62,8 @@ class TrainConfig:
         batch_size: images per step (> 0).
         lr: peak learning rate (> 0).
         optimizer: one of `OPTIMIZERS` (``momentum`` is SGD with momentum 0.9).
-        weight_decay: decoupled weight decay (>= 0).
+        weight_decay: decoupled weight decay (>= 0); 0 with ``optimizer="adamw"``
+            means AdamW's customary 1e-4 (0 for the other optimizers means none).
         schedule: learning-rate schedule, ``cosine`` (decays to 0 over the run)
             or ``constant``.
         train_size: training images (None: the dataset's default).

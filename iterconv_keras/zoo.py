@@ -535,11 +535,16 @@ def verify(reference=None, root=None, load_models=True):
         The report when everything is intact.
     """
     report = verify_report(reference, root, load_models)
+    raise_on_problems(report)
+    return report
+
+
+def raise_on_problems(report):
+    """Raise `IntegrityError` naming the first problem of a `verify_report` (and how many more)."""
     problems = [p for result in report for p in result["problems"]]
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise IntegrityError(f"zoo verification failed: {problems[0]}{more}")
-    return report
 
 
 # -- TF Serving
