@@ -19,7 +19,7 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from iterconv_keras import debris, digitclutter  # noqa: E402
+from iterconv_keras.data import debris, digitclutter  # noqa: E402
 
 
 def main():

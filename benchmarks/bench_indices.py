@@ -22,8 +22,9 @@ Usage:
 import argparse
 import json
 
-import iterconv_keras  # noqa: F401  (TF environment defaults)
 from run_all import _timed, matmul_gflops
+
+import iterconv_keras  # noqa: F401  (TF environment defaults)
 
 
 def main():
@@ -37,7 +38,9 @@ def main():
     import keras
     import numpy as np
 
-    from iterconv_keras import indices, schedules, variants
+    from iterconv_keras.analysis import indices
+    from iterconv_keras.analysis import programs as schedules
+    from iterconv_keras.models import variants
 
     keras.utils.set_random_seed(0)
     model = variants.build_model("small", (32, 32, 1), 10)

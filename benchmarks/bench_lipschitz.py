@@ -17,12 +17,11 @@ import json
 import statistics
 import time
 
-import iterconv_keras  # noqa: F401  (environment defaults before TensorFlow loads)
-
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from iterconv_keras.variants import build_model  # noqa: E402
+import iterconv_keras  # noqa: F401  (environment defaults before TensorFlow loads)
+from iterconv_keras.models.variants import build_model  # noqa: E402
 
 
 def _model(lipschitz, jit_compile):

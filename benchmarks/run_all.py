@@ -120,7 +120,8 @@ class KerasTrainer:
     def __init__(self, variant, image_shape, batch, coupling, lipschitz, jit_compile):
         import numpy as np
 
-        from iterconv_keras import pipeline, training
+        from iterconv_keras import training
+        from iterconv_keras.data import pipeline
 
         config = training.TrainConfig(variant=variant, coupling=coupling, spectral_norm=lipschitz is not None,
                                       lipschitz=lipschitz or 0.9, batch_size=batch)
@@ -221,7 +222,7 @@ class TorchTrainer:
 
 def train_case(variant, case, jit_compile, worker, quick, log):
     """Interleaved training throughput of every configuration, ours and (if available) PyTorch."""
-    from iterconv_keras import variants
+    from iterconv_keras.models import variants
 
     steps, repeats = (case["steps"][1], case["repeats"][1]) if quick else (case["steps"][0], case["repeats"][0])
     batch, shape = case["batch"], case["image_shape"]
@@ -291,7 +292,8 @@ def inference_case(quick, log):
     import numpy as np
     import tensorflow as tf
 
-    from iterconv_keras import export, variants
+    from iterconv_keras.models import variants
+    from iterconv_keras.zoo import savedmodel as export
 
     model = variants.build_model("small", (32, 32, 1), NUM_CLASSES)
     model.compile(loss="sparse_categorical_crossentropy")

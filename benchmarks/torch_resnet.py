@@ -1,6 +1,6 @@
 """PyTorch twin of `IterativeResNet`, for side-by-side training throughput.
 
-The network is layer for layer the Keras one (`iterconv_keras/model.py`,
+The network is layer for layer the Keras one (`iterconv_keras/models/resnet.py`,
 `blocks.py`): input normalisation, stem ``Conv3x3 -> BN -> ReLU`` (optionally
 stride 2), per stage an uncoupled transition ``BN -> ReLU -> Conv3x3/2`` (none
 in stage 0 when the stem already has its width), T pre-activation blocks
@@ -36,7 +36,7 @@ from torch import nn
 BN_EPS = 1e-3
 BN_MOMENTUM = 0.1  # Keras momentum 0.9
 
-# The rows of `iterconv_keras.variants` this twin mirrors (kept in sync by hand;
+# The rows of `iterconv_keras.models.variants` this twin mirrors (kept in sync by hand;
 # run_all.py passes the Keras model's own config, so drift shows as a KeyError).
 VARIANTS = {
     "tiny": dict(stage_widths=(4, 8), blocks_per_stage=2, stem_stride=1),

@@ -3,7 +3,6 @@
 import os
 
 import click
-
 from iterconv_cli._common import emit_json, report_errors
 
 
@@ -37,7 +36,7 @@ def digitclutter_command(n_digits, count, seed, out, json_output):
     ``info`` (a JSON string: font, sha256, recipe, seed). It is written to a
     temporary file and renamed, so a reader never sees half a file.
     """
-    from iterconv_keras import digitclutter
+    from iterconv_keras.data import digitclutter
 
     # Validate before the (possibly long) generation, with the generator's messages.
     digitclutter._validate(n_digits, count, 32, seed)
@@ -59,8 +58,8 @@ def debris_command(fragments, count, seed, out, json_output):
     iterconv's operationalisation (docs/datasets.md). It is written to a temporary
     file and renamed, so a reader never sees half a file.
     """
-    from iterconv_keras import debris
-    from iterconv_keras import digitclutter as dc
+    from iterconv_keras.data import debris
+    from iterconv_keras.data import digitclutter as dc
 
     debris.validate_fragments(fragments, "--fragments")
     dc.validate_generation(count, 32, seed)
@@ -121,7 +120,7 @@ def info_command(data_dir, json_output):
     Searched: --data-dir, $ITERCONV_DATA_DIR, ~/.keras/datasets,
     ~/tensorflow_datasets, /usr/share/datasets. Nothing is downloaded.
     """
-    from iterconv_keras import datasets
+    from iterconv_keras.data import datasets
 
     rows = datasets.available(data_dir)
     if json_output:

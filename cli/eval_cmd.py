@@ -3,7 +3,6 @@
 import os
 
 import click
-
 from iterconv_cli._common import emit_json, report_errors
 
 DATASETS = ("digitclutter", "digitdebris", "mnist", "fashion_mnist", "cifar10", "cifar100")
@@ -35,9 +34,10 @@ def COMMAND(model_reference, dataset, indices, occlusion, limit, batch_size, plo
     reference NAME[@VERSION]. The indices are iterconv's operationalisation of
     Lippl, Peters & Kriegeskorte (PLoS One 2024); see docs/indices.md.
     """
-    from iterconv_keras import evaluation, fsutil, loading
+    from iterconv_keras import fsutil, loading
 
     # Everything that can be refused is checked before the (long) evaluation starts.
+    from iterconv_keras.analysis import evaluation
     if plots_dir:
         if os.path.exists(plots_dir) and not os.path.isdir(plots_dir):
             raise ValueError(f"--plots {plots_dir} exists and is not a directory")
@@ -59,7 +59,7 @@ def COMMAND(model_reference, dataset, indices, occlusion, limit, batch_size, plo
             progress=progress, model_reference=model_reference,
         )
     if plots_dir:
-        from iterconv_keras import plots
+        from iterconv_keras.analysis import plots
 
         for path in plots.write_plots(document, plots_dir):
             click.echo(f"wrote {path}", err=True)

@@ -1,7 +1,6 @@
 """``iterconv train``: train one model into a run directory."""
 
 import click
-
 from iterconv_cli._common import emit_json, progress_to_stderr, report_errors
 
 DATASETS = ("digitclutter", "digitdebris", "mnist", "fashion_mnist", "cifar10", "cifar100")

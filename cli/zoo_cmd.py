@@ -3,7 +3,6 @@
 import json
 
 import click
-
 from iterconv_cli._common import emit_json, report_errors
 
 _ZOO_OPTION = click.option(

@@ -3,7 +3,7 @@
 The grid reproduces the paper's comparison on a CPU budget: soft gradient
 coupling lambda in {0, 0.5, 0.9, 0.99, 1} without the constraint, and lambda in
 {0, 1} with the Lipschitz constraint (c = 0.9), each trained with the same seed
-and settings, then scored by `iterconv_keras.evaluation.evaluate` (indices,
+and settings, then scored by `iterconv_keras.analysis.evaluation.evaluate` (indices,
 occlusion). Results in docs/results.md come from this script.
 
 Usage:
@@ -44,7 +44,8 @@ def main(argv=None):
     parser.add_argument("--conditions", default=",".join(CONDITIONS))
     args = parser.parse_args(argv)
 
-    from iterconv_keras import evaluation, training
+    from iterconv_keras import training
+    from iterconv_keras.analysis import evaluation
     from iterconv_keras.fsutil import write_json_atomic
     from iterconv_keras.loading import load_model
 

@@ -77,8 +77,8 @@ def load_model(reference, *, zoo_root=None):
 def _from_file(reference, kind, path, metadata):
     import keras
 
-    import iterconv_keras.model  # noqa: F401  (registers the custom classes)
-    import iterconv_keras.metrics  # noqa: F401
+    import iterconv_keras.models.metrics  # noqa: F401
+    import iterconv_keras.models.resnet  # noqa: F401  (registers the custom classes)
 
     try:
         model = keras.saving.load_model(path, compile=False)

@@ -28,9 +28,9 @@ import time
 
 import keras
 
-from iterconv_keras import coupling as coupling_lib
 from iterconv_keras.errors import IntegrityError, IterconvError, UsageError
 from iterconv_keras.fsutil import check_writable, read_json_if_present, write_json_atomic
+from iterconv_keras.models import coupling as coupling_lib
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 SCHEDULES = ("constant", "cosine")
@@ -53,8 +53,8 @@ class TrainConfig:
     """Every setting of a training run (saved as ``config.json``).
 
     Args:
-        dataset: dataset name (see `iterconv_keras.datasets.DATASET_NAMES`).
-        variant: architecture name (see `iterconv_keras.variants`).
+        dataset: dataset name (see `iterconv_keras.data.datasets.DATASET_NAMES`).
+        variant: architecture name (see `iterconv_keras.models.variants`).
         coupling: soft gradient coupling strength lambda in [0, 1].
         spectral_norm: constrain the residual functions to Lip(f) <= lipschitz.
         lipschitz: the bound c > 0 used when ``spectral_norm`` is on.
@@ -102,7 +102,8 @@ class TrainConfig:
 
     def validate(self):
         """Raise ``ValueError`` naming the first bad setting; return self."""
-        from iterconv_keras import datasets, debris, variants
+        from iterconv_keras.data import datasets, debris
+        from iterconv_keras.models import variants
 
         if self.dataset not in datasets.DATASET_NAMES:
             raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(datasets.DATASET_NAMES)}")
@@ -284,7 +285,7 @@ def clean_stale_temporaries(out):
 
 def build_and_compile(config, splits, steps_per_epoch):
     """Build the variant for ``splits`` and compile it as ``config`` says."""
-    from iterconv_keras import variants
+    from iterconv_keras.models import variants
 
     keras.utils.set_random_seed(config.seed)
     overrides = {
@@ -327,7 +328,7 @@ def make_loss(multi_label):
 
 def make_accuracy(multi_label):
     """Accuracy named ``accuracy`` in both cases: exact-set accuracy for clutter."""
-    from iterconv_keras.metrics import ExactSetAccuracy
+    from iterconv_keras.models.metrics import ExactSetAccuracy
 
     if multi_label:
         return ExactSetAccuracy(name="accuracy")
@@ -364,7 +365,7 @@ def train(config, *, resume=False, log=None):
     else:
         check_new_run_dir(config.out)
 
-    from iterconv_keras import datasets, pipeline
+    from iterconv_keras.data import datasets, pipeline
 
     # Data before the run directory: a missing dataset must leave nothing behind.
     splits = datasets.load(
@@ -405,7 +406,7 @@ def train(config, *, resume=False, log=None):
     elif model.lipschitz is not None:
         # Killed after the last checkpoint but before model.keras: the projection that
         # ends fit (IterativeResNet.fit) never ran on these weights.
-        from iterconv_keras import lipschitz
+        from iterconv_keras.models import lipschitz
 
         lipschitz.enforce(model)
     test = evaluate_test(model, splits)
@@ -442,7 +443,7 @@ def _restore_or_build(config, splits, steps, resume, log):
 
 def restore_training_state(model, path):
     """Load weights and optimizer state saved by `save_checkpoint` into ``model``."""
-    import iterconv_keras.metrics  # noqa: F401  (registers ExactSetAccuracy)
+    import iterconv_keras.models.metrics  # noqa: F401  (registers ExactSetAccuracy)
 
     try:
         saved = keras.saving.load_model(path)
@@ -456,7 +457,7 @@ def restore_training_state(model, path):
 
 
 def evaluate_test(model, splits):
-    from iterconv_keras import pipeline
+    from iterconv_keras.data import pipeline
 
     results = model.evaluate(
         pipeline.evaluation_batches(splits.x_test, splits.y_test), verbose=0, return_dict=True

@@ -6,12 +6,12 @@ devices so `tf.distribute.MirroredStrategy` can be tested without a GPU (this
 must happen before TensorFlow initialises its runtime).
 """
 
-import iterconv_keras  # noqa: F401  (sets TF environment defaults before TF loads)
-
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+
+import iterconv_keras  # noqa: F401  (sets TF environment defaults before TF loads)
 
 _cpus = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(

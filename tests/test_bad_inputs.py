@@ -9,10 +9,10 @@ import os
 import keras
 import pytest
 from click.testing import CliRunner
-
 from iterconv_cli.main import cli
+
 from iterconv_keras import zoo
-from iterconv_keras.variants import build_model
+from iterconv_keras.models.variants import build_model
 
 
 @pytest.fixture(scope="module")

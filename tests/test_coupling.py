@@ -4,9 +4,9 @@ import keras
 import numpy as np
 import pytest
 
-from iterconv_keras import coupling
-from iterconv_keras.model import IterativeResNet
-from iterconv_keras.variants import build_model
+from iterconv_keras.models import coupling
+from iterconv_keras.models.resnet import IterativeResNet
+from iterconv_keras.models.variants import build_model
 
 SHAPE = (12, 12, 1)
 N_CLASSES = 4

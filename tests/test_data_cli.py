@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from iterconv_keras import datasets, digitclutter
+from iterconv_keras.data import datasets, digitclutter
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,8 @@ import struct
 import numpy as np
 import pytest
 
-from iterconv_keras import datasets, errors
+from iterconv_keras import errors
+from iterconv_keras.data import datasets
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -282,7 +283,7 @@ def test_digitclutter_uses_fixed_seeds_independent_of_training_seed():
 
 
 def test_digitdebris_uses_fixed_seeds_independent_of_training_seed():
-    from iterconv_keras import debris
+    from iterconv_keras.data import debris
 
     a = datasets.load("digitdebris", debris_fragments=10, train_size=200, validation_size=50, test_size=100, seed=0)
     b = datasets.load("digitdebris", debris_fragments=10, train_size=200, validation_size=50, test_size=100, seed=9)

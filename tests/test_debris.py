@@ -1,17 +1,17 @@
 """Debris generator: labels and pixels match the parameters, determinism, statistics, fidelity.
 
 Reference: Spoerer, McClure & Kriegeskorte (2017), Front. Psychol. 8:1551 (debris
-sets); the recipe is our operationalisation (see `iterconv_keras.debris`).
+sets); the recipe is our operationalisation (see `iterconv_keras.data.debris`).
 """
 
 import hashlib
 
 import numpy as np
 import pytest
-
 from conftest import check_seeded_generator
-from iterconv_keras import debris as db
-from iterconv_keras import digitclutter as dc
+
+from iterconv_keras.data import debris as db
+from iterconv_keras.data import digitclutter as dc
 
 Q = dc.RENDER_SCALE
 
@@ -95,7 +95,7 @@ def test_info_records_font_and_fragment_recipe():
     info = db.generate(50, 5, seed=1).info
     with open(dc.font_path(), "rb") as handle:
         assert info["font_sha256"] == hashlib.sha256(handle.read()).hexdigest()
-    assert info["generator"] == "iterconv_keras.debris" and "1551" in info["reference"]
+    assert info["generator"] == "iterconv_keras.data.debris" and "1551" in info["reference"]
     assert (info["seed"], info["n_fragments"], info["target_digits"]) == (1, 50, 1)
     assert info["fragment_size_range"] == [6, 9] and info["fragments_in_front"] is True
     assert info["x_offset_range"] == [-0.29, 0.29] and info["y_offset_range"] == [-0.19, 0.19]

@@ -10,10 +10,11 @@ import keras
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
 from iterconv_cli import eval_cmd, train_cmd
 from iterconv_cli.main import cli
-from iterconv_keras import datasets, debris, evaluation
+
+from iterconv_keras.analysis import evaluation
+from iterconv_keras.data import datasets, debris
 
 FRAGMENTS = 10
 TRAIN = ["--variant", "tiny", "--epochs", "1", "--batch-size", "64", "--train-size", "256",
@@ -92,7 +93,7 @@ def test_eval_rebuilds_the_debris_test_set_and_scores_a_prefix(run_dir, tmp_path
 
 
 def test_debris_sweep_levels_are_the_generators():
-    from iterconv_keras import occlusion
+    from iterconv_keras.analysis import occlusion
 
     assert occlusion.DEBRIS_FRAGMENTS == debris.FRAGMENT_COUNTS
 
@@ -120,6 +121,7 @@ def test_load_for_model_reads_the_fragment_count_from_run_or_zoo_metadata(monkey
 def test_command_line_defaults_match_the_library():
     # The commands keep literal defaults (for a fast --help); the library decides them.
     from iterconv_cli import data_cmd
+
     from iterconv_keras.training import TrainConfig
 
     train = {p.name: p.default for p in train_cmd.COMMAND.params}

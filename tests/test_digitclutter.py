@@ -7,10 +7,10 @@ import hashlib
 
 import numpy as np
 import pytest
+from conftest import check_seeded_generator
 from PIL import Image, ImageDraw
 
-from conftest import check_seeded_generator
-from iterconv_keras import digitclutter as dc
+from iterconv_keras.data import digitclutter as dc
 
 Q = dc.RENDER_SCALE
 
@@ -160,7 +160,7 @@ def test_small_convnet_learns_three_digit_clutter_above_chance():
     """A tiny convnet reaches exact-set accuracy far above chance (1/120) in seconds."""
     import keras
 
-    from iterconv_keras.metrics import ExactSetAccuracy
+    from iterconv_keras.models.metrics import ExactSetAccuracy
 
     keras.utils.set_random_seed(0)
     train = dc.generate(3, 8_000, seed=21)

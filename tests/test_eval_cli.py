@@ -7,10 +7,10 @@ import keras
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
 from conftest import exact_set_accuracy
 from iterconv_cli.main import cli
-from iterconv_keras.variants import build_model
+
+from iterconv_keras.models.variants import build_model
 
 LIMIT = 24
 
@@ -89,7 +89,8 @@ def test_sections_not_requested_are_absent_and_table_is_default(run_dir):
 
 
 def test_limit_evaluates_a_prefix(run_dir):
-    from iterconv_keras import datasets, loading
+    from iterconv_keras import loading
+    from iterconv_keras.data import datasets
 
     result = _invoke(["eval", run_dir, "--limit", "10", "--no-indices", "--no-occlusion", "--json"])
     document = json.loads(result.stdout)

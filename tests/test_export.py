@@ -11,10 +11,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from conftest import random_images
-from iterconv_keras import export
-from iterconv_keras.variants import build_model
+
+from iterconv_keras.models.variants import build_model
+from iterconv_keras.zoo import savedmodel as export
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = (16, 16, 1)
@@ -281,7 +281,7 @@ def test_assets_extra_hold_the_full_model_and_card(trained, saved):
 
 
 def test_constrained_models_are_projected_onto_their_bound_before_export(trained):
-    from iterconv_keras import lipschitz
+    from iterconv_keras.models import lipschitz
 
     assert export.prepare_for_export(trained) is False  # unconstrained: untouched
     keras.utils.set_random_seed(3)

@@ -17,9 +17,9 @@ import keras
 import numpy as np
 import pytest
 
-from iterconv_keras import indices
-from iterconv_keras.model import IterativeResNet
-from iterconv_keras.schedules import StagePrograms, padded_batches
+from iterconv_keras.analysis import indices
+from iterconv_keras.analysis.programs import StagePrograms, padded_batches
+from iterconv_keras.models.resnet import IterativeResNet
 
 CLASSES = 4
 SIZE = 8

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from iterconv_keras import lipschitz
-from iterconv_keras.blocks import ResidualBlock
-from iterconv_keras.model import IterativeResNet
-from iterconv_keras.variants import build_model
+from iterconv_keras.models import lipschitz
+from iterconv_keras.models.blocks import ResidualBlock
+from iterconv_keras.models.resnet import IterativeResNet
+from iterconv_keras.models.variants import build_model
 
 SHAPE = (12, 12, 1)
 N_CLASSES = 4

@@ -5,11 +5,11 @@ import json
 import keras
 import numpy as np
 import pytest
-
 from conftest import random_images
-from iterconv_keras import variants
-from iterconv_keras.blocks import ResidualBlock
-from iterconv_keras.model import IterativeResNet
+
+from iterconv_keras.models import variants
+from iterconv_keras.models.blocks import ResidualBlock
+from iterconv_keras.models.resnet import IterativeResNet
 
 SHAPE = (12, 12, 1)
 

@@ -4,8 +4,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from iterconv_keras.blocks import make_norm
-from iterconv_keras.normalization import FusedBatchNormalization
+from iterconv_keras.models.blocks import make_norm
+from iterconv_keras.models.normalization import FusedBatchNormalization
 
 
 def _pair(channels=3):
@@ -66,7 +66,7 @@ def test_make_norm_uses_it_and_config_round_trips():
 
 
 def test_gain_capped_fused_training_path_has_the_capped_function_and_its_gradient():
-    from iterconv_keras.lipschitz import GainCappedBatchNormalization
+    from iterconv_keras.models.lipschitz import GainCappedBatchNormalization
 
     fused, reference = GainCappedBatchNormalization(max_gain=1.0), GainCappedBatchNormalization(max_gain=1.0)
     reference._fusable = lambda inputs, mask: False  # the separate-ops arithmetic as the oracle
@@ -92,10 +92,10 @@ def test_gain_capped_fused_training_path_has_the_capped_function_and_its_gradien
 def test_files_saved_with_keras_batch_norm_still_load(tmp_path):
     # Models trained before the fused layer existed hold Keras' own BatchNormalization;
     # their weights must load into today's model and give the same predictions.
-    from iterconv_keras import blocks
-    from iterconv_keras import model as model_module
     from iterconv_keras.loading import load_model
-    from iterconv_keras.variants import build_model
+    from iterconv_keras.models import blocks
+    from iterconv_keras.models import resnet as model_module
+    from iterconv_keras.models.variants import build_model
 
     def keras_norm(norm, momentum, name, max_gain=None):
         return keras.layers.BatchNormalization(momentum=momentum, name=name)

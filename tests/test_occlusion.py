@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
-
 from conftest import exact_set_accuracy
-from iterconv_keras import evaluation, occlusion
-from iterconv_keras.variants import build_model
+
+from iterconv_keras.analysis import evaluation, occlusion
+from iterconv_keras.models.variants import build_model
 
 
 @pytest.mark.parametrize("level", [0.1, 0.2, 0.3, 0.4, 0.5])
@@ -79,9 +79,10 @@ def test_sweeps_on_a_constant_model():
 
 
 def test_clutter_sweep_scores_every_digit_count():
-    from iterconv_keras import datasets, zoo
+    from iterconv_keras import zoo
 
     # The repository's trained Digitclutter model: accuracies well away from 0 and 1.
+    from iterconv_keras.data import datasets
     model = zoo.load("digitclutter-small")
     result = occlusion.clutter_sweep(model, 64, batch_size=32)
     assert sorted(result) == ["2", "3", "4", "5"]

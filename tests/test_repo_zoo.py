@@ -11,7 +11,8 @@ import os
 import numpy as np
 import pytest
 
-from iterconv_keras import datasets, pipeline, training, zoo
+from iterconv_keras import training, zoo
+from iterconv_keras.data import datasets, pipeline
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "zoo")
 MODELS = zoo.list_models(ROOT) if os.path.isfile(os.path.join(ROOT, "MANIFEST.json")) else []

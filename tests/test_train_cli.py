@@ -7,7 +7,6 @@ import sys
 
 import pytest
 from click.testing import CliRunner
-
 from iterconv_cli.main import cli
 
 FAST = ["--variant", "tiny", "--epochs", "1", "--batch-size", "64", "--train-size", "128",

@@ -6,8 +6,8 @@ import shutil
 
 import numpy as np
 import pytest
-
 from conftest import exact_set_accuracy
+
 from iterconv_keras import training
 from iterconv_keras.errors import UsageError
 from iterconv_keras.training import TrainConfig
@@ -53,7 +53,7 @@ def test_run_directory_contents(reference_run):
     assert metrics["examples"] == reference_run["test"]["examples"] == FAST["test_size"]
     import keras
 
-    from iterconv_keras import datasets
+    from iterconv_keras.data import datasets
 
     images, labels, _ = datasets.clutter_test_set(3, FAST["test_size"])  # the run's test set
     model = keras.saving.load_model(os.path.join(run, "model.keras"), compile=False)
@@ -158,7 +158,7 @@ def test_resume_after_the_last_checkpoint_still_projects_onto_the_bound(tmp_path
     # resuming trains nothing, so the end-of-fit projection must run on resume.
     import keras
 
-    from iterconv_keras import lipschitz
+    from iterconv_keras.models import lipschitz
 
     settings = dict(FAST, epochs=1, lr=0.05, spectral_norm=True, lipschitz=0.9)
     run = _train(tmp_path, **settings)["run_dir"]

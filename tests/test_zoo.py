@@ -12,11 +12,11 @@ import time
 import keras
 import numpy as np
 import pytest
-
 from conftest import random_images
+
 from iterconv_keras import zoo
 from iterconv_keras.errors import IntegrityError, ModelNotFound
-from iterconv_keras.variants import build_model
+from iterconv_keras.models.variants import build_model
 
 SHAPE = (16, 16, 1)
 
@@ -207,7 +207,7 @@ def test_root_resolution_order(monkeypatch, tmp_path):
     assert zoo.resolve_root(tmp_path / "arg") == str(tmp_path / "arg")
     assert zoo.resolve_root() == str(tmp_path / "env")
     monkeypatch.delenv(zoo.ENV_VAR)
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(zoo.__file__)))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout holding tests/
     assert zoo.resolve_root() == os.path.join(repo, "zoo")
 
 
@@ -260,7 +260,7 @@ _EXPORTER = textwrap.dedent(
     import os, sys, time
     import iterconv_keras  # environment defaults before TensorFlow
     import keras
-    import iterconv_keras.model
+    import iterconv_keras.models.resnet
     from iterconv_keras import zoo
 
     model = keras.saving.load_model(sys.argv[1], compile=False)

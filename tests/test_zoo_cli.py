@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from iterconv_keras import zoo
-from iterconv_keras.variants import build_model
+from iterconv_keras.models.variants import build_model
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ protocol is ours), documented in ``docs/indices.md``.
 
 import numpy as np
 
-from iterconv_keras.schedules import StagePrograms, Totals, padded_batches, to_unit_float
+from iterconv_keras.analysis.programs import StagePrograms, Totals, padded_batches, to_unit_float
 
 DEFAULT_LEVELS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 DEFAULT_SEED = 0
@@ -182,7 +182,7 @@ def clutter_sweep(model, count, *, digits=CLUTTER_DIGITS, batch_size=256, progra
     Returns:
         ``{"2": acc, "3": acc, ...}``.
     """
-    from iterconv_keras import datasets
+    from iterconv_keras.data import datasets
 
     return _accuracy_per_set(model, digits, datasets.clutter_test_set, count, batch_size, programs, progress)
 
@@ -197,7 +197,7 @@ def debris_sweep(model, count, *, fragments=DEBRIS_FRAGMENTS, batch_size=256, pr
     Returns:
         ``{"10": acc, "30": acc, "50": acc}``.
     """
-    from iterconv_keras import datasets
+    from iterconv_keras.data import datasets
 
     return _accuracy_per_set(model, fragments, datasets.debris_test_set, count, batch_size, programs, progress)
 

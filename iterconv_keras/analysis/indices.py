@@ -26,7 +26,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from iterconv_keras.schedules import StagePrograms, Totals, padded_batches, per_example_norm
+from iterconv_keras.analysis.programs import StagePrograms, Totals, padded_batches, per_example_norm
 
 DEFAULT_EXTRA_ITERATIONS = (1, 2, 4, 8, 16)
 # |L(drop_t) - L(full)| below this (nats) makes RI_t a ratio of noise: t is skipped.

@@ -19,9 +19,9 @@ import math
 
 import numpy as np
 
-from iterconv_keras import indices as indices_lib
-from iterconv_keras import occlusion as occlusion_lib
-from iterconv_keras.schedules import StagePrograms
+from iterconv_keras.analysis import indices as indices_lib
+from iterconv_keras.analysis import occlusion as occlusion_lib
+from iterconv_keras.analysis.programs import StagePrograms
 
 
 @dataclasses.dataclass
@@ -251,7 +251,7 @@ def load_for_model(model, metadata, *, dataset=None, data_dir=None, limit=None):
     Returns:
         `datasets.DatasetSplits`.
     """
-    from iterconv_keras import datasets
+    from iterconv_keras.data import datasets
 
     name = dataset or metadata.get("dataset")
     if name is None:

@@ -34,7 +34,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from iterconv_keras.validation import positive_shape
+from iterconv_keras.models._checks import positive_shape
 
 # Largest |derivative| of each block activation, rounded up (verified on a grid by
 # tests/test_lipschitz.py). GELU (keras' default, exact erf form) peaks at

@@ -50,7 +50,7 @@ import functools
 
 import numpy as np
 
-from iterconv_keras import digitclutter as dc
+from iterconv_keras.data import digitclutter as dc
 
 FRAGMENT_COUNTS = (10, 30, 50)
 # Fragment side in output pixels per output pixel of image size: 6..9 at 32x32, the
@@ -302,7 +302,7 @@ def recipe_info(n_fragments, seed, image_size=32):
     info = dc.recipe_info(1, seed, image_size)
     del info["n_digits"]
     info.update(
-        generator="iterconv_keras.debris",
+        generator="iterconv_keras.data.debris",
         reference=(
             "Spoerer, McClure & Kriegeskorte (2017), Front. Psychol. 8:1551 (debris sets); "
             "iterconv's operationalisation, see docs/datasets.md"

@@ -1,10 +1,10 @@
 """The iterative ResNet: stem, stages of coupled residual blocks, head.
 
-One generic model class; named variants are rows in `iterconv_keras.variants`.
+One generic model class; named variants are rows in `iterconv_keras.models.variants`.
 The forward pass accepts a *schedule* (which blocks of each stage to run, in
 which order), so evaluation can drop, repeat or add iterations of any block.
 Training goes through a custom `train_step` that applies soft gradient
-coupling (`iterconv_keras.coupling`).
+coupling (`iterconv_keras.models.coupling`).
 
 Reference: Lippl, Peters & Kriegeskorte, "Can neural networks benefit from
 objectives that encourage iterative convergent computations? A case study of
@@ -15,10 +15,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from iterconv_keras import coupling as coupling_lib
-from iterconv_keras import lipschitz as lipschitz_lib
-from iterconv_keras.blocks import ResidualBlock, make_norm
-from iterconv_keras.validation import positive_shape
+from iterconv_keras.models import coupling as coupling_lib
+from iterconv_keras.models import lipschitz as lipschitz_lib
+from iterconv_keras.models._checks import positive_shape
+from iterconv_keras.models.blocks import ResidualBlock, make_norm
 
 
 @keras.saving.register_keras_serializable(package="iterconv")

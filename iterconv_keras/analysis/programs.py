@@ -1,6 +1,6 @@
 """Compiled evaluation programs of a model, for evaluating many block schedules cheaply.
 
-The indices of iterative convergence (`iterconv_keras.indices`) evaluate dozens
+The indices of iterative convergence (`iterconv_keras.analysis.indices`) evaluate dozens
 of block schedules: drop a block, repeat one, iterate the last one K more
 times, one stage at a time. Evaluating each as a separate forward pass would
 recompute the trained prefix of every schedule. Instead the model is exposed as
@@ -24,7 +24,7 @@ ResNets and object classification", PLoS One 19(3): e0293440, 2024.
 import numpy as np
 import tensorflow as tf
 
-from iterconv_keras.metrics import exact_set_match
+from iterconv_keras.models.metrics import exact_set_match
 
 
 def padded_batches(x, y, batch_size):

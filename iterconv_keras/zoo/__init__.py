@@ -4,7 +4,7 @@ Layout (interfaces.md, "The zoo")::
 
     <root>/MANIFEST.json     models, versions, default version, sha256 of every file
     <root>/models.config     TF Serving model_config_list (regenerated on export)
-    <root>/<name>/<N>/       a SavedModel written by `iterconv_keras.export`
+    <root>/<name>/<N>/       a SavedModel written by `iterconv_keras.zoo.savedmodel`
 
 The root is ``--zoo``, then ``$ITERCONV_ZOO``, then the repository's ``zoo/``.
 
@@ -34,9 +34,9 @@ import re
 import shutil
 import tempfile
 
-from iterconv_keras import export as export_lib
 from iterconv_keras.errors import IntegrityError, ModelNotFound
 from iterconv_keras.fsutil import write_json_atomic, write_text_atomic
+from iterconv_keras.zoo import savedmodel as export_lib
 
 ENV_VAR = "ITERCONV_ZOO"
 MANIFEST = "MANIFEST.json"
@@ -85,7 +85,7 @@ def resolve_root(root=None):
         return os.path.abspath(os.fspath(root))
     if os.environ.get(ENV_VAR):
         return os.path.abspath(os.environ[ENV_VAR])
-    package_dir = os.path.dirname(os.path.abspath(__file__))
+    package_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # iterconv_keras/
     return os.path.join(os.path.dirname(package_dir), "zoo")
 
 

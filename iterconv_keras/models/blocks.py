@@ -7,8 +7,8 @@ drop or extend blocks (method.md section 2).
 
 import keras
 
-from iterconv_keras import lipschitz as lipschitz_lib
-from iterconv_keras.normalization import FusedBatchNormalization
+from iterconv_keras.models import lipschitz as lipschitz_lib
+from iterconv_keras.models.normalization import FusedBatchNormalization
 
 NORMS = ("batch", "sync_batch", "none")
 ACTIVATIONS = ("relu", "gelu", "tanh", "silu")
@@ -29,7 +29,7 @@ def make_norm(norm, momentum, name, max_gain=None):
         )
     if norm == "batch":
         # TensorFlow's fused kernel: the same function as Keras' layer, faster
-        # (one op instead of ~10 each way; see iterconv_keras/normalization.py).
+        # (one op instead of ~10 each way; see iterconv_keras/models/normalization.py).
         return FusedBatchNormalization(momentum=momentum, name=name)
     return keras.layers.BatchNormalization(momentum=momentum, synchronized=True, name=name)
 

@@ -487,7 +487,7 @@ def clutter_test_set(n_digits, count=CLUTTER_SIZES["test"], seed=None):
     Returns:
         ``(images uint8 [N, 32, 32, 1], labels float32 [N, 10], info dict)``.
     """
-    from iterconv_keras import digitclutter
+    from iterconv_keras.data import digitclutter
 
     seed = clutter_seed("test", n_digits) if seed is None else seed
     clutter = digitclutter.generate(n_digits, count, seed)
@@ -507,7 +507,7 @@ def debris_test_set(n_fragments, count=CLUTTER_SIZES["test"]):
     Returns:
         ``(images uint8 [N, 32, 32, 1], labels int64 [N], info dict)``.
     """
-    from iterconv_keras import debris
+    from iterconv_keras.data import debris
 
     generated = debris.generate(n_fragments, count, debris_seed("test", n_fragments))
     return generated.images, generated.labels, generated.info
@@ -529,7 +529,7 @@ def _generated_sets(make, seed_of, train_size, validation_size, test_size):
 
 
 def _load_clutter(n_digits, train_size, validation_size, test_size):
-    from iterconv_keras import digitclutter
+    from iterconv_keras.data import digitclutter
 
     if isinstance(n_digits, bool) or not isinstance(n_digits, (int, np.integer)) or not 2 <= n_digits <= 5:
         raise ValueError(f"clutter_digits must be an integer in 2..5, got {n_digits!r}")
@@ -545,7 +545,7 @@ def debris_seed(split, n_fragments):
 
 
 def _load_debris(n_fragments, train_size, validation_size, test_size):
-    from iterconv_keras import debris
+    from iterconv_keras.data import debris
 
     debris.validate_fragments(n_fragments, "debris_fragments")
     return _generated_sets(

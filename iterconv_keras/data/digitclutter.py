@@ -263,7 +263,7 @@ def uniforms_per_image(n_digits):
 def params_from_uniforms(uniforms, n_digits, image_size=32):
     """Map rows of U[0, 1) numbers to digit identities and positions (see `sample_params`).
 
-    Exposed so other generators (`iterconv_keras.debris`) draw their digits exactly
+    Exposed so other generators (`iterconv_keras.data.debris`) draw their digits exactly
     as Digitclutter does, from columns of their own per-image rows.
 
     Args:
@@ -377,7 +377,7 @@ def block_mean(hires, size):
 def recipe_info(n_digits, seed, image_size=32):
     """The parameters that define a generated set, for provenance records."""
     return {
-        "generator": "iterconv_keras.digitclutter",
+        "generator": "iterconv_keras.data.digitclutter",
         "reference": "Spoerer, McClure & Kriegeskorte (2017), Front. Psychol. 8:1551",
         "n_digits": int(n_digits),
         "seed": int(seed),

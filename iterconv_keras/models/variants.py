@@ -44,7 +44,7 @@ def build_model(variant, image_shape, num_classes, **overrides):
         **overrides: any `IterativeResNet` argument (``coupling``,
             ``multi_label``, ``input_mean``, ...) added to or replacing the row.
     """
-    from iterconv_keras.model import IterativeResNet
+    from iterconv_keras.models.resnet import IterativeResNet
 
     kwargs = variant_kwargs(variant)
     kwargs.update(overrides)

@@ -64,7 +64,7 @@ def class_names_for(dataset, num_classes):
 def prepare_for_export(model):
     """Project a Lipschitz-constrained model's kernels onto its bound before export.
 
-    `iterconv_keras.lipschitz.enforce` runs many power iterations and rescales
+    `iterconv_keras.models.lipschitz.enforce` runs many power iterations and rescales
     every constrained kernel, so weights trained outside ``fit`` (which enforces
     at its end) are exported within the bound too. Unconstrained models are
     left untouched.
@@ -77,7 +77,7 @@ def prepare_for_export(model):
     """
     if getattr(model, "lipschitz", None) is None:
         return False
-    from iterconv_keras import lipschitz
+    from iterconv_keras.models import lipschitz
 
     lipschitz.enforce(model)
     return True
