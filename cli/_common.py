@@ -9,30 +9,43 @@ import traceback
 
 import click
 
-from iterconv_keras import _env, errors, fsutil
 
-
-def report_errors(func):
+def report_errors(func=None, *, tensorflow=True):
     """Turn library errors into one line on stderr and the documented exit code.
 
-    `IterconvError` carries its own code; `ValueError` from argument validation
-    is a usage error (2); anything else is an unexpected failure (1). With
-    ``--debug`` on the root command, the traceback is shown as well.
+    `IterconvError` carries its own code. A `ValueError` raised by iterconv's
+    own code is argument validation, a usage error (2); one raised inside
+    TensorFlow, Keras or NumPy is a bug or an unforeseen case, an unexpected
+    failure (1) like anything else. With ``--debug`` on the root command, the
+    traceback is shown as well.
+
+    Args:
+        func: the command function (when used as a bare ``@report_errors``).
+        tensorflow: import TensorFlow, with its native start-up log lines
+            hidden, before the command runs. Commands that only read JSON or
+            write generated images pass False and stay fast.
     """
+    if func is None:
+        return functools.partial(report_errors, tensorflow=tensorflow)
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        from iterconv_keras import _env, errors
+
         ctx = click.get_current_context()
         debug = bool((ctx.find_root().obj or {}).get("debug"))
         try:
-            _env.import_tensorflow()
+            if tensorflow:
+                _env.import_tensorflow()
             return func(*args, **kwargs)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except errors.IterconvError as exc:
             _fail(exc, exc.exit_code, debug)
         except ValueError as exc:
-            _fail(exc, 2, debug)
+            if _raised_by_iterconv(exc):
+                _fail(exc, 2, debug)
+            _fail(f"unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", 1, debug)
         except OSError as exc:
             _fail(_describe_os_error(exc), 1 if exc.errno == errno.ENOSPC else 2, debug)
         except KeyboardInterrupt:
@@ -42,6 +55,15 @@ def report_errors(func):
             _fail(f"unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", 1, debug)
 
     return wrapper
+
+
+def _raised_by_iterconv(exc):
+    """Whether the innermost frame of ``exc`` is in iterconv's own code."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    module = tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
+    return module.split(".")[0] in ("iterconv_keras", "iterconv_cli")
 
 
 def _describe_os_error(exc):
@@ -64,6 +86,8 @@ def _fail(message, code, debug):
 
 def emit_json(document):
     """Print exactly one JSON document on stdout."""
+    from iterconv_keras import fsutil
+
     click.echo(json.dumps(document, indent=2, sort_keys=False, default=fsutil.json_default))
 
 

@@ -113,7 +113,7 @@ def _write(out, arrays, info, settings, json_output, message):
 @COMMAND.command("info")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Folder searched first.")
 @click.option("--json", "json_output", is_flag=True, help="Print JSON on stdout.")
-@report_errors
+@report_errors(tensorflow=False)
 def info_command(data_dir, json_output):
     """Show which datasets can be loaded offline, and from where.
 

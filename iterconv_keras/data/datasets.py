@@ -639,7 +639,7 @@ def available(data_dir=None):
         {
             "name": name,
             "available": True,
-            "where": f"on the fly (iterconv_keras.{module})",
+            "where": f"on the fly (iterconv_keras.data.{module})",
             "format": "generated",
             "how_to_get": "nothing to get: generated deterministically from fixed seeds",
         }
