@@ -48,8 +48,12 @@ def patch_masks(count, height, width, level, *, patch_size, seed=DEFAULT_SEED, s
     inside the image, overlaps allowed) until at least ``round(level * H * W)``
     pixels are covered; the last patch overshoots by less than one patch, so the
     covered fraction is within ``patch_size**2 / (H * W)`` of ``level``. Positions
-    come from a counter-based hash of (seed, level, image index, patch number):
-    image i's mask does not depend on how many images are masked with it.
+    come from a counter-based hash of (seed, image index, patch number), the same
+    sequence at every level, so the masks are **nested**: a level covers a prefix
+    of the patches of any higher level, hence every pixel covered at level p is
+    covered at every level above p, and the accuracy-versus-level curve carries
+    no variance from independent masks. Image i's mask does not depend on how
+    many images are masked with it.
 
     Args:
         count: number of masks.
@@ -68,7 +72,6 @@ def patch_masks(count, height, width, level, *, patch_size, seed=DEFAULT_SEED, s
     if target == 0 or count == 0:
         return masks
     images = np.arange(start, start + count, dtype=np.uint64)
-    level_key = np.uint64(int(round(level * 1_000_000)))
     covered = np.zeros(count, np.int64)
     offsets = np.arange(patch_size)
     rounds = 0
@@ -76,7 +79,7 @@ def patch_masks(count, height, width, level, *, patch_size, seed=DEFAULT_SEED, s
         todo = np.flatnonzero(covered < target)
         if todo.size == 0:
             return masks
-        key = _hash(np.uint64(seed), level_key, images[todo], np.uint64(rounds))
+        key = _hash(np.uint64(seed), images[todo], np.uint64(rounds))
         rows = (key % np.uint64(height - patch_size + 1)).astype(np.int64)
         cols = ((key >> np.uint64(32)) % np.uint64(width - patch_size + 1)).astype(np.int64)
         r = (rows[:, None] + offsets)[:, :, None]
@@ -123,10 +126,35 @@ def occlude(images, level, fill, *, patch_size=None, seed=DEFAULT_SEED, start=0)
     return np.where(masks, fill, x).astype(np.float32)
 
 
-def area_under_curve(accuracies):
-    """Normalised AUC: mean accuracy over the levels divided by the clean (first) accuracy."""
+def area_under_curve(accuracies, levels=None):
+    """Normalised area under the accuracy-versus-level curve, ``AUC / A(0)``.
+
+    Each level's accuracy holds over its cell (from halfway to the previous
+    level to halfway to the next; the end cells reach as far out as in), so
+    for evenly spaced levels this is the mean accuracy over the levels divided
+    by the clean accuracy, iterconv's definition (docs/indices.md), and for
+    uneven levels it is still an area: a level's weight is the width of the
+    interval it stands for, not 1/len(levels).
+
+    Args:
+        accuracies: accuracy per level; the first is the clean accuracy A(0).
+        levels: the occluded fractions, increasing (default: evenly spaced).
+
+    Returns:
+        float; NaN when the clean accuracy is 0.
+    """
+    accuracies = np.asarray(accuracies, np.float64)
     clean = accuracies[0]
-    return float(np.mean(accuracies) / clean) if clean > 0 else float("nan")
+    if clean <= 0:
+        return float("nan")
+    if levels is None or len(accuracies) == 1:
+        return float(np.mean(accuracies) / clean)
+    levels = np.asarray(levels, np.float64)
+    if levels.shape != accuracies.shape or np.any(np.diff(levels) <= 0):
+        raise ValueError(f"levels must be increasing, one per accuracy; got {levels.tolist()!r}")
+    gaps = np.diff(levels)
+    widths = np.concatenate([[gaps[0]], (gaps[:-1] + gaps[1:]) / 2, [gaps[-1]]]) if len(gaps) > 1 else np.ones(2)
+    return float(np.sum(widths * accuracies) / np.sum(widths) / clean)
 
 
 def _scores(programs, x, y, batch_size, schedule=None, progress=None):
@@ -169,7 +197,7 @@ def occlusion_sweep(model, x, y, fill, *, levels=DEFAULT_LEVELS, seed=DEFAULT_SE
         accuracy.append(a)
         loss.append(l)
     return {
-        "levels": levels, "accuracy": accuracy, "loss": loss, "auc": area_under_curve(accuracy),
+        "levels": levels, "accuracy": accuracy, "loss": loss, "auc": area_under_curve(accuracy, levels),
         "seed": seed, "patch_size": patch_size,
     }
 
