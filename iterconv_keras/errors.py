@@ -1,13 +1,13 @@
 """Exceptions that carry the documented exit code of the command line.
 
 The CLI maps every `IterconvError` to one line on stderr and its `exit_code`
-(see ``docs/cli.md`` and ``../shared/spec/interfaces.md``):
+(README.md, "Command line"):
 
     0 success, 1 unexpected failure, 2 usage error, 3 dataset not available,
     4 model or version not found, 5 integrity check failed.
 
 Library code raises these (or plain `ValueError` for bad arguments, which the
-CLI also reports as a usage error) and never prints.
+CLI reports as a usage error when iterconv's own code raised it) and never prints.
 """
 
 
