@@ -118,6 +118,20 @@ def test_prepared_info_carries_citation_version_and_provenance(clutter_dir):
     assert image.shape == (32, 32, 1) and labels.shape == (10,)
 
 
+def test_array_record_data_source_gives_random_access_to_the_same_images(tmp_path):
+    """``--file_format array_record`` + ``tfds.data_source``: the random-access path for PyTorch / JAX loaders."""
+    config = DigitclutterConfig(n_digits=4, train_size=5, validation_size=2, test_size=7)
+    data_dir = str(tmp_path)
+    tfds.builder("digitclutter", config=config, data_dir=data_dir, file_format="array_record").download_and_prepare()
+    source = tfds.data_source(f"digitclutter/{config.name}", split="test", data_dir=data_dir)
+    want = digitclutter.generate(4, 7, datasets.clutter_seed("test", 4))
+    assert len(source) == 7
+    for i in (6, 0, 3):  # out of order: random access, not a stream
+        assert source[i]["image"].tobytes() == want.images[i].tobytes()
+        assert source[i]["labels"].tobytes() == want.labels[i].tobytes()
+        np.testing.assert_array_equal(source[i]["order"], want.order[i])
+
+
 def test_debris_built_by_tfds_build_command_equals_the_generator(clutter_dir, tmp_path):
     """One fresh process, without iterconv at first, checks what a user of tfds alone sees.
 
