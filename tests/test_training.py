@@ -12,7 +12,8 @@ from iterconv_keras import training
 from iterconv_keras.errors import UsageError
 from iterconv_keras.training import TrainConfig
 
-FAST = dict(variant="tiny", epochs=2, batch_size=64, train_size=256, validation_size=64, test_size=128, lr=0.01)
+FAST = {"variant": "tiny", "epochs": 2, "batch_size": 64, "train_size": 256, "validation_size": 64, "test_size": 128,
+        "lr": 0.01}
 
 
 def _train(tmp_path, name="run", **overrides):
@@ -175,3 +176,66 @@ def test_batch_larger_than_the_training_set_leaves_no_run_directory(tmp_path):
     with pytest.raises(ValueError, match="batch_size 512 is larger than the training set"):
         _train(tmp_path, "run", batch_size=512)
     assert not out.exists()
+
+
+# -- block initialisation --------------------------------------------------------------
+
+
+def _tiny_model(**overrides):
+    from iterconv_keras.models import variants
+
+    return variants.build_model("tiny", (16, 16, 1), 10, **overrides)
+
+
+def _block_weights(model):
+    return [[[np.asarray(w) for w in block.weights] for block in blocks] for blocks in model.stages]
+
+
+def test_tied_blocks_are_bitwise_identical_at_initialisation(seed):
+    stages = _block_weights(_tiny_model(block_init="tied"))
+    for blocks in stages:
+        for other in blocks[1:]:
+            for a, b in zip(blocks[0], other, strict=True):
+                np.testing.assert_array_equal(a, b)
+
+
+def test_independent_blocks_keep_their_own_initialisation(seed):
+    model = _tiny_model(block_init="independent")
+    for blocks in model.stages:
+        # Every kernel of every later block differs from block 0's (He-normal draws);
+        # BN starts at ones/zeros in both, so only kernels can tell them apart.
+        for other in blocks[1:]:
+            kernels = [(a, b) for a, b in zip(blocks[0].weights, other.weights, strict=True) if len(a.shape) == 4]
+            assert kernels
+            for a, b in kernels:
+                assert not np.array_equal(np.asarray(a), np.asarray(b))
+    assert model.get_config()["block_init"] == "independent"
+
+
+def test_block_init_round_trips_and_is_validated(tmp_path, seed):
+    import keras
+
+    model = _tiny_model(block_init="independent")
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path, compile=False)
+    assert loaded.block_init == "independent"
+    for a, b in zip(model.weights, loaded.weights, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="block_init must be 'tied' or 'independent', got 'shared'"):
+        _tiny_model(block_init="shared")
+
+
+def test_models_saved_before_block_init_load_as_tied():
+    """A zoo model written by 0.1 (no ``block_init`` in its config) still loads."""
+    import zipfile
+
+    import keras
+
+    import iterconv_keras  # noqa: F401  (registers the classes)
+
+    path = os.path.join(os.path.dirname(__file__), "..", "zoo", "digitclutter-small", "1", "assets.extra", "model.keras")
+    with zipfile.ZipFile(path) as archive:
+        assert "block_init" not in json.loads(archive.read("config.json"))["config"]  # really the old format
+    model = keras.saving.load_model(path, compile=False)
+    assert model.block_init == "tied"
