@@ -36,8 +36,11 @@ CLUTTER_SEEDS = {"train": 2017_1, "validation": 2017_2, "test": 2017_3}
 # Debris sets use the same sizes and their own seeds, the fragment count mixed in.
 DEBRIS_SEEDS = {"train": 2017_11, "validation": 2017_12, "test": 2017_13}
 DEFAULT_DEBRIS_FRAGMENTS = 10
-# Validation carved from train for file datasets: 10 %, at most this many images.
+# Validation carved from train for file datasets: 10 %, at most this many images,
+# always the same images (this seed, not the training seed), so runs with different
+# seeds are compared on one validation set and train on the same remaining images.
 MAX_DEFAULT_VALIDATION = 5_000
+VALIDATION_SPLIT_SEED = 0
 # Test subsamples use this seed, never the training seed, so they match across runs.
 TEST_SUBSAMPLE_SEED = 0
 
@@ -425,7 +428,10 @@ def _check_size(label, value):
 
 
 def _split_train(x, y, train_size, validation_size, seed):
-    """Carve a validation split from train, then subsample train, both by ``seed``."""
+    """Carve a validation split from train by `VALIDATION_SPLIT_SEED`, then subsample the rest by ``seed``.
+
+    ``train_size`` None keeps the whole rest: the training split minus validation.
+    """
     n = x.shape[0]
     if validation_size is None:
         validation_size = min(MAX_DEFAULT_VALIDATION, n // 10)
@@ -436,10 +442,12 @@ def _split_train(x, y, train_size, validation_size, seed):
         raise ValueError(
             f"train_size must be at most {rest} (train images left after {validation_size} for validation), got {train_size}"
         )
-    order = np.random.default_rng(seed).permutation(n)
+    order = np.random.default_rng(VALIDATION_SPLIT_SEED).permutation(n)
     val = np.sort(order[:validation_size])
     train = order[validation_size:]
-    train = np.sort(train[:train_size] if train_size is not None else train)
+    if train_size is not None:
+        train = train[np.random.default_rng(seed).permutation(rest)[:train_size]]
+    train = np.sort(train)
     return x[train], y[train], x[val], y[val]
 
 
@@ -590,9 +598,9 @@ def load(
             file datasets, 2,000 for generated sets.
         test_size: optional test subsample (fixed seed, comparable across runs); for
             generated sets the number generated, default 5,000.
-        seed: int, chooses the validation split and train subsample of file datasets.
-            Generated sets ignore it: their data come from fixed seeds
-            (`CLUTTER_SEEDS`, `DEBRIS_SEEDS`).
+        seed: int, chooses the train subsample of file datasets (the validation split
+            is always the same, `VALIDATION_SPLIT_SEED`). Generated sets ignore it:
+            their data come from fixed seeds (`CLUTTER_SEEDS`, `DEBRIS_SEEDS`).
         clutter_digits: digits per Digitclutter image, 2..5 (default 3).
         debris_fragments: fragments per ``digitdebris`` image, 10, 30 or 50 (default 10).
 
@@ -622,7 +630,8 @@ def load(
         x_train, y_train, x_val, y_val = _split_train(x_train, y_train, train_size, validation_size, seed)
         x_test, y_test = _subsample_test(x_test, y_test, test_size)
         num_classes, multi_label = _FILE_DATASETS[name].num_classes, False
-        info = {"format": fmt, "split_seed": int(seed), "test_subsample_seed": TEST_SUBSAMPLE_SEED}
+        info = {"format": fmt, "validation_split_seed": VALIDATION_SPLIT_SEED, "train_subsample_seed": int(seed),
+                "test_subsample_seed": TEST_SUBSAMPLE_SEED}
     mean, std = channel_stats(x_train)
     return DatasetSplits(
         name, x_train, y_train, x_val, y_val, x_test, y_test, num_classes, multi_label, mean, std, source, info
