@@ -56,6 +56,8 @@ def test_train_json_is_one_document_and_progress_goes_to_stderr(tmp_path):
         (["--batch-size", "0"], 2, "batch_size"),
         (["--clutter-digits", "9"], 2, "clutter_digits must be 2..5, got 9"),
         (["--dataset", "digitdebris", "--debris-fragments", "25"], 2, "debris_fragments must be one of 10, 30, 50 (the debris levels), got 25"),
+        (["--dataset", "fashion_mnist", "--fresh-data"], 2,
+         "fresh_data needs a generated dataset (digitclutter, digitdebris); dataset 'fashion_mnist' is a fixed"),
     ],
 )
 def test_bad_options_give_one_line_and_exit_code(tmp_path, args, code, needle):
@@ -63,6 +65,18 @@ def test_bad_options_give_one_line_and_exit_code(tmp_path, args, code, needle):
     line = _one_error_line(_invoke(["train", *args, "--out", str(out)]), code)
     assert needle in line
     assert not out.exists()
+
+
+def test_data_options_are_recorded_and_reach_the_model(tmp_path):
+    out = tmp_path / "run"
+    result = _invoke(["train", *FAST, "--fixed-data", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.stderr
+    config = json.loads(result.stdout)["config"]
+    assert config["fresh_data"] is False
+    with open(out / "config.json") as f:
+        assert json.load(f) == config
+    line = _one_error_line(_invoke(["train", "--resume", "--fresh-data", "--out", str(out)]), 2)
+    assert "--fresh-data True differs from the run's False" in line
 
 
 def test_existing_output_without_resume(tmp_path):

@@ -41,7 +41,10 @@ def test_run_directory_contents(reference_run):
         assert os.path.isfile(os.path.join(run, name)), name
     with open(os.path.join(run, "config.json")) as f:
         config = json.load(f)
-    assert config == TrainConfig(**dict(FAST, out=run)).to_dict()
+    assert config == TrainConfig(**dict(FAST, out=run)).validate().to_dict()
+    # The dataset's default is resolved before it is recorded: Digitclutter trains on
+    # fresh images.
+    assert config["fresh_data"] is True
     with open(os.path.join(run, "history.json")) as f:
         history = json.load(f)
     assert [h["epoch"] for h in history] == [1, 2]
@@ -93,6 +96,25 @@ def test_resume_from_last_complete_epoch_matches_uninterrupted(tmp_path, referen
     for a, b in zip(_final_weights(run), _final_weights(reference_run["run_dir"])):
         np.testing.assert_array_equal(a, b)
     assert not os.path.exists(os.path.join(run, "checkpoints", ".tmp-half-written"))
+
+
+def _interrupt_after_epoch_1(run_dir, copy):
+    """The state a run killed during epoch 2 leaves: config, checkpoint of epoch 1."""
+    shutil.copytree(run_dir, copy)
+    for name in ("model.keras", "metrics.json"):
+        os.remove(os.path.join(copy, name))
+    shutil.rmtree(os.path.join(copy, "checkpoints", "epoch-0002"))
+
+
+@pytest.mark.parametrize("overrides", [
+    pytest.param({"fresh_data": False}, id="digitclutter-fixed"),
+])
+def test_resume_matches_uninterrupted_with_fixed_and_augmented_data(tmp_path, overrides):
+    whole = _train(tmp_path, "whole", **overrides)
+    _interrupt_after_epoch_1(whole["run_dir"], str(tmp_path / "resumed"))
+    training.train(TrainConfig(out=str(tmp_path / "resumed")), resume=True, log=lambda line: None)
+    for a, b in zip(_final_weights(str(tmp_path / "resumed")), _final_weights(whole["run_dir"]), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_resume_without_checkpoint_starts_over(tmp_path):
@@ -152,6 +174,31 @@ def test_non_finite_loss_stops_with_epoch_and_step(tmp_path):
 def test_config_validation_echoes_the_value(overrides, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**overrides).validate()
+
+
+@pytest.mark.parametrize("dataset, fresh", [
+    ("digitclutter", True), ("digitdebris", True), ("mnist", False),
+    ("fashion_mnist", False), ("cifar10", False), ("cifar100", False),
+])
+def test_data_options_default_per_dataset(dataset, fresh):
+    config = TrainConfig(dataset=dataset).validate()
+    assert config.fresh_data == fresh
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"dataset": "fashion_mnist", "fresh_data": True}, "fresh_data needs a generated dataset.*'fashion_mnist'"),
+    ({"fresh_data": "yes"}, "fresh_data must be true or false, got 'yes'"),
+])
+def test_data_options_that_make_no_sense_are_refused(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**overrides).validate()
+
+
+def test_configs_written_before_the_data_options_keep_their_meaning():
+    old = TrainConfig(**FAST).to_dict()
+    del old["fresh_data"]
+    config = TrainConfig.from_dict(old).validate()  # 0.1 trained on one fixed set
+    assert config.fresh_data is False
 
 
 def test_resume_after_the_last_checkpoint_still_projects_onto_the_bound(tmp_path):
