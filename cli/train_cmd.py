@@ -10,7 +10,7 @@ OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 _RESUMABLE_SETTINGS = (
     "dataset", "variant", "coupling", "spectral_norm", "lipschitz", "epochs", "batch_size", "lr",
     "optimizer", "weight_decay", "schedule", "train_size", "validation_size", "test_size", "clutter_digits",
-    "debris_fragments", "fresh_data", "seed", "data_dir", "jit_compile",
+    "debris_fragments", "fresh_data", "augment", "seed", "data_dir", "jit_compile",
 )
 
 
@@ -45,6 +45,9 @@ _RESUMABLE_SETTINGS = (
 @click.option("--fresh-data/--fixed-data", "fresh_data", default=None,
               help="Generated datasets: train on --train-size new images every epoch, seeded by (seed, epoch) "
                    "[default: fresh for digitclutter and digitdebris], or on one fixed set.")
+@click.option("--augment/--no-augment", default=None,
+              help="Random translation (pad and crop) and horizontal flip of training images "
+                   "[default: on for fashion_mnist, cifar10, cifar100; refused for the others].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds initialisation and data order.")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
               help="Folder searched first for dataset files.")

@@ -36,8 +36,8 @@ from iterconv_keras.models import coupling as coupling_lib
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 SCHEDULES = ("constant", "cosine")
 # Settings added after 0.1, with the value that reproduces what a config.json written
-# before them meant (fixed data).
-_PRE_0_2_VALUES = {"fresh_data": False}
+# before them meant (fixed data, no augmentation).
+_PRE_0_2_VALUES = {"fresh_data": False, "augment": False}
 CONFIG_FILE = "config.json"
 HISTORY_FILE = "history.json"
 METRICS_FILE = "metrics.json"
@@ -83,7 +83,12 @@ class TrainConfig:
             generator gives unlimited data at ~5 % of the train step's cost, and a fixed
             20k set is memorised (train 0.76 vs validation 0.655 exact-set accuracy
             after 5 epochs, issue 16). Refused for file datasets.
-        seed: seeds initialisation and data order (and fresh data).
+        augment: random translation (zero padding and cropping, see
+            `datasets.AUGMENT_PADS`) and horizontal flip of the training images,
+            seeded by (seed, epoch, step). None (default) means on for Fashion-MNIST
+            and CIFAR, off otherwise; refused for MNIST and the generated datasets,
+            where flips change digits.
+        seed: seeds initialisation and data order (and fresh data, augmentation).
         data_dir: folder searched first for dataset files.
         jit_compile: compile the train step with XLA.
         out: the run directory.
@@ -106,6 +111,7 @@ class TrainConfig:
     clutter_digits: int = 3
     debris_fragments: int = 10
     fresh_data: bool | None = None
+    augment: bool | None = None
     seed: int = 0
     data_dir: str | None = None
     jit_compile: bool = False
@@ -114,7 +120,7 @@ class TrainConfig:
     def validate(self):
         """Raise ``ValueError`` naming the first bad setting; return self.
 
-        Settings left None (``fresh_data``) are resolved to the
+        Settings left None (``fresh_data``, ``augment``) are resolved to the
         dataset's default here, so the stored config says what the run did.
         """
         from iterconv_keras.data import datasets, debris
@@ -150,12 +156,19 @@ class TrainConfig:
 
     def _resolve_data_options(self, datasets):
         generated = self.dataset in datasets.GENERATED_NAMES
+        augmentable = self.dataset in datasets.AUGMENT_PADS
         if self.fresh_data is None:
             self.fresh_data = generated
+        if self.augment is None:
+            self.augment = augmentable
         _require(isinstance(self.fresh_data, bool), f"fresh_data must be true or false, got {self.fresh_data!r}")
+        _require(isinstance(self.augment, bool), f"augment must be true or false, got {self.augment!r}")
         _require(not self.fresh_data or generated,
                  f"fresh_data needs a generated dataset ({', '.join(datasets.GENERATED_NAMES)}); "
                  f"dataset {self.dataset!r} is a fixed set of files")
+        _require(not self.augment or augmentable,
+                 f"augment (translation and horizontal flip) is not available for dataset {self.dataset!r}: "
+                 f"flips change digits; it is for {', '.join(datasets.AUGMENT_PADS)}")
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -409,7 +422,7 @@ def train(config, *, resume=False, log=None):
     log(f"run directory: {config.out}")
     log(f"dataset {splits.name}: {len(splits.x_train)} train{' (new every epoch)' if config.fresh_data else ''}, "
         f"{len(splits.x_val)} validation, {len(splits.x_test)} test images of shape {splits.input_shape} "
-        f"({splits.source})")
+        f"({splits.source}){_augment_note(config)}")
 
     done, history, model = _restore_or_build(config, splits, steps, resume, log)
     if done < config.epochs:
@@ -446,8 +459,8 @@ def train(config, *, resume=False, log=None):
 
 
 def training_dataset(config, splits, steps, *, initial_epoch):
-    """The batches of epochs ``initial_epoch .. config.epochs - 1``: fresh or a fixed set's."""
-    from iterconv_keras.data import pipeline
+    """The batches of epochs ``initial_epoch .. config.epochs - 1``: fresh, augmented or plain."""
+    from iterconv_keras.data import datasets, pipeline
 
     if config.fresh_data:
         import tensorflow as tf
@@ -458,11 +471,20 @@ def training_dataset(config, splits, steps, *, initial_epoch):
             epochs=config.epochs, image_shape=splits.input_shape,
             label_spec=(tuple(splits.y_train.shape[1:]), label_dtype),
         )
+    pad = datasets.AUGMENT_PADS[config.dataset] if config.augment else None
     dataset, _ = pipeline.training_batches(
         splits.x_train, splits.y_train, batch_size=config.batch_size, seed=config.seed,
-        initial_epoch=initial_epoch, epochs=config.epochs,
+        initial_epoch=initial_epoch, epochs=config.epochs, augment_pad=pad,
     )
     return dataset
+
+
+def _augment_note(config):
+    from iterconv_keras.data import datasets
+
+    if not config.augment:
+        return ""
+    return f"; augmented: translation by up to {datasets.AUGMENT_PADS[config.dataset]} px and horizontal flips"
 
 
 def _verbosity():

@@ -1,4 +1,4 @@
-"""Training input pipelines: fresh generated data every epoch, resume."""
+"""Training input pipelines: fresh generated data every epoch, augmentation, resume."""
 
 import numpy as np
 import pytest
@@ -107,3 +107,58 @@ def test_rebatch_cuts_chunks_of_any_size_in_order():
     assert len(list(pipeline.rebatch(counting(), 2, 2))) == 2 and drawn == [5]
     with pytest.raises(ValueError, match="ended after 4 of 5 batches"):
         list(pipeline.rebatch(iter(chunks), 4, 5))
+
+
+# -- augmentation --------------------------------------------------------------------------
+
+
+def _numpy_augment(images, offsets, flips, pad):
+    """Independent oracle: pad with zeros, crop at the offsets, then mirror."""
+    h, w = images.shape[1:3]
+    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    out = np.stack([padded[i, r:r + h, c:c + w] for i, (r, c) in enumerate(offsets)])
+    out[flips] = out[flips][:, :, ::-1]
+    return out
+
+
+def test_augmentation_draws_are_deterministic_seeded_and_cover_the_range():
+    offsets, flips = (np.asarray(a) for a in pipeline.augmentation_draws(3, 1, 7, 4096, 3))
+    again = [np.asarray(a) for a in pipeline.augmentation_draws(3, 1, 7, 4096, 3)]
+    np.testing.assert_array_equal(offsets, again[0])
+    np.testing.assert_array_equal(flips, again[1])
+    assert set(np.unique(offsets)) == set(range(7))  # 0..2 * pad: shifts of -3..3 pixels
+    assert abs(flips.mean() - 0.5) < 0.05 and abs(offsets.mean() - 3) < 0.2
+    for other in ((4, 1, 7), (3, 2, 7), (3, 1, 8)):
+        moved = np.asarray(pipeline.augmentation_draws(*other, 4096, 3)[0])
+        assert (moved != offsets).mean() > 0.5
+
+
+def test_augment_is_a_translated_and_flipped_copy():
+    images = np.random.default_rng(0).integers(0, 256, (64, 28, 28, 1), dtype=np.uint8)
+    offsets, flips = (np.asarray(a) for a in pipeline.augmentation_draws(11, 0, 0, 64, 3))
+    assert flips.any() and not flips.all() and (offsets != 3).any()
+    out = np.asarray(pipeline.augment(tf.constant(images), offsets, flips, 3))
+    np.testing.assert_array_equal(out, _numpy_augment(images, offsets, flips, 3))
+    # Offset (pad, pad) without a flip is the identity.
+    same = pipeline.augment(tf.constant(images[:2]), tf.fill([2, 2], 3), tf.constant([False, False]), 3)
+    np.testing.assert_array_equal(np.asarray(same), images[:2])
+
+
+def test_augmented_training_batches_match_the_numpy_recipe_and_resume():
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (200, 32, 32, 3), dtype=np.uint8)
+    y = rng.integers(0, 10, 200).astype(np.int64)
+    common = {"batch_size": 32, "seed": 4, "epochs": 2}
+    plain, steps = pipeline.training_batches(x, y, initial_epoch=0, **common)
+    augmented, _ = pipeline.training_batches(x, y, initial_epoch=0, augment_pad=4, **common)
+    resumed, _ = pipeline.training_batches(x, y, initial_epoch=1, augment_pad=4, **common)
+    plain, augmented, resumed = list(plain), list(augmented), list(resumed)
+    assert len(augmented) == 2 * steps
+    for index, ((px, py), (ax, ay)) in enumerate(zip(plain, augmented, strict=True)):
+        epoch, step = divmod(index, steps)
+        offsets, flips = (np.asarray(a) for a in pipeline.augmentation_draws(4, epoch, step, 32, 4))
+        source = _bytes(px)  # the images in the order without augmentation
+        np.testing.assert_array_equal(_bytes(ax), _numpy_augment(source, offsets, flips, 4))
+        np.testing.assert_array_equal(np.asarray(ay), np.asarray(py))
+    for (rx, _), (ax, _) in zip(resumed, augmented[steps:], strict=True):
+        np.testing.assert_array_equal(np.asarray(rx), np.asarray(ax))

@@ -42,9 +42,9 @@ def test_run_directory_contents(reference_run):
     with open(os.path.join(run, "config.json")) as f:
         config = json.load(f)
     assert config == TrainConfig(**dict(FAST, out=run)).validate().to_dict()
-    # The dataset's default is resolved before it is recorded: Digitclutter trains on
-    # fresh images.
-    assert config["fresh_data"] is True
+    # The dataset's defaults are resolved before they are recorded: Digitclutter trains on
+    # fresh images, without augmentation.
+    assert (config["fresh_data"], config["augment"]) == (True, False)
     with open(os.path.join(run, "history.json")) as f:
         history = json.load(f)
     assert [h["epoch"] for h in history] == [1, 2]
@@ -108,9 +108,12 @@ def _interrupt_after_epoch_1(run_dir, copy):
 
 @pytest.mark.parametrize("overrides", [
     pytest.param({"fresh_data": False}, id="digitclutter-fixed"),
+    pytest.param({"dataset": "fashion_mnist", "validation_size": 100}, id="fashion-mnist-augmented"),
 ])
 def test_resume_matches_uninterrupted_with_fixed_and_augmented_data(tmp_path, overrides):
     whole = _train(tmp_path, "whole", **overrides)
+    if overrides.get("dataset") == "fashion_mnist":
+        assert whole["config"]["augment"] is True  # the default there
     _interrupt_after_epoch_1(whole["run_dir"], str(tmp_path / "resumed"))
     training.train(TrainConfig(out=str(tmp_path / "resumed")), resume=True, log=lambda line: None)
     for a, b in zip(_final_weights(str(tmp_path / "resumed")), _final_weights(whole["run_dir"]), strict=True):
@@ -176,18 +179,21 @@ def test_config_validation_echoes_the_value(overrides, message):
         TrainConfig(**overrides).validate()
 
 
-@pytest.mark.parametrize("dataset, fresh", [
-    ("digitclutter", True), ("digitdebris", True), ("mnist", False),
-    ("fashion_mnist", False), ("cifar10", False), ("cifar100", False),
+@pytest.mark.parametrize("dataset, fresh, augment", [
+    ("digitclutter", True, False), ("digitdebris", True, False), ("mnist", False, False),
+    ("fashion_mnist", False, True), ("cifar10", False, True), ("cifar100", False, True),
 ])
-def test_data_options_default_per_dataset(dataset, fresh):
+def test_data_options_default_per_dataset(dataset, fresh, augment):
     config = TrainConfig(dataset=dataset).validate()
-    assert config.fresh_data == fresh
+    assert (config.fresh_data, config.augment) == (fresh, augment)
 
 
 @pytest.mark.parametrize("overrides, message", [
     ({"dataset": "fashion_mnist", "fresh_data": True}, "fresh_data needs a generated dataset.*'fashion_mnist'"),
+    ({"dataset": "mnist", "augment": True}, "augment .* not available for dataset 'mnist'"),
+    ({"dataset": "digitdebris", "augment": True}, "augment .* not available for dataset 'digitdebris'"),
     ({"fresh_data": "yes"}, "fresh_data must be true or false, got 'yes'"),
+    ({"augment": "yes"}, "augment must be true or false, got 'yes'"),
 ])
 def test_data_options_that_make_no_sense_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -196,9 +202,10 @@ def test_data_options_that_make_no_sense_are_refused(overrides, message):
 
 def test_configs_written_before_the_data_options_keep_their_meaning():
     old = TrainConfig(**FAST).to_dict()
-    del old["fresh_data"]
-    config = TrainConfig.from_dict(old).validate()  # 0.1 trained on one fixed set
-    assert config.fresh_data is False
+    for key in ("fresh_data", "augment"):
+        del old[key]
+    config = TrainConfig.from_dict(old).validate()  # 0.1 trained on one fixed set, without augmentation
+    assert (config.fresh_data, config.augment) == (False, False)
 
 
 def test_resume_after_the_last_checkpoint_still_projects_onto_the_bound(tmp_path):

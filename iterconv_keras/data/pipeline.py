@@ -4,7 +4,9 @@ Every training batch is a pure function of (seed, epoch, step), so a run resumed
 at epoch e sees exactly the batches an uninterrupted run sees from epoch e on:
 
 - a fixed training set is visited in a stateless shuffle seeded by (seed, epoch)
-  (`training_batches`);
+  (`training_batches`), optionally augmented by a random translation (zero padding
+  and cropping) and a horizontal flip drawn statelessly from (seed, epoch, step),
+  the CIFAR recipe (He et al. 2016, after Lee et al. 2015);
 - a generated dataset with fresh data trains on new images every epoch
   (`fresh_training_batches`), drawn from ``DatasetSplits.train_stream(epoch)``,
   whose seed is a function of (seed, epoch) (`datasets.fresh_train_seed`).
@@ -21,6 +23,9 @@ import tensorflow as tf
 # stream blocks at batch 128. Making one block takes ~0.2 s on one core; the train
 # step of the `small` variant takes ~3 s to consume it, so the buffer never drains.
 FRESH_BUFFER_BATCHES = 64
+# Folded into the (seed, epoch, step) key so augmentation draws never share a key
+# with anything else seeded by (seed, epoch).
+_AUGMENT_KEY = 0x61756721
 
 
 def _scale(images):
@@ -35,7 +40,56 @@ def steps_per_epoch(n, batch_size):
     return steps
 
 
-def training_batches(x, y, *, batch_size, seed, initial_epoch, epochs):
+def augmentation_draws(seed, epoch, step, batch, pad):
+    """The random translation and flip of every image of one training batch.
+
+    A pure function of (seed, epoch, step): stateless random numbers from a key
+    folded from them, so a resumed run draws what an uninterrupted run draws.
+
+    Args:
+        seed, epoch, step: ints (or int tensors) naming the batch.
+        batch: number of images.
+        pad: translation range in pixels.
+
+    Returns:
+        ``(offsets, flips)``: int32 ``[batch, 2]`` top-left corner (row, column) of
+        each crop in the padded image, uniform in ``0..2 * pad``; bool ``[batch]``,
+        flip horizontally (probability 1/2).
+    """
+    key = tf.stack([tf.cast(seed, tf.int64), tf.cast(epoch, tf.int64)])
+    key = tf.random.experimental.stateless_fold_in(key, tf.cast(step, tf.int64))
+    key = tf.random.experimental.stateless_fold_in(key, _AUGMENT_KEY)
+    offsets = tf.random.stateless_uniform(
+        [batch, 2], seed=tf.random.experimental.stateless_fold_in(key, 0), minval=0, maxval=2 * pad + 1,
+        dtype=tf.int32,
+    )
+    flips = tf.random.stateless_uniform(
+        [batch], seed=tf.random.experimental.stateless_fold_in(key, 1), minval=0, maxval=2, dtype=tf.int32
+    )
+    return offsets, tf.equal(flips, 1)
+
+
+def augment(images, offsets, flips, pad):
+    """Translate by zero padding and cropping, then flip horizontally where ``flips``.
+
+    Args:
+        images: ``[B, H, W, C]`` images (any dtype; padding is 0, black).
+        offsets, flips: from `augmentation_draws`; offset ``pad`` is no shift.
+        pad: pixels of padding on each side.
+
+    Returns:
+        ``[B, H, W, C]``: image i is ``pad(images[i])[r:r + H, c:c + W]`` with
+        ``(r, c) = offsets[i]``, mirrored left-right when ``flips[i]``.
+    """
+    height, width = images.shape[1], images.shape[2]
+    padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
+    rows = offsets[:, :1] + tf.range(height)[None]
+    cols = offsets[:, 1:] + tf.range(width)[None]
+    cropped = tf.gather(tf.gather(padded, rows, axis=1, batch_dims=1), cols, axis=2, batch_dims=1)
+    return tf.where(flips[:, None, None, None], tf.reverse(cropped, axis=[2]), cropped)
+
+
+def training_batches(x, y, *, batch_size, seed, initial_epoch, epochs, augment_pad=None):
     """Shuffled batches for epochs ``initial_epoch .. epochs - 1``, one after another.
 
     Args:
@@ -46,6 +100,9 @@ def training_batches(x, y, *, batch_size, seed, initial_epoch, epochs):
         seed: int, with the epoch number the seed of that epoch's permutation.
         initial_epoch: first epoch to produce (0 for a new run).
         epochs: one past the last epoch.
+        augment_pad: None (no augmentation) or int > 0: translate every image by up
+            to this many pixels and flip it horizontally with probability 1/2
+            (`augmentation_draws`, `augment`).
 
     Returns:
         ``(dataset, steps_per_epoch)``.
@@ -59,10 +116,14 @@ def training_batches(x, y, *, batch_size, seed, initial_epoch, epochs):
         order = tf.random.experimental.stateless_shuffle(
             tf.range(n, dtype=tf.int64), seed=tf.stack([tf.constant(seed, tf.int64), epoch])
         )
-        return tf.data.Dataset.from_tensor_slices(order[: steps * batch_size]).batch(batch_size)
+        batches = tf.reshape(order[: steps * batch_size], [steps, batch_size])
+        return tf.data.Dataset.from_tensor_slices(batches).enumerate().map(lambda step, idx: (epoch, step, idx))
 
-    def load(idx):
-        return _scale(tf.gather(images, idx)), tf.gather(labels, idx)
+    def load(epoch, step, idx):
+        batch = tf.gather(images, idx)
+        if augment_pad:
+            batch = augment(batch, *augmentation_draws(seed, epoch, step, batch_size, augment_pad), augment_pad)
+        return _scale(batch), tf.gather(labels, idx)
 
     dataset = (
         tf.data.Dataset.range(initial_epoch, epochs)
