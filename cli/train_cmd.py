@@ -10,7 +10,7 @@ OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 _RESUMABLE_SETTINGS = (
     "dataset", "variant", "coupling", "spectral_norm", "lipschitz", "epochs", "batch_size", "lr",
     "optimizer", "weight_decay", "schedule", "train_size", "validation_size", "test_size", "clutter_digits",
-    "debris_fragments", "fresh_data", "augment", "seed", "data_dir", "jit_compile",
+    "debris_fragments", "fresh_data", "augment", "block_init", "seed", "data_dir", "jit_compile",
 )
 
 
@@ -48,6 +48,9 @@ _RESUMABLE_SETTINGS = (
 @click.option("--augment/--no-augment", default=None,
               help="Random translation (pad and crop) and horizontal flip of training images "
                    "[default: on for fashion_mnist, cifar10, cifar100; refused for the others].")
+@click.option("--block-init", type=click.Choice(("tied", "independent")), default="tied", show_default=True,
+              help="Blocks of a stage start identical (tied) or from their own initialisation "
+                   "(independent: a conventional ResNet).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds initialisation and data order.")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
               help="Folder searched first for dataset files.")

@@ -35,9 +35,10 @@ from iterconv_keras.models import coupling as coupling_lib
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 SCHEDULES = ("constant", "cosine")
+BLOCK_INITS = ("tied", "independent")  # IterativeResNet's block_init
 # Settings added after 0.1, with the value that reproduces what a config.json written
-# before them meant (fixed data, no augmentation).
-_PRE_0_2_VALUES = {"fresh_data": False, "augment": False}
+# before them meant (fixed data, no augmentation, tied blocks).
+_PRE_0_2_VALUES = {"fresh_data": False, "augment": False, "block_init": "tied"}
 CONFIG_FILE = "config.json"
 HISTORY_FILE = "history.json"
 METRICS_FILE = "metrics.json"
@@ -88,6 +89,8 @@ class TrainConfig:
             seeded by (seed, epoch, step). None (default) means on for Fashion-MNIST
             and CIFAR, off otherwise; refused for MNIST and the generated datasets,
             where flips change digits.
+        block_init: ``"tied"`` (default, every block of a stage starts as block 0) or
+            ``"independent"`` (a conventional ResNet), see `IterativeResNet`.
         seed: seeds initialisation and data order (and fresh data, augmentation).
         data_dir: folder searched first for dataset files.
         jit_compile: compile the train step with XLA.
@@ -112,6 +115,7 @@ class TrainConfig:
     debris_fragments: int = 10
     fresh_data: bool | None = None
     augment: bool | None = None
+    block_init: str = "tied"
     seed: int = 0
     data_dir: str | None = None
     jit_compile: bool = False
@@ -150,6 +154,7 @@ class TrainConfig:
         _require(_is_int(self.clutter_digits) and 2 <= self.clutter_digits <= 5,
                  f"clutter_digits must be 2..5, got {self.clutter_digits!r}")
         debris.validate_fragments(self.debris_fragments, "debris_fragments")
+        _require(self.block_init in BLOCK_INITS, f"block_init must be one of {BLOCK_INITS}, got {self.block_init!r}")
         _require(_is_int(self.seed) and self.seed >= 0, f"seed must be an integer >= 0, got {self.seed!r}")
         self._resolve_data_options(datasets)
         return self
@@ -197,7 +202,10 @@ def _require(condition, message):
 def default_run_dir(config):
     stamp = time.strftime("%Y%m%d-%H%M%S")
     sn = f"-sn{config.lipschitz:g}" if config.spectral_norm else ""
-    return os.path.join("runs", f"{stamp}-{config.dataset}-{config.variant}-l{config.coupling:g}{sn}-s{config.seed}")
+    init = "-indep" if config.block_init == "independent" else ""
+    return os.path.join(
+        "runs", f"{stamp}-{config.dataset}-{config.variant}-l{config.coupling:g}{sn}{init}-s{config.seed}"
+    )
 
 
 def check_new_run_dir(out):
@@ -331,6 +339,7 @@ def build_and_compile(config, splits, steps_per_epoch):
         "multi_label": splits.multi_label,
         "input_mean": splits.mean,
         "input_std": splits.std,
+        "block_init": config.block_init,
     }
     if config.spectral_norm:
         overrides["lipschitz"] = config.lipschitz
@@ -386,13 +395,16 @@ def train(config, *, resume=False, log=None):
         log: callable taking a line of progress text (default: print to stderr).
 
     Returns:
-        dict with ``run_dir``, ``config``, ``epochs_completed``, ``history`` and
-        ``test`` (loss, accuracy, examples).
+        dict with ``run_dir``, ``config``, ``epochs_completed``, ``history`` (per
+        epoch: metrics, ``seconds`` wall and ``cpu_seconds`` process CPU time),
+        ``test`` (loss, accuracy, examples), and ``wall_seconds`` / ``cpu_seconds``
+        of this call (a resumed run counts only the resumed part).
 
     Raises:
         UsageError, DatasetNotAvailable, TrainingDiverged.
     """
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    started = (time.perf_counter(), time.process_time())
     config.validate()
     if config.out is None:
         if resume:
@@ -455,6 +467,8 @@ def train(config, *, resume=False, log=None):
         "epochs_completed": len(history),
         "history": history,
         "test": test,
+        "wall_seconds": round(time.perf_counter() - started[0], 3),
+        "cpu_seconds": round(time.process_time() - started[1], 3),
     }
 
 
@@ -574,12 +588,17 @@ class _EpochRecorder(keras.callbacks.Callback):
         self._start = None
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
+        self._start = (time.perf_counter(), time.process_time())
 
     def on_epoch_end(self, epoch, logs=None):
         if self.guard.failure is not None:
             return
-        entry = {"epoch": epoch + 1, "seconds": round(time.perf_counter() - self._start, 3)}
+        entry = {
+            "epoch": epoch + 1,
+            "seconds": round(time.perf_counter() - self._start[0], 3),
+            # Process CPU time, all threads: what the epoch cost on a shared machine.
+            "cpu_seconds": round(time.process_time() - self._start[1], 3),
+        }
         entry.update({k: float(v) for k, v in (logs or {}).items()})
         self.history.append(entry)
         save_checkpoint(self.model, self.out, epoch + 1, self.history)

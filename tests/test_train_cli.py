@@ -60,6 +60,7 @@ def test_train_json_is_one_document_and_progress_goes_to_stderr(tmp_path):
         (["--augment"], 2, "not available for dataset 'digitclutter'"),
         (["--dataset", "fashion_mnist", "--fresh-data"], 2,
          "fresh_data needs a generated dataset (digitclutter, digitdebris); dataset 'fashion_mnist' is a fixed"),
+        (["--block-init", "shared"], 2, "'shared' is not one of 'tied', 'independent'"),
     ],
 )
 def test_bad_options_give_one_line_and_exit_code(tmp_path, args, code, needle):
@@ -71,12 +72,15 @@ def test_bad_options_give_one_line_and_exit_code(tmp_path, args, code, needle):
 
 def test_data_options_are_recorded_and_reach_the_model(tmp_path):
     out = tmp_path / "run"
-    result = _invoke(["train", *FAST, "--fixed-data", "--out", str(out), "--json"])
+    result = _invoke(["train", *FAST, "--fixed-data", "--block-init", "independent", "--out", str(out), "--json"])
     assert result.exit_code == 0, result.stderr
     config = json.loads(result.stdout)["config"]
-    assert (config["fresh_data"], config["augment"]) == (False, False)
+    assert (config["fresh_data"], config["augment"], config["block_init"]) == (False, False, "independent")
     with open(out / "config.json") as f:
         assert json.load(f) == config
+    import keras
+
+    assert keras.saving.load_model(out / "model.keras", compile=False).block_init == "independent"
     line = _one_error_line(_invoke(["train", "--resume", "--fresh-data", "--out", str(out)]), 2)
     assert "--fresh-data True differs from the run's False" in line
 

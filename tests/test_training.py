@@ -43,8 +43,8 @@ def test_run_directory_contents(reference_run):
         config = json.load(f)
     assert config == TrainConfig(**dict(FAST, out=run)).validate().to_dict()
     # The dataset's defaults are resolved before they are recorded: Digitclutter trains on
-    # fresh images, without augmentation.
-    assert (config["fresh_data"], config["augment"]) == (True, False)
+    # fresh images, without augmentation, from tied blocks.
+    assert (config["fresh_data"], config["augment"], config["block_init"]) == (True, False, "tied")
     with open(os.path.join(run, "history.json")) as f:
         history = json.load(f)
     assert [h["epoch"] for h in history] == [1, 2]
@@ -118,6 +118,14 @@ def test_resume_matches_uninterrupted_with_fixed_and_augmented_data(tmp_path, ov
     training.train(TrainConfig(out=str(tmp_path / "resumed")), resume=True, log=lambda line: None)
     for a, b in zip(_final_weights(str(tmp_path / "resumed")), _final_weights(whole["run_dir"]), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_runs_record_wall_and_cpu_time(reference_run):
+    for entry in reference_run["history"]:
+        assert entry["seconds"] > 0 and entry["cpu_seconds"] > 0
+    # A run's total covers its epochs (and data, test evaluation, saving besides).
+    assert reference_run["wall_seconds"] >= sum(h["seconds"] for h in reference_run["history"])
+    assert reference_run["cpu_seconds"] >= sum(h["cpu_seconds"] for h in reference_run["history"])
 
 
 def test_resume_without_checkpoint_starts_over(tmp_path):
@@ -194,6 +202,7 @@ def test_data_options_default_per_dataset(dataset, fresh, augment):
     ({"dataset": "digitdebris", "augment": True}, "augment .* not available for dataset 'digitdebris'"),
     ({"fresh_data": "yes"}, "fresh_data must be true or false, got 'yes'"),
     ({"augment": "yes"}, "augment must be true or false, got 'yes'"),
+    ({"block_init": "shared"}, "block_init must be one of .*got 'shared'"),
 ])
 def test_data_options_that_make_no_sense_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -202,10 +211,10 @@ def test_data_options_that_make_no_sense_are_refused(overrides, message):
 
 def test_configs_written_before_the_data_options_keep_their_meaning():
     old = TrainConfig(**FAST).to_dict()
-    for key in ("fresh_data", "augment"):
+    for key in ("fresh_data", "augment", "block_init"):
         del old[key]
-    config = TrainConfig.from_dict(old).validate()  # 0.1 trained on one fixed set, without augmentation
-    assert (config.fresh_data, config.augment) == (False, False)
+    config = TrainConfig.from_dict(old).validate()  # 0.1 trained on one fixed set, tied blocks
+    assert (config.fresh_data, config.augment, config.block_init) == (False, False, "tied")
 
 
 def test_resume_after_the_last_checkpoint_still_projects_onto_the_bound(tmp_path):
