@@ -10,7 +10,7 @@ OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 _RESUMABLE_SETTINGS = (
     "dataset", "variant", "coupling", "spectral_norm", "lipschitz", "epochs", "batch_size", "lr",
     "optimizer", "weight_decay", "schedule", "train_size", "validation_size", "test_size", "clutter_digits",
-    "debris_fragments", "seed", "data_dir", "jit_compile",
+    "debris_fragments", "fresh_data", "augment", "block_init", "seed", "data_dir", "jit_compile",
 )
 
 
@@ -42,6 +42,15 @@ _RESUMABLE_SETTINGS = (
               help="Digits per Digitclutter image (2..5).")
 @click.option("--debris-fragments", type=int, default=10, show_default=True,
               help="Digit fragments per digitdebris image (10, 30 or 50).")
+@click.option("--fresh-data/--fixed-data", "fresh_data", default=None,
+              help="Generated datasets: train on --train-size new images every epoch, seeded by (seed, epoch) "
+                   "[default: fresh for digitclutter and digitdebris], or on one fixed set.")
+@click.option("--augment/--no-augment", default=None,
+              help="Random translation (pad and crop) and horizontal flip of training images "
+                   "[default: on for fashion_mnist, cifar10, cifar100; refused for the others].")
+@click.option("--block-init", type=click.Choice(("tied", "independent")), default="tied", show_default=True,
+              help="Blocks of a stage start identical (tied) or from their own initialisation "
+                   "(independent: a conventional ResNet).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds initialisation and data order.")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
               help="Folder searched first for dataset files.")

@@ -1,152 +1,353 @@
-"""Train and evaluate a grid of conditions; write one JSON and one Markdown table.
+"""The grid of issue 16: train and evaluate every condition, resumably, one run at a time.
 
-The grid reproduces the paper's comparison on a CPU budget: soft gradient
-coupling lambda in {0, 0.5, 0.9, 0.99, 1} without the constraint, and lambda in
-{0, 1} with the Lipschitz constraint (c = 0.9), each trained with the same seed
-and settings, then scored by `iterconv_keras.analysis.evaluation.evaluate` (indices,
-occlusion). Results in docs/results.md come from this script.
+Conditions (rows of `CONDITIONS`, each a set of `TrainConfig` overrides) on
+Digitclutter (3 digits) and Fashion-MNIST with the ``small`` variant: the four
+corners, coupling lambda in {0, 1} x Lipschitz constraint off/on, 3 seeds each;
+lambda in {0.5, 0.9, 0.99}, one seed; a conventional ResNet (blocks initialised
+independently, lambda 0), 3 seeds; the contractive block (method.md section 4b)
+at lambda 0 and 1, 3 seeds on Digitclutter and one on Fashion-MNIST. A condition
+whose settings `TrainConfig` does not know yet is skipped with a message, so it
+runs once they exist. Seed 0 of every condition on both datasets runs first (the
+zoo exports seed 0), then seed 1, then seed 2.
+
+Budgets (`BUDGETS`, overridable by ``--epochs`` / ``--train-size``): Digitclutter
+100,000 fresh images per epoch x 10 epochs; Fashion-MNIST its whole training
+split minus 5,000 validation images x 20 epochs, augmented. Learning rate and
+schedule are `TrainConfig`'s defaults (Adam 0.002, cosine decay).
+
+Each run lives in ``OUT/<dataset>/<condition>-s<seed>/``: a run with
+``model.keras`` is done; one with ``config.json`` but no ``model.keras`` resumes
+from its last checkpoint (``resume=True``); its evaluation
+(`iterconv_keras.analysis.evaluation.evaluate` on the full test set, with indices
+and occlusion) is cached as ``eval.json``. Rerunning the same command therefore
+continues where a killed sweep stopped. ``timing.json`` accumulates the wall and
+CPU time of every training and evaluation call. After each run ``OUT/summary.json``
+(every finished run: config, history, test metrics, evaluation, timing) and
+``OUT/summary.md`` are rewritten, so the results can be committed as they come.
 
 Usage:
-    python experiments/sweep.py --dataset digitclutter --out experiments/digitclutter \
-        [--epochs 5] [--seeds 0] [--limit 2000] [--conditions l0,l1,sn-l0]
+    python experiments/sweep.py --out experiments/grid            # the whole grid
+    python experiments/sweep.py --out experiments/grid --plan     # list it, train nothing
+    python experiments/sweep.py --out /tmp/g --datasets digitclutter --conditions l0,l1 \\
+        --seeds 0 --variant tiny --epochs 1 --train-size 256 --limit 200   # a smoke test
 
-Runs that already have model.keras are not retrained; those with eval.json are
-not re-evaluated, so an interrupted sweep continues where it stopped.
+Exit codes: 0 done, 1 some run failed (the others still ran), 2 usage error (bad
+option, a run directory trained with other settings, another sweep on OUT).
 """
 
 import argparse
+import dataclasses
+import fcntl
 import json
 import os
 import sys
+import time
+
+# The checkout this script lives in, not whichever iterconv is installed.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import iterconv_keras  # noqa: F401  (environment before TensorFlow)
 
-CONDITIONS = {
-    "l0": {"coupling": 0.0},
-    "l0.5": {"coupling": 0.5},
-    "l0.9": {"coupling": 0.9},
-    "l0.99": {"coupling": 0.99},
-    "l1": {"coupling": 1.0},
-    "sn-l0": {"coupling": 0.0, "spectral_norm": True},
-    "sn-l1": {"coupling": 1.0, "spectral_norm": True},
+DATASETS = ("digitclutter", "fashion_mnist")
+SEEDS = (0, 1, 2)
+# Per dataset: TrainConfig settings of the standard budget.
+BUDGETS = {
+    "digitclutter": {"epochs": 10, "train_size": 100_000, "fresh_data": True, "clutter_digits": 3},
+    "fashion_mnist": {"epochs": 20, "train_size": None, "augment": True},
 }
+# The contractive block of the convergence issue (a ResidualBlock option being built
+# elsewhere): x <- (1 - alpha) x + alpha g(x) with Lip(g) <= 0.5.
+CONTRACTIVE = {"residual": "contractive", "alpha": 0.5, "lipschitz": 0.5, "spectral_norm": True}
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="digitclutter")
-    parser.add_argument("--variant", default="small")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--train-size", type=int, default=None)
-    parser.add_argument("--seeds", default="0", help="comma-separated seeds")
-    parser.add_argument("--limit", type=int, default=2000, help="test images for the evaluation")
-    parser.add_argument("--conditions", default=",".join(CONDITIONS))
-    args = parser.parse_args(argv)
+@dataclasses.dataclass(frozen=True)
+class Condition:
+    """One row of the grid: a name, its TrainConfig overrides, seeds per dataset."""
 
+    name: str
+    overrides: dict
+    seeds: dict  # dataset -> number of seeds (0, 1, 2, ...)
+
+
+def _seeds(digitclutter, fashion_mnist):
+    return {"digitclutter": digitclutter, "fashion_mnist": fashion_mnist}
+
+
+CONDITIONS = (
+    Condition("l0", {"coupling": 0.0}, _seeds(3, 3)),
+    Condition("l1", {"coupling": 1.0}, _seeds(3, 3)),
+    Condition("sn-l0", {"coupling": 0.0, "spectral_norm": True}, _seeds(3, 3)),
+    Condition("sn-l1", {"coupling": 1.0, "spectral_norm": True}, _seeds(3, 3)),
+    Condition("l0.5", {"coupling": 0.5}, _seeds(1, 1)),
+    Condition("l0.9", {"coupling": 0.9}, _seeds(1, 1)),
+    Condition("l0.99", {"coupling": 0.99}, _seeds(1, 1)),
+    Condition("conventional", {"coupling": 0.0, "block_init": "independent"}, _seeds(3, 3)),
+    Condition("contractive-l0", {"coupling": 0.0, **CONTRACTIVE}, _seeds(3, 1)),
+    Condition("contractive-l1", {"coupling": 1.0, **CONTRACTIVE}, _seeds(3, 1)),
+)
+
+
+class SweepError(Exception):
+    """A usage problem: exit code 2, one line on stderr."""
+
+
+def unknown_settings(overrides):
+    """The override keys `TrainConfig` has no field for (a condition not runnable yet)."""
+    from iterconv_keras.training import TrainConfig
+
+    return sorted(set(overrides) - {f.name for f in dataclasses.fields(TrainConfig)})
+
+
+def plan(datasets, conditions, seeds):
+    """The runs in order (seed-major), and the conditions skipped for unknown settings.
+
+    Returns:
+        ``(runs, skipped)``: runs as ``(dataset, condition, seed)``; skipped as
+        ``{"condition", "unknown_settings"}`` dicts.
+    """
+    skipped = [{"condition": c.name, "unknown_settings": unknown_settings(c.overrides)}
+               for c in conditions if unknown_settings(c.overrides)]
+    blocked = {s["condition"] for s in skipped}
+    runs = [(dataset, c, seed) for seed in seeds for dataset in datasets for c in conditions
+            if c.name not in blocked and seed < c.seeds.get(dataset, 0)]
+    return runs, skipped
+
+
+def run_config(args, dataset, condition, seed, run_dir):
+    """The validated `TrainConfig` of one run."""
+    from iterconv_keras.training import TrainConfig
+
+    settings = dict(BUDGETS[dataset])
+    for key in ("epochs", "train_size"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    settings.update(dataset=dataset, variant=args.variant, seed=seed, out=run_dir, test_size=args.limit,
+                    validation_size=args.validation_size, **condition.overrides)
+    try:
+        return TrainConfig(**settings).validate()
+    except ValueError as exc:
+        raise SweepError(f"condition {condition.name} on {dataset}: {exc}") from exc
+
+
+def _stored_config(run_dir):
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _check_same(config, stored, run_dir):
+    wanted = config.to_dict()
+    differing = sorted(k for k in wanted if k != "out" and stored.get(k) != wanted[k])
+    if differing:
+        details = ", ".join(f"{k}={stored.get(k)!r} (sweep wants {wanted[k]!r})" for k in differing)
+        raise SweepError(f"{run_dir} was trained with other settings: {details}; "
+                         "rerun with the settings it was started with, or move it away")
+
+
+def _add_timing(run_dir, key, wall, cpu):
+    from iterconv_keras.fsutil import read_json_if_present, write_json_atomic
+
+    path = os.path.join(run_dir, "timing.json")
+    timing = read_json_if_present(path)
+    entry = timing.setdefault(key, {"wall_seconds": 0.0, "cpu_seconds": 0.0, "calls": 0})
+    entry["wall_seconds"] = round(entry["wall_seconds"] + wall, 3)
+    entry["cpu_seconds"] = round(entry["cpu_seconds"] + cpu, 3)
+    entry["calls"] += 1
+    write_json_atomic(path, timing)
+
+
+def train_run(config, log):
+    """Train, resume or skip one run; return True when it trained."""
     from iterconv_keras import training
+
+    run_dir = config.out
+    stored = _stored_config(run_dir)
+    if stored is not None:
+        _check_same(config, stored, run_dir)
+    if os.path.isfile(os.path.join(run_dir, training.MODEL_FILE)):
+        return False
+    if stored is None and os.path.isdir(run_dir) and os.listdir(run_dir):
+        raise SweepError(f"{run_dir} holds files but no config.json: not a run directory; move it away")
+    resume = stored is not None
+    log(f"{'resuming' if resume else 'training'} {run_dir}")
+    wall, cpu = time.perf_counter(), time.process_time()
+    training.train(config, resume=resume)
+    _add_timing(run_dir, "train", time.perf_counter() - wall, time.process_time() - cpu)
+    return True
+
+
+def evaluate_run(run_dir, limit):
+    """``eval.json`` of a trained run, computed once."""
     from iterconv_keras.analysis import evaluation
     from iterconv_keras.fsutil import write_json_atomic
     from iterconv_keras.loading import load_model
 
-    rows = []
-    for seed in [int(s) for s in args.seeds.split(",")]:
-        for name in args.conditions.split(","):
-            run = os.path.join(args.out, f"{name}-s{seed}")
-            if not os.path.isfile(os.path.join(run, "model.keras")):
-                config = training.TrainConfig(
-                    dataset=args.dataset, variant=args.variant, epochs=args.epochs, seed=seed,
-                    train_size=args.train_size, out=run, **CONDITIONS[name],
-                )
-                resume = os.path.isfile(os.path.join(run, "config.json"))
-                training.train(config, resume=resume)
-            eval_path = os.path.join(run, "eval.json")
-            if not os.path.isfile(eval_path):
-                loaded = load_model(run)
-                data = evaluation.load_for_model(loaded.model, loaded.metadata, limit=args.limit)
-                document = evaluation.evaluate(loaded.model, data, limit=args.limit, model_reference=run)
-                document = {"model": run, "dataset": args.dataset, **document}
-                write_json_atomic(eval_path, document)  # evaluate() returns strict-JSON values
-            with open(eval_path) as f:
-                document = json.load(f)
-            with open(os.path.join(run, "metrics.json")) as f:
-                metrics = json.load(f)
-            rows.append(_row(name, seed, metrics, document))
-            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    write_json_atomic(os.path.join(args.out, "summary.json"), rows)
-    text = _table(rows)
-    if len({r["seed"] for r in rows}) > 1:
-        text += "\n" + _seed_table(rows)
-    with open(os.path.join(args.out, "summary.md"), "w") as f:
-        f.write(text)
-    print(text)
+    path = os.path.join(run_dir, "eval.json")
+    if not os.path.isfile(path):
+        wall, cpu = time.perf_counter(), time.process_time()
+        loaded = load_model(run_dir)
+        data = evaluation.load_for_model(loaded.model, loaded.metadata, limit=limit)
+        document = evaluation.evaluate(loaded.model, data, limit=limit, model_reference=run_dir)
+        write_json_atomic(path, document)  # evaluate() returns strict-JSON values
+        _add_timing(run_dir, "evaluation", time.perf_counter() - wall, time.process_time() - cpu)
+    with open(path) as f:
+        return json.load(f)
 
 
-def _row(name, seed, metrics, document):
-    indices = document.get("indices", {})
-    occlusion = document.get("occlusion", {})
+def summary_row(dataset, condition, seed, run_dir):
+    """Everything the report needs about one finished run, or None when it is not finished."""
+    files = ("config.json", "history.json", "metrics.json", "model.keras", "eval.json")
+    if not all(os.path.isfile(os.path.join(run_dir, name)) for name in files):
+        return None
+
+    def read(name):
+        with open(os.path.join(run_dir, name)) as f:
+            return json.load(f)
+
+    history = read("history.json")
+    timing = read("timing.json") if os.path.isfile(os.path.join(run_dir, "timing.json")) else {}
     return {
-        "condition": name,
-        "seed": seed,
-        "test_accuracy": metrics["accuracy"],
-        "test_loss": metrics["loss"],
-        "recurrence": indices.get("recurrence"),
-        "divergence": indices.get("divergence"),
-        "convergence": indices.get("convergence"),
-        "effective_parameters": indices.get("effective_parameters"),
-        "parameters": indices.get("parameters"),
-        "occlusion_auc": occlusion.get("auc"),
-        "clutter": occlusion.get("clutter"),
+        "dataset": dataset, "condition": condition.name, "seed": seed, "run_dir": run_dir,
+        "overrides": condition.overrides, "config": read("config.json"), "test": read("metrics.json"),
+        "history": history, "evaluation": read("eval.json"),
+        "timing": {
+            **timing,
+            # Complete epochs only (they survive a kill): the training cost of the run itself.
+            "epochs_wall_seconds": round(sum(h.get("seconds", 0.0) for h in history), 3),
+            "epochs_cpu_seconds": round(sum(h.get("cpu_seconds", 0.0) for h in history), 3),
+        },
     }
 
 
-def _fmt(value, digits=3):
-    if value is None:
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
+def collect_rows(out, runs):
+    """Rows of every finished run of ``runs`` and of the whole grid, in plan order.
+
+    The whole grid too, so a sweep of a subset (``--datasets``, ``--seeds`` ...)
+    does not drop the rows of runs finished by an earlier, wider sweep.
+    """
+    grid, _ = plan(DATASETS, CONDITIONS, SEEDS)
+    rows, seen = [], set()
+    for dataset, condition, seed in list(runs) + grid:
+        run_dir = os.path.join(out, dataset, f"{condition.name}-s{seed}")
+        if run_dir not in seen:
+            seen.add(run_dir)
+            row = summary_row(dataset, condition, seed, run_dir)
+            if row is not None:
+                rows.append(row)
+    return rows
 
 
-def _table(rows):
-    header = ("| condition | seed | test acc | test loss | RI | DI | CI | P_eff / P | occl. AUC | clutter 2/3/4/5 |\n"
-              "|---|---|---|---|---|---|---|---|---|---|\n")
-    lines = []
+def write_summary(out, args, runs, skipped, failed):
+    from iterconv_keras.fsutil import write_json_atomic, write_text_atomic
+
+    rows = collect_rows(out, runs)
+    document = {
+        "variant": args.variant, "budgets": BUDGETS, "epochs_override": args.epochs,
+        "train_size_override": args.train_size, "test_limit": args.limit,
+        "skipped_conditions": skipped, "failed_runs": failed, "runs": rows,
+        "totals": {key: round(sum(r["timing"].get(part, {}).get(key, 0.0) for r in rows
+                                  for part in ("train", "evaluation")), 3)
+                   for key in ("wall_seconds", "cpu_seconds")},
+    }
+    write_json_atomic(os.path.join(out, "summary.json"), document)
+    write_text_atomic(os.path.join(out, "summary.md"), _markdown(rows))
+
+
+def _markdown(rows):
+    lines = ["| dataset | condition | seed | test acc | RI | DI | CI | P_eff / P | occl. AUC | train h (CPU) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        clutter = r["clutter"] or {}
-        clutter_text = "/".join(_fmt(clutter.get(k), 2) for k in ("2", "3", "4", "5")) if clutter else "n/a"
-        ratio = (f"{r['effective_parameters']:,.0f} / {r['parameters']:,}"
-                 if r["effective_parameters"] is not None else "n/a")
-        lines.append(f"| {r['condition']} | {r['seed']} | {_fmt(r['test_accuracy'])} | {_fmt(r['test_loss'])} | "
-                     f"{_fmt(r['recurrence'])} | {_fmt(r['divergence'])} | {_fmt(r['convergence'])} | {ratio} | "
-                     f"{_fmt(r['occlusion_auc'])} | {clutter_text} |")
-    return header + "\n".join(lines) + "\n"
+        ind = r["evaluation"].get("indices", {})
+        occ = r["evaluation"].get("occlusion", {})
+        cpu = r["timing"].get("train", {}).get("cpu_seconds")
+        lines.append(
+            f"| {r['dataset']} | {r['condition']} | {r['seed']} | {_fmt(r['test']['accuracy'])} | "
+            f"{_fmt(ind.get('recurrence'))} | {_fmt(ind.get('divergence'))} | {_fmt(ind.get('convergence'))} | "
+            f"{_fmt(ind.get('effective_parameters'), 0)} / {_fmt(ind.get('parameters'), 0)} | "
+            f"{_fmt(occ.get('auc'))} | {_fmt(cpu / 3600 if cpu else None, 2)} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
-SEED_COLUMNS = ("test_accuracy", "recurrence", "divergence", "convergence", "occlusion_auc")
+def _fmt(value, digits=3):
+    return "n/a" if value is None else f"{value:,.{digits}f}"
 
 
-def _seed_table(rows):
-    """Mean and sample standard deviation over seeds, per condition (n seeds each)."""
-    import numpy as np
+def _lock(out):
+    os.makedirs(out, exist_ok=True)
+    handle = open(os.path.join(out, ".sweep.lock"), "w")  # noqa: SIM115  (held for the whole sweep)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise SweepError(f"another sweep is running on {out} (one training at a time)") from None
+    return handle
 
-    header = ("| condition | seeds | " + " | ".join(SEED_COLUMNS) + " |\n"
-              "|---|---|" + "---|" * len(SEED_COLUMNS) + "\n")
-    lines = []
-    for name in dict.fromkeys(r["condition"] for r in rows):
-        group = [r for r in rows if r["condition"] == name]
-        cells = []
-        for column in SEED_COLUMNS:
-            values = np.array([r[column] for r in group if r[column] is not None], dtype=float)
-            if values.size == 0:
-                cells.append("n/a")
-            elif values.size == 1:
-                cells.append(_fmt(float(values[0])))
-            else:
-                cells.append(f"{values.mean():.3f} +- {values.std(ddof=1):.3f}")
-        lines.append(f"| {name} | {len(group)} | " + " | ".join(cells) + " |")
-    return header + "\n".join(lines) + "\n"
+
+def _csv(text, cast=str):
+    return [cast(item) for item in text.split(",") if item]
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="folder of the run directories and summary.json")
+    parser.add_argument("--datasets", type=_csv, default=list(DATASETS), help="comma-separated subset")
+    parser.add_argument("--conditions", type=_csv, default=[c.name for c in CONDITIONS],
+                        help="comma-separated subset of the condition names")
+    parser.add_argument("--seeds", type=lambda t: _csv(t, int), default=list(SEEDS), help="comma-separated subset")
+    parser.add_argument("--variant", default="small")
+    parser.add_argument("--epochs", type=int, default=None, help="override the per-dataset budget")
+    parser.add_argument("--train-size", type=int, default=None, help="override the per-dataset budget")
+    parser.add_argument("--validation-size", type=int, default=None, help="default: the dataset's")
+    parser.add_argument("--limit", type=int, default=None, help="test images (default: the full test set)")
+    parser.add_argument("--plan", action="store_true", help="print the runs in order and exit")
+    args = parser.parse_args(argv)
+    names = {c.name for c in CONDITIONS}
+    for label, given, known in (("dataset", args.datasets, BUDGETS), ("condition", args.conditions, names)):
+        unknown = [g for g in given if g not in known]
+        if unknown:
+            parser.error(f"unknown {label} {unknown}; choose from {', '.join(sorted(known))}")
+    return args
+
+
+def main(argv=None, log=None):
+    """Run the sweep; return the exit code."""
+    log = log or (lambda line: print(f"sweep: {line}", file=sys.stderr, flush=True))
+    args = parse_args(argv)
+    conditions = [c for c in CONDITIONS if c.name in args.conditions]
+    runs, skipped = plan(args.datasets, conditions, args.seeds)
+    for s in skipped:
+        log(f"skipping {s['condition']}: TrainConfig has no setting {', '.join(s['unknown_settings'])} yet "
+            "(it runs once that exists)")
+    try:
+        configs = [run_config(args, d, c, s, os.path.join(args.out, d, f"{c.name}-s{s}")) for d, c, s in runs]
+        if args.plan:
+            for (dataset, condition, seed), config in zip(runs, configs, strict=True):
+                print(f"{dataset} {condition.name} seed {seed}: epochs {config.epochs}, "
+                      f"train_size {config.train_size}, {json.dumps(condition.overrides)} -> {config.out}")
+            return 0
+        lock = _lock(args.out)
+        failed = []
+        for index, ((dataset, condition, seed), config) in enumerate(zip(runs, configs, strict=True)):
+            log(f"run {index + 1}/{len(runs)}: {dataset} {condition.name} seed {seed}")
+            try:
+                train_run(config, log)
+                evaluate_run(config.out, args.limit)
+            except SweepError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - one failed run must not stop a 10-hour grid
+                failed.append({"run_dir": config.out, "error": f"{type(exc).__name__}: {exc}"})
+                log(f"FAILED {config.out}: {type(exc).__name__}: {exc}")
+            write_summary(args.out, args, runs, skipped, failed)
+        write_summary(args.out, args, runs, skipped, failed)
+        lock.close()
+    except SweepError as exc:
+        print(f"sweep: error: {exc}", file=sys.stderr)
+        return 2
+    log(f"{len(runs) - len(failed)} runs done, {len(failed)} failed; summary in {args.out}/summary.json")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

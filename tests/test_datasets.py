@@ -91,8 +91,12 @@ def test_idx_gz_loads_with_deterministic_validation_split(tmp_path):
     np.testing.assert_array_equal(split.x_test[..., 0], written["t10k-images-idx3-ubyte"])
     again = datasets.load("mnist", data_dir=tmp_path, seed=3)
     np.testing.assert_array_equal(again.x_val, split.x_val)
+    # The validation split is fixed (not by the training seed): every seed is validated
+    # on the same images and, without --train-size, trains on the same rest.
     other = datasets.load("mnist", data_dir=tmp_path, seed=4)
-    assert not np.array_equal(other.x_val, split.x_val)
+    np.testing.assert_array_equal(other.x_val, split.x_val)
+    np.testing.assert_array_equal(other.x_train, split.x_train)
+    assert split.info["validation_split_seed"] == datasets.VALIDATION_SPLIT_SEED
     # mean/std are the per-channel statistics of x_train in [0, 1] units.
     np.testing.assert_allclose(split.mean, [split.x_train.mean() / 255], rtol=1e-9)
     np.testing.assert_allclose(split.std, [split.x_train.std() / 255], rtol=1e-9)
@@ -108,6 +112,32 @@ def test_sizes_subsample_and_bad_sizes_echo(tmp_path):
         datasets.load("mnist", data_dir=tmp_path, test_size=21)
     with pytest.raises(ValueError, match="got -1"):
         datasets.load("mnist", data_dir=tmp_path, validation_size=-1)
+
+
+def test_train_subsample_follows_the_seed_within_the_fixed_rest(tmp_path):
+    write_idx(tmp_path / "mnist")
+    full = datasets.load("mnist", data_dir=tmp_path, validation_size=10)
+    a = datasets.load("mnist", data_dir=tmp_path, validation_size=10, train_size=20, seed=0)
+    b = datasets.load("mnist", data_dir=tmp_path, validation_size=10, train_size=20, seed=1)
+    np.testing.assert_array_equal(a.x_val, full.x_val)
+    np.testing.assert_array_equal(b.x_val, full.x_val)
+    rest = {bytes(x) for x in full.x_train}
+    assert {bytes(x) for x in a.x_train} <= rest and {bytes(x) for x in b.x_train} <= rest
+    assert not _same_rows(a.x_train, b.x_train)
+
+
+@pytest.mark.skipif(not os.path.isdir(FASHION_DIR), reason="the real Fashion-MNIST is not installed")
+def test_fashion_mnist_trains_on_the_whole_split_minus_validation():
+    from iterconv_keras.data.datasets import read_idx
+
+    split = datasets.load("fashion_mnist", data_dir=FASHION_DIR, seed=2)
+    assert (len(split.x_train), len(split.x_val), len(split.x_test)) == (55_000, 5_000, 10_000)
+    # Train and validation partition the file's 60,000 images (by index: the set has
+    # duplicate images, so compare multisets of rows).
+    written = read_idx(os.path.join(FASHION_DIR, "train-images-idx3-ubyte.gz"))
+    assert _same_rows(np.concatenate([split.x_train, split.x_val])[..., 0], written)
+    other = datasets.load("fashion_mnist", data_dir=FASHION_DIR, seed=5)
+    np.testing.assert_array_equal(other.x_val, split.x_val)
 
 
 def test_env_var_and_keras_home_are_searched(tmp_path, monkeypatch, isolated_home):

@@ -56,6 +56,11 @@ def test_train_json_is_one_document_and_progress_goes_to_stderr(tmp_path):
         (["--batch-size", "0"], 2, "batch_size"),
         (["--clutter-digits", "9"], 2, "clutter_digits must be 2..5, got 9"),
         (["--dataset", "digitdebris", "--debris-fragments", "25"], 2, "debris_fragments must be one of 10, 30, 50 (the debris levels), got 25"),
+        (["--dataset", "mnist", "--augment"], 2, "not available for dataset 'mnist': flips change digits"),
+        (["--augment"], 2, "not available for dataset 'digitclutter'"),
+        (["--dataset", "fashion_mnist", "--fresh-data"], 2,
+         "fresh_data needs a generated dataset (digitclutter, digitdebris); dataset 'fashion_mnist' is a fixed"),
+        (["--block-init", "shared"], 2, "'shared' is not one of 'tied', 'independent'"),
     ],
 )
 def test_bad_options_give_one_line_and_exit_code(tmp_path, args, code, needle):
@@ -63,6 +68,21 @@ def test_bad_options_give_one_line_and_exit_code(tmp_path, args, code, needle):
     line = _one_error_line(_invoke(["train", *args, "--out", str(out)]), code)
     assert needle in line
     assert not out.exists()
+
+
+def test_data_options_are_recorded_and_reach_the_model(tmp_path):
+    out = tmp_path / "run"
+    result = _invoke(["train", *FAST, "--fixed-data", "--block-init", "independent", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.stderr
+    config = json.loads(result.stdout)["config"]
+    assert (config["fresh_data"], config["augment"], config["block_init"]) == (False, False, "independent")
+    with open(out / "config.json") as f:
+        assert json.load(f) == config
+    import keras
+
+    assert keras.saving.load_model(out / "model.keras", compile=False).block_init == "independent"
+    line = _one_error_line(_invoke(["train", "--resume", "--fresh-data", "--out", str(out)]), 2)
+    assert "--fresh-data True differs from the run's False" in line
 
 
 def test_existing_output_without_resume(tmp_path):

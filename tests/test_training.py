@@ -12,7 +12,8 @@ from iterconv_keras import training
 from iterconv_keras.errors import UsageError
 from iterconv_keras.training import TrainConfig
 
-FAST = dict(variant="tiny", epochs=2, batch_size=64, train_size=256, validation_size=64, test_size=128, lr=0.01)
+FAST = {"variant": "tiny", "epochs": 2, "batch_size": 64, "train_size": 256, "validation_size": 64, "test_size": 128,
+        "lr": 0.01}
 
 
 def _train(tmp_path, name="run", **overrides):
@@ -40,7 +41,10 @@ def test_run_directory_contents(reference_run):
         assert os.path.isfile(os.path.join(run, name)), name
     with open(os.path.join(run, "config.json")) as f:
         config = json.load(f)
-    assert config == TrainConfig(**dict(FAST, out=run)).to_dict()
+    assert config == TrainConfig(**dict(FAST, out=run)).validate().to_dict()
+    # The dataset's defaults are resolved before they are recorded: Digitclutter trains on
+    # fresh images, without augmentation, from tied blocks.
+    assert (config["fresh_data"], config["augment"], config["block_init"]) == (True, False, "tied")
     with open(os.path.join(run, "history.json")) as f:
         history = json.load(f)
     assert [h["epoch"] for h in history] == [1, 2]
@@ -92,6 +96,36 @@ def test_resume_from_last_complete_epoch_matches_uninterrupted(tmp_path, referen
     for a, b in zip(_final_weights(run), _final_weights(reference_run["run_dir"])):
         np.testing.assert_array_equal(a, b)
     assert not os.path.exists(os.path.join(run, "checkpoints", ".tmp-half-written"))
+
+
+def _interrupt_after_epoch_1(run_dir, copy):
+    """The state a run killed during epoch 2 leaves: config, checkpoint of epoch 1."""
+    shutil.copytree(run_dir, copy)
+    for name in ("model.keras", "metrics.json"):
+        os.remove(os.path.join(copy, name))
+    shutil.rmtree(os.path.join(copy, "checkpoints", "epoch-0002"))
+
+
+@pytest.mark.parametrize("overrides", [
+    pytest.param({"fresh_data": False}, id="digitclutter-fixed"),
+    pytest.param({"dataset": "fashion_mnist", "validation_size": 100}, id="fashion-mnist-augmented"),
+])
+def test_resume_matches_uninterrupted_with_fixed_and_augmented_data(tmp_path, overrides):
+    whole = _train(tmp_path, "whole", **overrides)
+    if overrides.get("dataset") == "fashion_mnist":
+        assert whole["config"]["augment"] is True  # the default there
+    _interrupt_after_epoch_1(whole["run_dir"], str(tmp_path / "resumed"))
+    training.train(TrainConfig(out=str(tmp_path / "resumed")), resume=True, log=lambda line: None)
+    for a, b in zip(_final_weights(str(tmp_path / "resumed")), _final_weights(whole["run_dir"]), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_runs_record_wall_and_cpu_time(reference_run):
+    for entry in reference_run["history"]:
+        assert entry["seconds"] > 0 and entry["cpu_seconds"] > 0
+    # A run's total covers its epochs (and data, test evaluation, saving besides).
+    assert reference_run["wall_seconds"] >= sum(h["seconds"] for h in reference_run["history"])
+    assert reference_run["cpu_seconds"] >= sum(h["cpu_seconds"] for h in reference_run["history"])
 
 
 def test_resume_without_checkpoint_starts_over(tmp_path):
@@ -153,6 +187,36 @@ def test_config_validation_echoes_the_value(overrides, message):
         TrainConfig(**overrides).validate()
 
 
+@pytest.mark.parametrize("dataset, fresh, augment", [
+    ("digitclutter", True, False), ("digitdebris", True, False), ("mnist", False, False),
+    ("fashion_mnist", False, True), ("cifar10", False, True), ("cifar100", False, True),
+])
+def test_data_options_default_per_dataset(dataset, fresh, augment):
+    config = TrainConfig(dataset=dataset).validate()
+    assert (config.fresh_data, config.augment) == (fresh, augment)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"dataset": "fashion_mnist", "fresh_data": True}, "fresh_data needs a generated dataset.*'fashion_mnist'"),
+    ({"dataset": "mnist", "augment": True}, "augment .* not available for dataset 'mnist'"),
+    ({"dataset": "digitdebris", "augment": True}, "augment .* not available for dataset 'digitdebris'"),
+    ({"fresh_data": "yes"}, "fresh_data must be true or false, got 'yes'"),
+    ({"augment": "yes"}, "augment must be true or false, got 'yes'"),
+    ({"block_init": "shared"}, "block_init must be one of .*got 'shared'"),
+])
+def test_data_options_that_make_no_sense_are_refused(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**overrides).validate()
+
+
+def test_configs_written_before_the_data_options_keep_their_meaning():
+    old = TrainConfig(**FAST).to_dict()
+    for key in ("fresh_data", "augment", "block_init"):
+        del old[key]
+    config = TrainConfig.from_dict(old).validate()  # 0.1 trained on one fixed set, tied blocks
+    assert (config.fresh_data, config.augment, config.block_init) == (False, False, "tied")
+
+
 def test_resume_after_the_last_checkpoint_still_projects_onto_the_bound(tmp_path):
     # A constrained run killed after its last checkpoint but before model.keras:
     # resuming trains nothing, so the end-of-fit projection must run on resume.
@@ -175,3 +239,66 @@ def test_batch_larger_than_the_training_set_leaves_no_run_directory(tmp_path):
     with pytest.raises(ValueError, match="batch_size 512 is larger than the training set"):
         _train(tmp_path, "run", batch_size=512)
     assert not out.exists()
+
+
+# -- block initialisation --------------------------------------------------------------
+
+
+def _tiny_model(**overrides):
+    from iterconv_keras.models import variants
+
+    return variants.build_model("tiny", (16, 16, 1), 10, **overrides)
+
+
+def _block_weights(model):
+    return [[[np.asarray(w) for w in block.weights] for block in blocks] for blocks in model.stages]
+
+
+def test_tied_blocks_are_bitwise_identical_at_initialisation(seed):
+    stages = _block_weights(_tiny_model(block_init="tied"))
+    for blocks in stages:
+        for other in blocks[1:]:
+            for a, b in zip(blocks[0], other, strict=True):
+                np.testing.assert_array_equal(a, b)
+
+
+def test_independent_blocks_keep_their_own_initialisation(seed):
+    model = _tiny_model(block_init="independent")
+    for blocks in model.stages:
+        # Every kernel of every later block differs from block 0's (He-normal draws);
+        # BN starts at ones/zeros in both, so only kernels can tell them apart.
+        for other in blocks[1:]:
+            kernels = [(a, b) for a, b in zip(blocks[0].weights, other.weights, strict=True) if len(a.shape) == 4]
+            assert kernels
+            for a, b in kernels:
+                assert not np.array_equal(np.asarray(a), np.asarray(b))
+    assert model.get_config()["block_init"] == "independent"
+
+
+def test_block_init_round_trips_and_is_validated(tmp_path, seed):
+    import keras
+
+    model = _tiny_model(block_init="independent")
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path, compile=False)
+    assert loaded.block_init == "independent"
+    for a, b in zip(model.weights, loaded.weights, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="block_init must be 'tied' or 'independent', got 'shared'"):
+        _tiny_model(block_init="shared")
+
+
+def test_models_saved_before_block_init_load_as_tied():
+    """A zoo model written by 0.1 (no ``block_init`` in its config) still loads."""
+    import zipfile
+
+    import keras
+
+    import iterconv_keras  # noqa: F401  (registers the classes)
+
+    path = os.path.join(os.path.dirname(__file__), "..", "zoo", "digitclutter-small", "1", "assets.extra", "model.keras")
+    with zipfile.ZipFile(path) as archive:
+        assert "block_init" not in json.loads(archive.read("config.json"))["config"]  # really the old format
+    model = keras.saving.load_model(path, compile=False)
+    assert model.block_init == "tied"

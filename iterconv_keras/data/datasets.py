@@ -11,7 +11,9 @@ and how to get the files; an unreadable file raises it too, naming the file.
 Digitclutter (Spoerer, McClure & Kriegeskorte 2017, Front. Psychol. 8:1551) and its
 debris variant ``digitdebris`` (one digit among 10, 30 or 50 digit fragments) are
 generated with fixed dataset seeds, independent of the training seed, so their test
-sets are the same in every run (see `CLUTTER_SEEDS`, `DEBRIS_SEEDS`).
+sets are the same in every run (see `CLUTTER_SEEDS`, `DEBRIS_SEEDS`). With
+``fresh_data`` their training set is drawn anew every epoch from a seed that is a
+pure function of (training seed, epoch) (`fresh_train_seed`).
 
 Images stay uint8 ``[N, H, W, C]``; models normalise inside with ``mean``/``std``.
 """
@@ -36,8 +38,20 @@ CLUTTER_SEEDS = {"train": 2017_1, "validation": 2017_2, "test": 2017_3}
 # Debris sets use the same sizes and their own seeds, the fragment count mixed in.
 DEBRIS_SEEDS = {"train": 2017_11, "validation": 2017_12, "test": 2017_13}
 DEFAULT_DEBRIS_FRAGMENTS = 10
-# Validation carved from train for file datasets: 10 %, at most this many images.
+# Validation carved from train for file datasets: 10 %, at most this many images,
+# always the same images (this seed, not the training seed), so runs with different
+# seeds are compared on one validation set and train on the same remaining images.
 MAX_DEFAULT_VALIDATION = 5_000
+VALIDATION_SPLIT_SEED = 0
+# Tags that keep the fresh-data seeds of the two generators apart (see `fresh_train_seed`).
+_FRESH_TAGS = {"digitclutter": 2017_5, "digitdebris": 2017_15}
+# Random translation for augmentation, in pixels of padding on each side: the CIFAR
+# recipe's 4 px at 32x32; 3 px at 28x28 for Fashion-MNIST, whose items are scaled to
+# fill the frame (two thirds touch the top or bottom edge), so a shift cuts the object
+# itself rather than background (a full 3 px shift cuts 6.8 % of an item's ink on
+# average, 4 px 10 %). Datasets not listed are never augmented (horizontal flips
+# change digits).
+AUGMENT_PADS = {"fashion_mnist": 3, "cifar10": 4, "cifar100": 4}
 # Test subsamples use this seed, never the training seed, so they match across runs.
 TEST_SUBSAMPLE_SEED = 0
 
@@ -57,6 +71,9 @@ class DatasetSplits:
         mean, std: per-channel statistics of ``x_train`` in [0, 1] units.
         source: where the data came from, or how they were generated.
         info: extra provenance (font and seeds for generated sets, file format ...).
+        train_stream: None for a fixed training set; with fresh data, a callable
+            ``train_stream(epoch)`` that yields epoch ``epoch``'s training set as
+            ``(images, labels)`` chunks (``x_train`` then holds epoch 0's images).
     """
 
     name: str
@@ -72,6 +89,7 @@ class DatasetSplits:
     std: tuple
     source: str
     info: dict
+    train_stream: object = None
 
     @property
     def input_shape(self):
@@ -425,7 +443,10 @@ def _check_size(label, value):
 
 
 def _split_train(x, y, train_size, validation_size, seed):
-    """Carve a validation split from train, then subsample train, both by ``seed``."""
+    """Carve a validation split from train by `VALIDATION_SPLIT_SEED`, then subsample the rest by ``seed``.
+
+    ``train_size`` None keeps the whole rest: the training split minus validation.
+    """
     n = x.shape[0]
     if validation_size is None:
         validation_size = min(MAX_DEFAULT_VALIDATION, n // 10)
@@ -436,10 +457,12 @@ def _split_train(x, y, train_size, validation_size, seed):
         raise ValueError(
             f"train_size must be at most {rest} (train images left after {validation_size} for validation), got {train_size}"
         )
-    order = np.random.default_rng(seed).permutation(n)
+    order = np.random.default_rng(VALIDATION_SPLIT_SEED).permutation(n)
     val = np.sort(order[:validation_size])
     train = order[validation_size:]
-    train = np.sort(train[:train_size] if train_size is not None else train)
+    if train_size is not None:
+        train = train[np.random.default_rng(seed).permutation(rest)[:train_size]]
+    train = np.sort(train)
     return x[train], y[train], x[val], y[val]
 
 
@@ -513,29 +536,67 @@ def debris_test_set(n_fragments, count=CLUTTER_SIZES["test"]):
     return generated.images, generated.labels, generated.info
 
 
-def _generated_sets(make, seed_of, train_size, validation_size, test_size):
-    """Generate train / validation / test with ``make(count, seed)`` at the fixed split seeds."""
+def fresh_train_seed(name, level, seed, epoch):
+    """The generator seed of epoch ``epoch``'s training set when training on fresh data.
+
+    A pure function of (dataset, digit or fragment count ``level``, training seed,
+    epoch), so a resumed run sees exactly the images an uninterrupted one sees. Its top
+    bit (2**63) is set, which no fixed split seed (`clutter_seed`, `debris_seed`) has,
+    so no epoch reuses the stream of the validation or test images.
+
+    Args:
+        name: ``"digitclutter"`` or ``"digitdebris"``.
+        level: digits per image (Digitclutter) or fragments per image (debris).
+        seed: the training seed (>= 0).
+        epoch: 0-based epoch number.
+
+    Returns:
+        int in [2**63, 2**64).
+    """
+    state = np.random.SeedSequence([_FRESH_TAGS[name], int(level), int(seed), int(epoch)]).generate_state(2)
+    return (1 << 63) | ((int(state[0]) << 32 | int(state[1])) & ((1 << 63) - 1))
+
+
+def _generated_sets(make, seed_of, train_size, validation_size, test_size, fresh_seed=None):
+    """Generate train / validation / test with ``make(count, seed)`` at the fixed split seeds.
+
+    With ``fresh_seed`` (a function of the epoch) the training set is epoch 0's.
+    """
     sizes = {
         "train": CLUTTER_SIZES["train"] if train_size is None else train_size,
         "validation": CLUTTER_SIZES["validation"] if validation_size is None else validation_size,
         "test": CLUTTER_SIZES["test"] if test_size is None else test_size,
     }
-    sets = {split: make(count, seed_of(split)) for split, count in sizes.items()}
+    seeds = {split: seed_of(split) for split in sizes}
+    if fresh_seed is not None:
+        seeds["train"] = fresh_seed(0)
+    sets = {split: make(count, seeds[split]) for split, count in sizes.items()}
     info = dict(sets["train"].info)
     info.pop("seed")
-    info["seeds"] = {split: seed_of(split) for split in sizes}
+    info["seeds"] = seeds
     info["sizes"] = sizes
+    if fresh_seed is not None:
+        info["fresh_data"] = "training images drawn anew each epoch, seed datasets.fresh_train_seed(seed, epoch)"
     return sets, info
 
 
-def _load_clutter(n_digits, train_size, validation_size, test_size):
+def _fresh_stream(blocks, count, fresh_seed):
+    """``stream(epoch)``: epoch ``epoch``'s ``count`` training images, in stream blocks."""
+
+    def stream(epoch):
+        return blocks(count, fresh_seed(epoch))
+
+    return stream
+
+
+def _load_clutter(n_digits, train_size, validation_size, test_size, fresh_seed=None):
     from iterconv_keras.data import digitclutter
 
     if isinstance(n_digits, bool) or not isinstance(n_digits, (int, np.integer)) or not 2 <= n_digits <= 5:
         raise ValueError(f"clutter_digits must be an integer in 2..5, got {n_digits!r}")
     return _generated_sets(
         lambda count, seed: digitclutter.generate(n_digits, count, seed),
-        lambda split: clutter_seed(split, n_digits), train_size, validation_size, test_size,
+        lambda split: clutter_seed(split, n_digits), train_size, validation_size, test_size, fresh_seed,
     )
 
 
@@ -544,27 +605,38 @@ def debris_seed(split, n_fragments):
     return DEBRIS_SEEDS[split] * 100 + int(n_fragments)
 
 
-def _load_debris(n_fragments, train_size, validation_size, test_size):
+def _load_debris(n_fragments, train_size, validation_size, test_size, fresh_seed=None):
     from iterconv_keras.data import debris
 
     debris.validate_fragments(n_fragments, "debris_fragments")
     return _generated_sets(
         lambda count, seed: debris.generate(n_fragments, count, seed),
-        lambda split: debris_seed(split, n_fragments), train_size, validation_size, test_size,
+        lambda split: debris_seed(split, n_fragments), train_size, validation_size, test_size, fresh_seed,
     )
 
 
-def _generated(name, clutter_digits, debris_fragments, train_size, validation_size, test_size):
-    """Arrays, classes and provenance of a generated dataset."""
+def _generated(name, clutter_digits, debris_fragments, train_size, validation_size, test_size, fresh):
+    """Arrays, classes, provenance and (with ``fresh``) the training stream of a generated dataset."""
+    from iterconv_keras.data import debris, digitclutter
+
+    level = clutter_digits if name == "digitclutter" else debris_fragments
+
+    def epoch_seed(epoch):
+        return fresh_train_seed(name, level, fresh["seed"], epoch)
+
+    fresh_seed = epoch_seed if fresh else None
     if name == "digitclutter":
-        sets, info = _load_clutter(clutter_digits, train_size, validation_size, test_size)
+        sets, info = _load_clutter(clutter_digits, train_size, validation_size, test_size, fresh_seed)
         multi_label, source = True, f"generated: Digitclutter {clutter_digits} digits (seeds {info['seeds']})"
+        blocks = lambda count, seed: digitclutter.generate_blocks(clutter_digits, count, seed)
     else:
-        sets, info = _load_debris(debris_fragments, train_size, validation_size, test_size)
+        sets, info = _load_debris(debris_fragments, train_size, validation_size, test_size, fresh_seed)
         multi_label = False
         source = f"generated: Digitclutter debris, 1 digit and {debris_fragments} fragments (seeds {info['seeds']})"
+        blocks = lambda count, seed: debris.generate_blocks(debris_fragments, count, seed)
     arrays = tuple(a for split in ("train", "validation", "test") for a in (sets[split].images, sets[split].labels))
-    return arrays, 10, multi_label, source, info
+    stream = _fresh_stream(blocks, info["sizes"]["train"], fresh_seed) if fresh else None
+    return arrays, 10, multi_label, source, info, stream
 
 
 def load(
@@ -577,6 +649,7 @@ def load(
     seed=0,
     clutter_digits=3,
     debris_fragments=DEFAULT_DEBRIS_FRAGMENTS,
+    fresh_data=False,
 ):
     """Load a dataset offline, with a validation split carved deterministically from train.
 
@@ -590,17 +663,21 @@ def load(
             file datasets, 2,000 for generated sets.
         test_size: optional test subsample (fixed seed, comparable across runs); for
             generated sets the number generated, default 5,000.
-        seed: int, chooses the validation split and train subsample of file datasets.
-            Generated sets ignore it: their data come from fixed seeds
+        seed: int, chooses the train subsample of file datasets (the validation split
+            is always the same, `VALIDATION_SPLIT_SEED`). Generated sets use it only
+            with ``fresh_data``: otherwise their data come from fixed seeds
             (`CLUTTER_SEEDS`, `DEBRIS_SEEDS`).
         clutter_digits: digits per Digitclutter image, 2..5 (default 3).
         debris_fragments: fragments per ``digitdebris`` image, 10, 30 or 50 (default 10).
+        fresh_data: bool, generated sets only: draw ``train_size`` new training images
+            every epoch from `fresh_train_seed` (seed, epoch); ``x_train`` holds epoch
+            0's and ``train_stream(epoch)`` yields any epoch's. Default False.
 
     Returns:
         `DatasetSplits`.
 
     Raises:
-        ValueError: unknown name or bad sizes.
+        ValueError: unknown name, bad sizes, or ``fresh_data`` for a file dataset.
         DatasetNotAvailable: files missing (the message lists every place looked and
             how to obtain them) or unreadable.
 
@@ -612,9 +689,13 @@ def load(
     train_size = _check_size("train_size", train_size)
     validation_size = _check_size("validation_size", validation_size)
     test_size = _check_size("test_size", test_size)
+    stream = None
+    if fresh_data and name not in GENERATED_NAMES:
+        raise ValueError(f"fresh_data needs a generated dataset ({', '.join(GENERATED_NAMES)}), got {name!r}")
     if name in GENERATED_NAMES:
-        arrays, num_classes, multi_label, source, info = _generated(
-            name, clutter_digits, debris_fragments, train_size, validation_size, test_size
+        fresh = {"seed": _check_size("seed", seed)} if fresh_data else None
+        arrays, num_classes, multi_label, source, info, stream = _generated(
+            name, clutter_digits, debris_fragments, train_size, validation_size, test_size, fresh
         )
         x_train, y_train, x_val, y_val, x_test, y_test = arrays
     else:
@@ -622,10 +703,12 @@ def load(
         x_train, y_train, x_val, y_val = _split_train(x_train, y_train, train_size, validation_size, seed)
         x_test, y_test = _subsample_test(x_test, y_test, test_size)
         num_classes, multi_label = _FILE_DATASETS[name].num_classes, False
-        info = {"format": fmt, "split_seed": int(seed), "test_subsample_seed": TEST_SUBSAMPLE_SEED}
+        info = {"format": fmt, "validation_split_seed": VALIDATION_SPLIT_SEED, "train_subsample_seed": int(seed),
+                "test_subsample_seed": TEST_SUBSAMPLE_SEED}
     mean, std = channel_stats(x_train)
     return DatasetSplits(
-        name, x_train, y_train, x_val, y_val, x_test, y_test, num_classes, multi_label, mean, std, source, info
+        name, x_train, y_train, x_val, y_val, x_test, y_test, num_classes, multi_label, mean, std, source, info,
+        stream,
     )
 
 

@@ -354,3 +354,21 @@ def generate(n_fragments, count, seed, *, image_size=32, progress=None):
         if progress is not None:
             progress(stop)
     return Debris(images, labels, recipe_info(n_fragments, seed, image_size))
+
+
+def generate_blocks(n_fragments, count, seed, *, image_size=32):
+    """The set `generate` makes, one 4096-image stream block at a time.
+
+    Args:
+        n_fragments, count, seed, image_size: as for `generate`.
+
+    Yields:
+        ``(images uint8 [b, S, S, 1], labels int64 [b])``; concatenated they equal
+        ``generate(n_fragments, count, seed).images`` and ``.labels``.
+    """
+    _validate(n_fragments, count, image_size, seed)
+    for block, start in enumerate(range(0, count, dc._SEED_BLOCK)):
+        params = sample_params(
+            n_fragments, min(dc._SEED_BLOCK, count - start), np.random.default_rng([seed, block]), image_size
+        )
+        yield render(params)[..., None], params.target.digits[:, 0].astype(np.int64)

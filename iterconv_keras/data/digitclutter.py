@@ -432,6 +432,32 @@ def generate(n_digits, count, seed, *, image_size=32, progress=None):
         digits[start:stop] = params.digits
         if progress is not None:
             progress(stop)
-    labels = np.zeros((count, 10), np.float32)
+    return Clutter(images, _multi_hot(digits), digits.astype(np.int8), recipe_info(n_digits, seed, image_size))
+
+
+def _multi_hot(digits):
+    labels = np.zeros((digits.shape[0], 10), np.float32)
     np.put_along_axis(labels, digits, 1.0, axis=1)
-    return Clutter(images, labels, digits.astype(np.int8), recipe_info(n_digits, seed, image_size))
+    return labels
+
+
+def generate_blocks(n_digits, count, seed, *, image_size=32):
+    """The set `generate` makes, one 4096-image stream block at a time.
+
+    For a training pipeline that draws new images every epoch: it holds one
+    block in memory instead of the whole set and can hand out the first images
+    while the rest are still being made.
+
+    Args:
+        n_digits, count, seed, image_size: as for `generate`.
+
+    Yields:
+        ``(images uint8 [b, S, S, 1], labels float32 [b, 10])``; concatenated they
+        equal ``generate(n_digits, count, seed).images`` and ``.labels``.
+    """
+    _validate(n_digits, count, image_size, seed)
+    for block, start in enumerate(range(0, count, _SEED_BLOCK)):
+        params = sample_params(
+            n_digits, min(_SEED_BLOCK, count - start), np.random.default_rng([seed, block]), image_size
+        )
+        yield render(params)[..., None], _multi_hot(params.digits)

@@ -30,7 +30,7 @@ class IterativeResNet(keras.Model):
     average pooling -> Dense`` (logits). Stage s > 0 begins with an uncoupled
     transition ``BN -> ReLU -> Conv3x3/stride 2`` to its width; stage 0 has none
     when the stem already has its width. Each stage then has T shape-identical
-    `ResidualBlock`s, initialised identically.
+    `ResidualBlock`s, initialised identically (see ``block_init``).
 
     Args:
         image_shape: tuple ``(H, W, C)`` of the input images (values in [0, 1]).
@@ -58,6 +58,12 @@ class IterativeResNet(keras.Model):
         multi_label: bool, True for independent sigmoid outputs (Digitclutter).
         input_mean: float or per-channel tuple subtracted from the input.
         input_std: float or per-channel tuple the input is divided by.
+        block_init: ``"tied"`` (default) copies block 0's initial weights into the
+            other blocks of each stage, so every coupling strength starts from
+            identical blocks (method.md section 3); ``"independent"`` keeps each
+            block's own random initialisation: a conventional ResNet, the baseline
+            of the paper's claim about conventionally trained ResNets. Models saved
+            before this argument existed load as ``"tied"``.
         **kwargs: standard model arguments (``name``).
 
     Example:
@@ -82,6 +88,7 @@ class IterativeResNet(keras.Model):
         multi_label=False,
         input_mean=0.0,
         input_std=1.0,
+        block_init="tied",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -105,6 +112,9 @@ class IterativeResNet(keras.Model):
         self.input_std = _per_channel("input_std", input_std, self.image_shape[-1])
         if min(self.input_std) <= 0:
             raise ValueError(f"input_std must be positive, got {input_std!r}")
+        if block_init not in ("tied", "independent"):
+            raise ValueError(f"block_init must be 'tied' or 'independent', got {block_init!r}")
+        self.block_init = block_init
 
         self.stem_conv = keras.layers.Conv2D(
             self.stem_width, 3, strides=stem_stride, padding="same", use_bias=False,
@@ -129,8 +139,9 @@ class IterativeResNet(keras.Model):
         self.build((None, *self.image_shape))
         # Every lambda starts from identical blocks, so lambda is the only difference
         # between conditions (method.md section 3). Loading a saved model overwrites
-        # these values with the saved ones.
-        coupling_lib.tie_blocks(self.stages)
+        # these values with the saved ones. A conventional ResNet opts out.
+        if self.block_init == "tied":
+            coupling_lib.tie_blocks(self.stages)
         # Start inside the constraint set (after tying, so blocks stay identical):
         # fresh He-normal kernels are far above the bound, and one power iteration
         # per step would take many steps to catch up from a cold vector.
@@ -328,6 +339,7 @@ class IterativeResNet(keras.Model):
                 "multi_label": self.multi_label,
                 "input_mean": list(self.input_mean),
                 "input_std": list(self.input_std),
+                "block_init": self.block_init,
             }
         )
         return config
