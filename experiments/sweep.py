@@ -16,8 +16,9 @@ split minus 5,000 validation images x 20 epochs, augmented. Learning rate and
 schedule are `TrainConfig`'s defaults (Adam 0.002, cosine decay).
 
 Each run lives in ``OUT/<dataset>/<condition>-s<seed>/``: a run with
-``model.keras`` is done; one with ``config.json`` but no ``model.keras`` resumes
-from its last checkpoint (``resume=True``); its evaluation
+``metrics.json`` (or ``model.keras``) is done, so committed results without the
+model files count as done in a fresh checkout; one with ``config.json`` but
+neither resumes from its last checkpoint (``resume=True``); its evaluation
 (`iterconv_keras.analysis.evaluation.evaluate` on the full test set, with indices
 and occlusion) is cached as ``eval.json``. Rerunning the same command therefore
 continues where a killed sweep stopped. ``timing.json`` accumulates the wall and
@@ -73,17 +74,19 @@ def _seeds(digitclutter, fashion_mnist):
     return {"digitclutter": digitclutter, "fashion_mnist": fashion_mnist}
 
 
+# The paper's corners and the baseline first, then what is built on them, then the
+# lambda grid (one seed), so the claims can be tested as early as possible.
 CONDITIONS = (
     Condition("l0", {"coupling": 0.0}, _seeds(3, 3)),
     Condition("l1", {"coupling": 1.0}, _seeds(3, 3)),
     Condition("sn-l0", {"coupling": 0.0, "spectral_norm": True}, _seeds(3, 3)),
     Condition("sn-l1", {"coupling": 1.0, "spectral_norm": True}, _seeds(3, 3)),
-    Condition("l0.5", {"coupling": 0.5}, _seeds(1, 1)),
-    Condition("l0.9", {"coupling": 0.9}, _seeds(1, 1)),
-    Condition("l0.99", {"coupling": 0.99}, _seeds(1, 1)),
     Condition("conventional", {"coupling": 0.0, "block_init": "independent"}, _seeds(3, 3)),
     Condition("contractive-l0", {"coupling": 0.0, **CONTRACTIVE}, _seeds(3, 1)),
     Condition("contractive-l1", {"coupling": 1.0, **CONTRACTIVE}, _seeds(3, 1)),
+    Condition("l0.5", {"coupling": 0.5}, _seeds(1, 1)),
+    Condition("l0.9", {"coupling": 0.9}, _seeds(1, 1)),
+    Condition("l0.99", {"coupling": 0.99}, _seeds(1, 1)),
 )
 
 
@@ -108,7 +111,9 @@ def plan(datasets, conditions, seeds):
     skipped = [{"condition": c.name, "unknown_settings": unknown_settings(c.overrides)}
                for c in conditions if unknown_settings(c.overrides)]
     blocked = {s["condition"] for s in skipped}
-    runs = [(dataset, c, seed) for seed in seeds for dataset in datasets for c in conditions
+    # Seed-major, then condition, then dataset: both datasets of a condition finish
+    # together, so a paired comparison is possible as early as possible.
+    runs = [(dataset, c, seed) for seed in seeds for c in conditions for dataset in datasets
             if c.name not in blocked and seed < c.seeds.get(dataset, 0)]
     return runs, skipped
 
@@ -166,7 +171,10 @@ def train_run(config, log):
     stored = _stored_config(run_dir)
     if stored is not None:
         _check_same(config, stored, run_dir)
-    if os.path.isfile(os.path.join(run_dir, training.MODEL_FILE)):
+    # metrics.json is written after model.keras, so it marks a finished run on its own:
+    # the sweep's committed results carry it, not the 5 MB model (a fresh checkout
+    # of the repository must not retrain what an earlier session finished).
+    if any(os.path.isfile(os.path.join(run_dir, name)) for name in (training.MODEL_FILE, training.METRICS_FILE)):
         return False
     if stored is None and os.path.isdir(run_dir) and os.listdir(run_dir):
         raise SweepError(f"{run_dir} holds files but no config.json: not a run directory; move it away")
@@ -198,7 +206,7 @@ def evaluate_run(run_dir, limit):
 
 def summary_row(dataset, condition, seed, run_dir):
     """Everything the report needs about one finished run, or None when it is not finished."""
-    files = ("config.json", "history.json", "metrics.json", "model.keras", "eval.json")
+    files = ("config.json", "history.json", "metrics.json", "eval.json")
     if not all(os.path.isfile(os.path.join(run_dir, name)) for name in files):
         return None
 
