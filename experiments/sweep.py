@@ -47,7 +47,7 @@ def main(argv=None):
     from iterconv_keras import training
     from iterconv_keras.analysis import evaluation
     from iterconv_keras.fsutil import write_json_atomic
-    from iterconv_keras.loading import load_model
+    from iterconv_keras.loading import load
 
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
@@ -62,8 +62,8 @@ def main(argv=None):
                 training.train(config, resume=resume)
             eval_path = os.path.join(run, "eval.json")
             if not os.path.isfile(eval_path):
-                loaded = load_model(run)
-                data = evaluation.load_for_model(loaded.model, loaded.metadata, limit=args.limit)
+                loaded = load(run)
+                data = evaluation.load_for_model(loaded.model, loaded.card.to_json(), limit=args.limit)
                 document = evaluation.evaluate(loaded.model, data, limit=args.limit, model_reference=run)
                 document = {"model": run, "dataset": args.dataset, **document}
                 write_json_atomic(eval_path, document)  # evaluate() returns strict-JSON values

@@ -13,8 +13,10 @@ import pytest
 import tensorflow as tf
 from conftest import random_images
 
+from iterconv_keras import loading
 from iterconv_keras.models.variants import build_model
 from iterconv_keras.zoo import savedmodel as export
+from iterconv_keras.zoo.card import ModelCard
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = (16, 16, 1)
@@ -51,8 +53,8 @@ def trained():
 @pytest.fixture(scope="module")
 def saved(trained, tmp_path_factory):
     path = str(tmp_path_factory.mktemp("export") / "1")
-    card = export.model_card(trained, name="tiny", run_config={"dataset": "mnist", "lipschitz": None})
-    export.write_saved_model(trained, path, card)
+    card = ModelCard.from_model(trained, name="tiny", recipe={"dataset": "mnist", "lipschitz": None})
+    export.write_saved_model(trained, path, card.to_json())
     return path
 
 
@@ -134,7 +136,8 @@ _TF_ONLY_SCRIPT = textwrap.dedent(
         "classes": serve["classes"].numpy().tolist(),
         "scores": classify["scores"].numpy().tolist(),
         "class_names": classify["classes"].numpy().astype(str).tolist(),
-        "keras_loaded": [m for m in sys.modules if m.split(".")[0] in ("keras", "iterconv_keras") and sys.modules[m] is not None],
+        "keras_loaded": [m for m in sys.modules
+                         if m.split(".")[0] in ("keras", "iterconv_keras") and sys.modules[m] is not None],
         "errors": errors,
     }, sys.stdout)
     """
@@ -166,7 +169,8 @@ def outside_processes(request, saved, tmp_path_factory):
         )
     if CLI_TEST in selected:
         procs[CLI_TEST] = subprocess.Popen(
-            ["saved_model_cli", "show", "--dir", saved, "--all"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            ["saved_model_cli", "show", "--dir", saved, "--all"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True,
         )
     yield procs
     for proc in procs.values():
@@ -246,44 +250,24 @@ def _parse_saved_model_cli(text):
     return signatures
 
 
-def test_model_card_records_recipe_metrics_indices_and_versions(trained):
-    evaluation = {
-        "dataset": "mnist", "accuracy": 0.5, "loss": 1.5,
-        "indices": {"recurrence": 0.1, "divergence": 0.8, "convergence": -0.3, "effective_parameters": 1234,
-                    "parameters": trained.count_params(), "per_stage": [], "curves": {"accuracy": [0.1]}},
-        "occlusion": {"levels": [0.0, 0.5], "accuracy": [0.9, 0.2], "auc": 0.71},
-    }
-    card = export.model_card(
-        trained, name="x", run_config={"dataset": "mnist", "variant": "tiny", "lipschitz": 0.9, "epochs": 2},
-        metrics={"accuracy": 0.97, "loss": 0.1, "dataset": "mnist"}, evaluation=evaluation,
-    )
-    json.dumps(card)  # serialisable as written to metadata.json
-    assert card["parameters"] == sum(int(np.prod(v.shape)) for v in trained.trainable_variables)
-    assert card["effective_parameters"] == 1234 and card["occlusion_auc"] == 0.71
-    assert card["metrics"] == {"accuracy": 0.97, "loss": 0.1}  # the runner's metrics win over eval's
-    assert card["indices"]["recurrence"] == 0.1 and "curves" not in card["indices"]
-    # The model's own setting wins; the run's config fills it for models without one.
-    assert card["constraint"] == {"lipschitz": trained.get_config().get("lipschitz", 0.9), "spectral_norm": None}
-    assert card["coupling"] == 0.0
-    assert card["recipe"]["epochs"] == 2 and card["variant"] == "tiny"
-    assert card["libraries"]["tensorflow"] == tf.__version__ and card["libraries"]["keras"] == keras.__version__
-    assert card["class_names"] == [str(k) for k in range(10)] and card["probabilities"] == "softmax"
-
-
 def test_assets_extra_hold_the_full_model_and_card(trained, saved):
-    from iterconv_keras import loading
-
-    reloaded = loading.load_model(saved)
-    assert reloaded.kind == "zoo_version" and reloaded.metadata["name"] == "tiny"
+    reloaded = loading.load(saved)
+    assert reloaded.provenance.kind == "zoo_version" and reloaded.card.name == "tiny"
     images = random_images(2, SHAPE, seed=40)
     np.testing.assert_array_equal(reloaded.model(images, training=False), trained(images, training=False))
     assert reloaded.model.get_config() == trained.get_config()
 
 
+def test_export_refuses_an_existing_directory(trained, saved):
+    with pytest.raises(ValueError, match="already exists"):
+        export.write_saved_model(trained, saved, {})
+
+
 def test_constrained_models_are_projected_onto_their_bound_before_export(trained):
     from iterconv_keras.models import lipschitz
+    from iterconv_keras.zoo import publish
 
-    assert export.prepare_for_export(trained) is False  # unconstrained: untouched
+    assert publish.prepare_for_export(trained) is False  # unconstrained: untouched
     keras.utils.set_random_seed(3)
     model = build_model("tiny", SHAPE, 10, lipschitz=0.9)
     # Push every constrained kernel far above its bound, as training outside fit could.
@@ -291,14 +275,9 @@ def test_constrained_models_are_projected_onto_their_bound_before_export(trained
         for conv in block.convolutions:
             conv.kernel.assign(conv.kernel * 5.0)
     assert lipschitz.certify(model, iterations=300)["max_certified"] > 2 * 0.9
-    assert export.prepare_for_export(model) is True
+    assert publish.prepare_for_export(model) is True
     assert lipschitz.certify(model, iterations=300)["max_certified"] <= 0.9 * (1 + 1e-3)
-    assert export.model_card(model)["constraint"]["lipschitz"] == 0.9
-
-
-def test_export_refuses_an_existing_directory(trained, saved):
-    with pytest.raises(ValueError, match="already exists"):
-        export.write_saved_model(trained, saved, {})
+    assert ModelCard.from_model(model).constraint["lipschitz"] == 0.9
 
 
 # -- the documented REST bodies (docs/serving.md, docs/examples/*.json)
@@ -320,7 +299,7 @@ def _tf_serving_example(features):
 
 
 def _documented_block(doc, marker):
-    match = re.search(rf"<!-- example: {marker} -->\s*```json\n(.*?)```", doc, re.S)
+    match = re.search(rf"<!-- example: {marker} -->\s*```json\n(.*?)```", doc, re.DOTALL)
     assert match, f"docs/serving.md lacks the {marker} example"
     return json.loads(match.group(1))
 
@@ -338,12 +317,13 @@ def test_documented_requests_are_accepted_and_responses_have_the_documented_shap
 
     model = tiny_trained_model(image_shape=(32, 32, 1), seed=6)
     path = str(tmp_path / "1")
-    export.write_saved_model(model, path, export.model_card(model, run_config={"dataset": "digitclutter"}))
+    export.write_saved_model(model, path, ModelCard.from_model(model, recipe={"dataset": "digitclutter"}).to_json())
     signatures = tf.saved_model.load(path).signatures
 
     # :predict in the row format: TF Serving converts the nested lists to the input's dtype.
     out = signatures["serving_default"](images=tf.constant(predict["instances"], dtype=tf.float32))
-    response = {"predictions": [{k: v.numpy()[i].tolist() for k, v in out.items()} for i in range(len(predict["instances"]))]}
+    response = {"predictions": [{k: v.numpy()[i].tolist() for k, v in out.items()}
+                                for i in range(len(predict["instances"]))]}
     documented = _documented_block(doc, "predict-response")
     assert _structure(response) == _structure(documented)
     # The example image is a stroke, not an empty frame.
@@ -352,8 +332,8 @@ def test_documented_requests_are_accepted_and_responses_have_the_documented_shap
     assert classify["signature_name"] == "classify"
     examples = [_tf_serving_example(e) for e in classify["examples"]]
     out = signatures["classify"](inputs=tf.constant(examples))
-    response = {"result": [[[c.decode(), float(s)] for c, s in zip(cs, ss)]
-                           for cs, ss in zip(out["classes"].numpy(), out["scores"].numpy())]}
+    response = {"result": [[[c.decode(), float(s)] for c, s in zip(cs, ss, strict=True)]
+                           for cs, ss in zip(out["classes"].numpy(), out["scores"].numpy(), strict=True)]}
     documented = _documented_block(doc, "classify-response")
     assert _structure(response) == _structure(documented)
     assert [pair[0] for pair in documented["result"][0]] == [pair[0] for pair in response["result"][0]]
