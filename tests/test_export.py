@@ -250,6 +250,27 @@ def _parse_saved_model_cli(text):
     return signatures
 
 
+def test_each_variable_is_stored_once(trained, saved):
+    # The old export tracked the model too, so every value was stored twice
+    # (`_all_variables/...` and `variables/...`, 415,002 values each for `small`).
+    stored = [(name, shape) for name, shape in tf.train.list_variables(os.path.join(saved, "variables", "variables"))
+              if name != "_CHECKPOINTABLE_OBJECT_GRAPH"]
+    # Oracle: inference reads every weight and batch-norm statistic of the model, once.
+    assert sum(int(np.prod(shape)) for _, shape in stored) == sum(int(np.prod(w.shape)) for w in trained.weights)
+    assert len(stored) == len(trained.weights)
+    names = [node.variable.name for node in _object_graph(saved).nodes if node.WhichOneof("kind") == "variable"]
+    assert len(names) == len(set(names)) == len(trained.weights)
+
+
+def _object_graph(path):
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    document = saved_model_pb2.SavedModel()
+    with open(os.path.join(path, "saved_model.pb"), "rb") as f:
+        document.ParseFromString(f.read())
+    return document.meta_graphs[0].object_graph_def
+
+
 def test_assets_extra_hold_the_full_model_and_card(trained, saved):
     reloaded = loading.load(saved)
     assert reloaded.provenance.kind == "zoo_version" and reloaded.card.name == "tiny"

@@ -20,8 +20,9 @@ Signatures:
   the same row for every example) and ``scores`` float32 ``[batch, K]`` (the
   probabilities of ``serving_default``).
 
-The SavedModel needs neither Keras nor this package to load and run. This
-module imports no TensorFlow at import time, so listing the zoo stays cheap.
+The SavedModel needs neither Keras nor this package to load and run, and holds
+each variable once (see `write_saved_model`). This module imports no
+TensorFlow at import time, so listing the zoo stays cheap.
 """
 
 import os
@@ -112,6 +113,12 @@ def write_saved_model(model, path, card):
     The model is written as it is: `iterconv_keras.zoo.publish.export_version`
     is where a constrained model is projected onto its bound before it gets here.
 
+    Each variable is stored once. ``ExportArchive.track(model)`` would add the
+    model's Keras variables as a second set of checkpoint entries beside the
+    TensorFlow variables the endpoints capture (``_all_variables``), doubling
+    ``variables/``; the endpoints alone track every variable inference needs
+    (weights and batch-norm statistics), and nothing else is needed to serve.
+
     Args:
         model: a built `IterativeResNet`.
         path: directory to create; must not exist yet.
@@ -134,7 +141,6 @@ def write_saved_model(model, path, card):
     class_names = card.get("class_names") or [str(k) for k in range(model.num_classes)]
     serve, classify = serving_functions(model, class_names)
     archive = keras.export.ExportArchive()
-    archive.track(model)
     archive.add_endpoint(
         SERVING_SIGNATURE, serve,
         input_signature=[tf.TensorSpec([None, *model.image_shape], tf.float32, name="images")],
