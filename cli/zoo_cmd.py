@@ -24,7 +24,7 @@ def zoo_group():
 @_JSON_OPTION
 @report_errors
 def list_command(zoo_dir, json_output):
-    """Models of the zoo with their versions, default version and accuracy."""
+    """Models of the zoo: versions, default version, accuracy and each version's size on disk."""
     from iterconv_keras import zoo
 
     root = zoo.existing_root(zoo_dir)
@@ -35,11 +35,12 @@ def list_command(zoo_dir, json_output):
     if not rows:
         click.echo(f"the zoo at {root} is empty")
         return
-    table = [("NAME", "DEFAULT", "VERSIONS", "DATASET", "ACCURACY", "PARAMS")]
+    table = [("NAME", "DEFAULT", "VERSIONS", "DATASET", "ACCURACY", "PARAMS", "SIZE")]
     for row in rows:
         table.append((
             row["name"], str(row["default_version"]), ",".join(map(str, row["versions"])),
             row["dataset"] or "-", _number(row["metrics"].get("accuracy")), str(row["parameters"] or "-"),
+            ",".join(_size(size) for size in row["sizes"]),
         ))
     _echo_table(table)
 
@@ -58,8 +59,8 @@ def show_command(reference, zoo_dir, json_output):
     if json_output:
         emit_json({**info, "card": card.to_json()})
         return
-    rows = [("model", f"{info['name']}@{info['version']}"), ("path", info["path"]), *card.summary(),
-            ("files", len(info["files"]))]
+    rows = [("model", f"{info['name']}@{info['version']}"), ("path", info["path"]), ("size", _size(info["size"])),
+            *card.summary(), ("files", len(info["files"]))]
     _echo_table([(key, "-" if value is None else _number(value)) for key, value in rows])
 
 
@@ -126,6 +127,11 @@ def _number(value):
     if value is None:
         return "-"
     return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _size(size):
+    # MiB, the unit `du -h` uses; "-" for a version folder that is missing.
+    return "-" if size is None else f"{size / 2**20:.1f}MiB"
 
 
 def _echo_table(rows):

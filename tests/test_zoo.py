@@ -87,11 +87,15 @@ def test_manifest_holds_every_file_hash_and_the_default_version(pristine_zoo, mo
     assert document["models"]["other"]["versions"]["1"]["metrics"] == {"accuracy": 0.5}
 
 
-def test_list_pretrained(pristine_zoo):
+def test_list_pretrained_reports_each_versions_size(pristine_zoo):
     root, _ = pristine_zoo
     rows = {row["name"]: row for row in zoo.list_pretrained(root)}
     assert rows["toy"]["versions"] == [1, 2] and rows["toy"]["default_version"] == 2
     assert rows["other"]["metrics"] == {"accuracy": 0.5}
+    # Oracle: the sizes of the files the manifest lists for that version.
+    entries = zoo.read_manifest(root)["models"]["toy"]["versions"]
+    expected = [sum(os.path.getsize(os.path.join(root, "toy", v, f)) for f in entries[v]["files"]) for v in ("1", "2")]
+    assert rows["toy"]["sizes"] == expected and all(size > 0 for size in expected)
 
 
 def test_load_by_name_and_version_returns_that_versions_weights(pristine_zoo, models):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import shutil
 
 import keras
@@ -81,9 +82,15 @@ def test_list_table_and_json(cli, exported):
     assert table.exit_code == 0
     model = keras.saving.load_model(os.path.join(exported[0], "digits", "2", "assets.extra", "model.keras"))
     trainable = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
-    assert table.stdout.splitlines()[1].split() == ["digits", "2", "1,2", "mnist", "0.9100", str(trainable)]
+    # Oracle: what the file system says the files of each version weigh.
+    sizes = [sum(f.stat().st_size for f in pathlib.Path(root, "digits", v).rglob("*") if f.is_file())
+             for v in ("1", "2")]
+    header = ["NAME", "DEFAULT", "VERSIONS", "DATASET", "ACCURACY", "PARAMS", "SIZE"]
+    assert table.stdout.splitlines()[0].split() == header
+    assert table.stdout.splitlines()[1].split() == [
+        "digits", "2", "1,2", "mnist", "0.9100", str(trainable), ",".join(f"{s / 2**20:.1f}MiB" for s in sizes)]
     document = json.loads(CliRunner().invoke(cli, ["zoo", "list", "--zoo", root, "--json"]).stdout)
-    assert [(m["name"], m["versions"]) for m in document["models"]] == [("digits", [1, 2])]
+    assert [(m["name"], m["versions"], m["sizes"]) for m in document["models"]] == [("digits", [1, 2], sizes)]
 
 
 def test_zoo_root_from_the_environment(cli, exported, monkeypatch):

@@ -201,6 +201,13 @@ def _sha256(path):
     return digest.hexdigest()
 
 
+def size_on_disk(path):
+    """Total bytes of the files under ``path`` (None when it does not exist)."""
+    if not os.path.isdir(path):
+        return None
+    return sum(os.path.getsize(os.path.join(folder, f)) for folder, _, files in os.walk(path) for f in files)
+
+
 # -- lookup
 
 
@@ -212,6 +219,7 @@ def list_pretrained(root=None):
 
     Returns:
         A list of dicts: ``name``, ``versions`` (ints), ``default_version``,
+        ``sizes`` (bytes on disk of each version, in the order of ``versions``),
         and the default version's ``dataset``, ``metrics``, ``parameters``,
         ``created``, plus the model's ``path``.
 
@@ -224,11 +232,13 @@ def list_pretrained(root=None):
     for name, entry in read_manifest(root)["models"].items():
         default = entry["default_version"]
         latest = entry["versions"][str(default)]
+        versions = [int(v) for v in entry["versions"]]
         rows.append(
             {
                 "name": name,
-                "versions": [int(v) for v in entry["versions"]],
+                "versions": versions,
                 "default_version": default,
+                "sizes": [size_on_disk(os.path.join(root, name, str(v))) for v in versions],
                 "dataset": latest.get("dataset"),
                 "metrics": latest.get("metrics") or {},
                 "parameters": latest.get("parameters"),
@@ -272,9 +282,10 @@ def show(reference, root=None):
     """The model card and manifest entry of ``NAME[@N]`` (no TensorFlow needed).
 
     Returns:
-        ``{"name", "version", "path", "files", "card"}`` with ``card``
+        ``{"name", "version", "path", "size", "files", "card"}`` with ``card``
         a `ModelCard`.
     """
     name, version, version_dir, entry = resolve(reference, root)
     card = ModelCard.read(os.path.join(version_dir, savedmodel.METADATA_FILE))
-    return {"name": name, "version": version, "path": version_dir, "files": entry["files"], "card": card}
+    return {"name": name, "version": version, "path": version_dir, "size": size_on_disk(version_dir),
+            "files": entry["files"], "card": card}
