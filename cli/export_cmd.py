@@ -8,7 +8,8 @@ from iterconv_cli._common import emit_json, report_errors
 @click.argument("model")
 @click.option("--name", required=True, help="Zoo name: lower-case letters, digits, '_', '.', '-'.")
 @click.option("--zoo", "zoo_dir", type=click.Path(file_okay=False), default=None,
-              help="Zoo directory (default: $ITERCONV_ZOO, then the repository's zoo/).")
+              help="Zoo directory (default: $ITERCONV_ZOO, then the checkout's zoo/; an installed "
+                   "iterconv needs one of the two).")
 @click.option("--json", "json_output", is_flag=True, help="Print a JSON summary on stdout.")
 @report_errors
 def export_command(model, name, zoo_dir, json_output):
@@ -27,11 +28,12 @@ def export_command(model, name, zoo_dir, json_output):
     """
     from iterconv_keras import loading, zoo
 
-    # Refuse a bad name before loading the model.
+    # Refuse a bad name or a missing zoo before loading the model.
     zoo.validate_name(name)
+    root = zoo.writable_root(zoo_dir)
     loaded = loading.load(model, zoo=zoo_dir)
     card = loaded.card.replace(source=loaded.provenance.source)
-    name, version, path = zoo.export_version(loaded.model, name, root=zoo_dir, card=card)
+    name, version, path = zoo.export_version(loaded.model, name, root=root, card=card)
     if json_output:
         emit_json({"name": name, "version": version, "reference": f"{name}@{version}", "path": path})
     else:

@@ -202,8 +202,10 @@ def test_root_resolution_order(monkeypatch, tmp_path):
     monkeypatch.setenv(zoo.ENV_VAR, str(tmp_path / "env"))
     assert zoo.resolve_root(tmp_path / "arg") == str(tmp_path / "arg")
     assert zoo.resolve_root() == str(tmp_path / "env")
+    assert zoo.writable_root() == str(tmp_path / "env")
     monkeypatch.delenv(zoo.ENV_VAR)
     assert zoo.resolve_root() == os.path.join(REPO, "zoo")  # the checkout holding tests/
+    assert zoo.in_checkout() and zoo.writable_root() == os.path.join(REPO, "zoo")
 
 
 def _fake_write_saved_model(model, path, card):

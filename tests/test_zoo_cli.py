@@ -4,6 +4,8 @@ import json
 import os
 import pathlib
 import shutil
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -161,3 +163,34 @@ def test_serving_config_writes_the_zoo_file_and_out(cli, exported, tmp_path):
     config = text_format.Parse(document["config"], model_server_config_pb2.ModelServerConfig())
     (entry,) = config.model_config_list.config
     assert (entry.base_path, dict(entry.version_labels)) == (os.path.join(exported[0], "digits"), {"default": 2})
+
+
+# -- an installed package (a copy of the package outside any checkout)
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """iterconv_keras and iterconv_cli copied into a site-packages-like folder (no pyproject.toml beside them)."""
+    site = tmp_path_factory.mktemp("site-packages")
+    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(os.path.join(REPO, "iterconv_keras"), site / "iterconv_keras", ignore=ignore)
+    shutil.copytree(os.path.join(REPO, "cli"), site / "iterconv_cli", ignore=ignore)
+    return site
+
+
+def _run_installed(site, args, cwd, **env):
+    environment = {k: v for k, v in os.environ.items() if k != "ITERCONV_ZOO"}
+    environment.update(PYTHONPATH=str(site), **env)
+    return subprocess.run([sys.executable, "-m", "iterconv_cli.main", *args], cwd=cwd, env=environment,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_an_installed_package_refuses_to_export_into_itself(installed, run_dir, tmp_path):
+    result = _run_installed(installed, ["export", run_dir, "--name", "digits"], cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"iterconv: error: no zoo to export to: iterconv is installed in {installed}")
+    assert "pass --zoo DIR or set $ITERCONV_ZOO" in result.stderr and len(result.stderr.splitlines()) == 1
+    assert sorted(os.listdir(installed)) == ["iterconv_cli", "iterconv_keras"]  # nothing written beside it
+    # Reading commands say where they looked.
+    listed = _run_installed(installed, ["zoo", "list"], cwd=tmp_path)
+    assert listed.returncode == 4 and f"no zoo found at {installed / 'zoo'}" in listed.stderr

@@ -30,6 +30,7 @@ from iterconv_keras.zoo.manifest import (
     contains,
     existing_root,
     file_checksums,
+    in_checkout,
     list_pretrained,
     parse_reference,
     read_manifest,
@@ -37,6 +38,7 @@ from iterconv_keras.zoo.manifest import (
     resolve_root,
     show,
     validate_name,
+    writable_root,
 )
 from iterconv_keras.zoo.publish import export_version
 from iterconv_keras.zoo.serving import SERVING_CONFIG, serving_config
@@ -44,7 +46,7 @@ from iterconv_keras.zoo.verify import check_files, load_serving, raise_on_proble
 
 __all__ = [
     "ENV_VAR", "MANIFEST", "SERVING_CONFIG", "ModelCard", "check_files", "contains",
-    "existing_root", "export_version", "file_checksums", "list_pretrained", "load_serving",
+    "existing_root", "export_version", "file_checksums", "in_checkout", "list_pretrained", "load_serving",
     "parse_reference", "raise_on_problems", "read_manifest", "resolve", "resolve_root",
-    "serving_config", "show", "validate_name", "verified", "verify", "verify_report",
+    "serving_config", "show", "validate_name", "verified", "verify", "verify_report", "writable_root",
 ]

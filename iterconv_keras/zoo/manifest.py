@@ -6,8 +6,10 @@ The zoo layout (interfaces.md, "The zoo")::
     <root>/models.config     TF Serving model_config_list (`iterconv_keras.zoo.serving`)
     <root>/<name>/<N>/       a version (`iterconv_keras.zoo.savedmodel`)
 
-The root is ``--zoo``, then ``$ITERCONV_ZOO``, then the ``zoo/`` beside the
-package (the repository's, in a checkout).
+Reading commands find the root at ``--zoo``, then ``$ITERCONV_ZOO``, then the
+``zoo/`` beside the package (the repository's, in a checkout). Writing needs
+``--zoo`` or ``$ITERCONV_ZOO`` unless the package runs from a checkout
+(`writable_root`): an installed package's folder is not a place for data.
 
 This module imports no TensorFlow.
 """
@@ -19,7 +21,7 @@ import json
 import os
 import re
 
-from iterconv_keras.errors import IntegrityError, ModelNotFound
+from iterconv_keras.errors import IntegrityError, ModelNotFound, UsageError
 from iterconv_keras.fsutil import write_json_atomic
 from iterconv_keras.zoo import savedmodel
 from iterconv_keras.zoo.card import ModelCard
@@ -29,6 +31,8 @@ MANIFEST = "MANIFEST.json"
 LOCK_FILE = ".lock"
 MANIFEST_SCHEMA = 1
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
+# A source checkout holds the project file beside the package; site-packages does not.
+_CHECKOUT_MARKER = "pyproject.toml"
 
 
 # -- root
@@ -41,8 +45,13 @@ def _package_parent():
     return os.path.dirname(os.path.dirname(os.path.abspath(iterconv_keras.__file__)))
 
 
+def in_checkout():
+    """True when the package runs from a source checkout (its ``zoo/`` is the repository's)."""
+    return os.path.isfile(os.path.join(_package_parent(), _CHECKOUT_MARKER))
+
+
 def resolve_root(root=None):
-    """The zoo directory: ``root``, else ``$ITERCONV_ZOO``, else ``zoo/`` beside the package.
+    """The zoo directory to read: ``root``, else ``$ITERCONV_ZOO``, else ``zoo/`` beside the package.
 
     Args:
         root: explicit directory (the ``--zoo`` option), or None.
@@ -65,11 +74,34 @@ def existing_root(root=None):
     """
     path = resolve_root(root)
     if not os.path.isdir(path):
-        origin = "--zoo" if root else (f"${ENV_VAR}" if os.environ.get(ENV_VAR) else "the repository default")
+        origin = "--zoo" if root else (f"${ENV_VAR}" if os.environ.get(ENV_VAR) else "the package's default")
         raise ModelNotFound(
-            f"no zoo at {path} (from {origin}): the folder does not exist; pass --zoo DIR, "
+            f"no zoo found at {path} (from {origin}): the folder does not exist; pass --zoo DIR, "
             f"set ${ENV_VAR}, or create one with 'iterconv export MODEL --name NAME --zoo DIR'"
         )
+    return path
+
+
+def writable_root(root=None):
+    """The zoo directory an export writes to.
+
+    Like `resolve_root`, except that the default ``zoo/`` beside the package is
+    used only in a source checkout: an installed package has no business
+    holding data (and ``site-packages`` may be shared or read-only).
+
+    Raises:
+        UsageError: no ``root``, no ``$ITERCONV_ZOO`` and the package is
+            installed (exit code 2); the message says what to pass.
+        ValueError: the root exists and is not a directory.
+    """
+    if not root and not os.environ.get(ENV_VAR) and not in_checkout():
+        raise UsageError(
+            f"no zoo to export to: iterconv is installed in {_package_parent()}, not run from a source "
+            f"checkout, and export does not write into an installed package; pass --zoo DIR or set ${ENV_VAR}"
+        )
+    path = resolve_root(root)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"zoo {path} exists and is not a directory")
     return path
 
 

@@ -35,7 +35,8 @@ def export_version(model, name, root=None, card=None):
             file or zoo reference, load it with `iterconv_keras.loading.load`
             and pass its ``model`` and ``card``.
         name: zoo name (see `manifest.validate_name`).
-        root: zoo directory (see `manifest.resolve_root`).
+        root: zoo directory (see `manifest.writable_root`: required outside a
+            source checkout unless ``$ITERCONV_ZOO`` is set).
         card: the `ModelCard` to publish (recipe, metrics, indices, ...), or
             None for one made from the model alone. Its name, creation time and
             library versions are set here, and its model-derived fields
@@ -47,12 +48,13 @@ def export_version(model, name, root=None, card=None):
 
     Raises:
         ValueError: bad name, or a card whose class names do not fit the model.
+        UsageError: no zoo to write to (see `manifest.writable_root`).
 
     Example:
         >>> name, version, path = export_version(model, "digits-r", root="zoo")   # zoo/digits-r/1
     """
     manifest.validate_name(name)
-    root = manifest.resolve_root(root)
+    root = manifest.writable_root(root)
     prepare_for_export(model)
     export_model = model
     card = _published_card(export_model, name, card)
