@@ -93,28 +93,35 @@ def verify_command(reference, no_load, zoo_dir, json_output):
 
 
 @zoo_group.command("serving-config")
-@click.option("--out", type=click.Path(dir_okay=False), default=None,
-              help="Also write the config here (it is always written to <zoo>/models.config).")
+@click.option("--base-path", default=None,
+              help="Where the server sees the zoo: model NAME is served from BASE_PATH/NAME (an absolute path "
+                   "or a URL). Default: the zoo's absolute path on this machine.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the config to FILE.")
 @_ZOO_OPTION
 @_JSON_OPTION
 @report_errors
-def serving_config_command(out, zoo_dir, json_output):
-    """Write TensorFlow Serving's models.config for the whole zoo and print it."""
+def serving_config_command(base_path, out, zoo_dir, json_output):
+    """Print TensorFlow Serving's models.config for the whole zoo.
+
+    Also rewrites <zoo>/models.config from MANIFEST.json, which always uses the
+    tensorflow/serving container's base paths /models/NAME (mount the zoo at
+    /models), so the committed file is the same on every machine.
+    """
     import os
 
     from iterconv_keras import fsutil, zoo
 
     root = zoo.existing_root(zoo_dir)
+    # Refuse a bad --out or --base-path before <zoo>/models.config is rewritten.
     if out:
-        # Refuse a bad --out before <zoo>/models.config is rewritten, naming the user's path.
         fsutil.check_writable(out)
-    text = zoo.serving_config(root)
-    written = [os.path.join(root, zoo.SERVING_CONFIG)]
+    text = zoo.serving_config(root, base_path=base_path)
+    written = [zoo.refresh_zoo_config(root)]
     if out:
         fsutil.write_text_atomic(out, text)
         written.append(os.path.abspath(out))
     if json_output:
-        emit_json({"config": text, "written": written})
+        emit_json({"config": text, "base_path": base_path or root, "written": written})
     else:
         click.echo(text, nl=False)
         click.echo(f"written to {', '.join(written)}", err=True)

@@ -334,7 +334,7 @@ def test_documented_requests_are_accepted_and_responses_have_the_documented_shap
         classify = json.load(f)
     for name in ("predict.json", "classify.json"):
         assert f"-d @docs/examples/{name}" in doc
-    assert "tensorflow_model_server --rest_api_port=8501" in doc and "--model_config_file=$PWD/zoo/models.config" in doc
+    assert "tensorflow_model_server --rest_api_port=8501" in doc and "--model_config_file=/models/models.config" in doc
 
     model = tiny_trained_model(image_shape=(32, 32, 1), seed=6)
     path = str(tmp_path / "1")

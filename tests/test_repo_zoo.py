@@ -31,6 +31,13 @@ def test_every_checksum_matches():
     assert all(result["ok"] for result in report)
 
 
+def test_the_committed_serving_config_is_the_container_convention():
+    with open(os.path.join(ROOT, zoo.SERVING_CONFIG)) as f:
+        committed = f.read()
+    assert committed == zoo.serving.config_text(zoo.read_manifest(ROOT), "/models")
+    assert REPO not in committed and "/work/" not in committed
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_card_schema_and_parameter_count(name):
     loaded = loading.load(name, zoo=ROOT)

@@ -48,8 +48,6 @@ def pristine_zoo(models, tmp_path_factory):
 def zoo_root(pristine_zoo, tmp_path):
     root = str(tmp_path / "zoo")
     shutil.copytree(pristine_zoo[0], root)
-    # models.config holds absolute base paths; regenerate it for the copy.
-    zoo.serving_config(root)
     return root
 
 
@@ -254,25 +252,50 @@ def test_failed_registration_leaves_nothing_behind(monkeypatch, zoo_root, models
 # -- TF Serving config
 
 
-def test_serving_config_parses_and_points_at_integer_versions(zoo_root):
+def test_zoo_config_uses_the_container_convention_and_parses(zoo_root):
     from google.protobuf import text_format
     from tensorflow_serving.config import model_server_config_pb2
 
-    text = zoo.serving_config(zoo_root)
     with open(os.path.join(zoo_root, "models.config")) as f:
-        assert f.read() == text
+        text = f.read()
+    assert zoo_root not in text  # no machine's path in the zoo's own file
     config = text_format.Parse(text, model_server_config_pb2.ModelServerConfig())
     entries = {c.name: c for c in config.model_config_list.config}
     assert set(entries) == {"toy", "other"}
     for name, default in (("toy", 2), ("other", 1)):
         entry = entries[name]
-        assert entry.base_path == os.path.join(zoo_root, name) and os.path.isabs(entry.base_path)
+        assert entry.base_path == f"/models/{name}"
         assert entry.model_platform == "tensorflow"
         assert entry.model_version_policy.WhichOneof("policy_choice") == "all"
         assert dict(entry.version_labels) == {"default": default}
-        children = os.listdir(entry.base_path)
-        assert children and all(child.isdigit() for child in children), children
-        assert max(int(c) for c in children) == default
+    # Rewriting it from the manifest gives the same file.
+    os.remove(os.path.join(zoo_root, "models.config"))
+    zoo.refresh_zoo_config(zoo_root)
+    with open(os.path.join(zoo_root, "models.config")) as f:
+        assert f.read() == text
+
+
+@pytest.mark.parametrize("base_path", [None, "/srv/zoo", "/srv/zoo/", "gs://bucket/zoo"])
+def test_serving_config_for_another_base_path_points_at_integer_versions(zoo_root, base_path):
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    text = zoo.serving_config(zoo_root, base_path=base_path)
+    config = text_format.Parse(text, model_server_config_pb2.ModelServerConfig())
+    base = (base_path or zoo_root).rstrip("/")
+    assert {c.name: c.base_path for c in config.model_config_list.config} == {
+        "other": f"{base}/other", "toy": f"{base}/toy"}
+    if base_path is None:  # here the base paths are real folders of integer versions
+        for entry in config.model_config_list.config:
+            children = os.listdir(entry.base_path)
+            assert children and all(child.isdigit() for child in children), children
+            assert max(int(c) for c in children) == dict(entry.version_labels)["default"]
+
+
+@pytest.mark.parametrize("base_path", ["models", "./zoo", ""])
+def test_relative_base_paths_are_refused(zoo_root, base_path):
+    with pytest.raises(ValueError, match=f"absolute path or a URL.*got {base_path!r}"):
+        zoo.serving_config(zoo_root, base_path=base_path)
 
 
 # -- concurrency

@@ -149,20 +149,43 @@ def test_export_rejects_bad_names_echoing_them(cli, run_dir, tmp_path, name):
     assert os.listdir(tmp_path) == []  # validated before anything is written
 
 
-def test_serving_config_writes_the_zoo_file_and_out(cli, exported, tmp_path):
+def _parse_config(text):
     from google.protobuf import text_format
     from tensorflow_serving.config import model_server_config_pb2
 
+    config = text_format.Parse(text, model_server_config_pb2.ModelServerConfig())
+    return {c.name: (c.base_path, dict(c.version_labels)) for c in config.model_config_list.config}
+
+
+def test_export_writes_the_container_convention_into_the_zoo(exported):
+    with open(os.path.join(exported[0], "models.config")) as f:
+        assert _parse_config(f.read()) == {"digits": ("/models/digits", {"default": 2})}
+
+
+@pytest.mark.parametrize("base_path", [None, "/srv/zoo"])
+def test_serving_config_prints_and_writes_out_for_a_base_path(cli, exported, tmp_path, base_path):
+    root = str(tmp_path / "zoo")
+    shutil.copytree(exported[0], root)
+    os.remove(os.path.join(root, "models.config"))
     out = tmp_path / "served" / "models.config"
-    result = CliRunner().invoke(cli, ["zoo", "serving-config", "--zoo", exported[0], "--out", str(out), "--json"])
+    args = ["zoo", "serving-config", "--zoo", root, "--out", str(out), "--json"]
+    result = CliRunner().invoke(cli, args + (["--base-path", base_path] if base_path else []))
     assert result.exit_code == 0, result.output
     document = json.loads(result.stdout)
     assert out.read_text() == document["config"]
-    with open(os.path.join(exported[0], "models.config")) as f:
-        assert f.read() == document["config"]
-    config = text_format.Parse(document["config"], model_server_config_pb2.ModelServerConfig())
-    (entry,) = config.model_config_list.config
-    assert (entry.base_path, dict(entry.version_labels)) == (os.path.join(exported[0], "digits"), {"default": 2})
+    expected_base = base_path or root  # default: the zoo's absolute path here
+    assert _parse_config(document["config"]) == {"digits": (f"{expected_base}/digits", {"default": 2})}
+    # The zoo's own file is rewritten in the container convention, whatever --base-path says.
+    assert document["written"] == [os.path.join(root, "models.config"), str(out)]
+    with open(os.path.join(root, "models.config")) as f:
+        assert _parse_config(f.read()) == {"digits": ("/models/digits", {"default": 2})}
+
+
+def test_serving_config_refuses_a_relative_base_path(cli, exported):
+    result = CliRunner().invoke(cli, ["zoo", "serving-config", "--zoo", exported[0], "--base-path", "zoo"])
+    assert result.exit_code == 2
+    assert result.stderr == ("iterconv: error: --base-path must be an absolute path or a URL (gs://..., s3://...), "
+                             "got 'zoo'\n")
 
 
 # -- an installed package (a copy of the package outside any checkout)

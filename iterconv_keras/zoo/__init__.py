@@ -41,12 +41,12 @@ from iterconv_keras.zoo.manifest import (
     writable_root,
 )
 from iterconv_keras.zoo.publish import export_version
-from iterconv_keras.zoo.serving import SERVING_CONFIG, serving_config
+from iterconv_keras.zoo.serving import CONTAINER_BASE_PATH, SERVING_CONFIG, refresh_zoo_config, serving_config
 from iterconv_keras.zoo.verify import check_files, load_serving, raise_on_problems, verified, verify, verify_report
 
 __all__ = [
-    "ENV_VAR", "MANIFEST", "SERVING_CONFIG", "ModelCard", "check_files", "contains",
+    "CONTAINER_BASE_PATH", "ENV_VAR", "MANIFEST", "SERVING_CONFIG", "ModelCard", "check_files", "contains",
     "existing_root", "export_version", "file_checksums", "in_checkout", "list_pretrained", "load_serving",
-    "parse_reference", "raise_on_problems", "read_manifest", "resolve", "resolve_root",
+    "parse_reference", "raise_on_problems", "read_manifest", "refresh_zoo_config", "resolve", "resolve_root",
     "serving_config", "show", "validate_name", "verified", "verify", "verify_report", "writable_root",
 ]
