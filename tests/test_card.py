@@ -26,10 +26,10 @@ def test_there_are_committed_cards():
     assert len(COMMITTED) == 5, COMMITTED
 
 
-def test_the_schema_is_the_committed_cards_keys_plus_the_lipschitz_summary():
+def test_the_schema_is_the_committed_cards_keys_plus_the_two_new_ones():
     fields = {f.name for f in dataclasses.fields(ModelCard)} - {"extra"}
     for path in COMMITTED:
-        assert fields == set(_committed(path)) | {"lipschitz"}, path
+        assert fields == set(_committed(path)) | {"lipschitz", "projection"}, path
 
 
 @pytest.mark.parametrize("path", COMMITTED, ids=lambda p: p.split(os.sep)[-4])
@@ -37,7 +37,7 @@ def test_committed_cards_read_unchanged_and_round_trip(path):
     document = _committed(path)
     card = ModelCard.read(path)
     assert card.extra == {}
-    assert card.to_json() == {**document, "lipschitz": None}
+    assert card.to_json() == {**document, "lipschitz": None, "projection": None}
     assert ModelCard.from_json(card.to_json()) == card
     # The recipe stays a plain dict: the learning-rate schedule keeps its old key.
     assert card.recipe == document["recipe"] and "schedule" in card.recipe
@@ -140,3 +140,7 @@ def test_summary_rows_come_from_the_card(run_dir):
     rows = dict(ModelCard.from_run_dir(run_dir[0]).summary())
     assert rows["dataset"] == "mnist" and rows["test accuracy"] == 0.91 and rows["occlusion AUC"] == 0.71
     assert rows["certified Lip(f), max"] == 0.9 and rows["lipschitz bound"] == 0.9
+    assert rows["projected at export"] is None
+    projected = ModelCard(projection={"per_conv_bound": 0.9487, "max_conv_norm_before": 4.7,
+                                      "max_conv_norm_after": 0.9487, "iterations": 1000})
+    assert dict(projected.summary())["projected at export"] == "conv norms 4.7 -> 0.9487 (per-conv bound 0.9487)"

@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 from conftest import random_images
 
-from iterconv_keras import loading
+from iterconv_keras import loading, zoo
 from iterconv_keras.models.variants import build_model
 from iterconv_keras.zoo import savedmodel as export
 from iterconv_keras.zoo.card import ModelCard
@@ -284,21 +284,45 @@ def test_export_refuses_an_existing_directory(trained, saved):
         export.write_saved_model(trained, saved, {})
 
 
-def test_constrained_models_are_projected_onto_their_bound_before_export(trained):
-    from iterconv_keras.models import lipschitz
-    from iterconv_keras.zoo import publish
+def _exact_conv_norm(kernel, input_shape):
+    """Largest singular value of the zero-padded SAME convolution as an explicit matrix."""
+    height, width, channels = input_shape
+    n = height * width * channels
+    basis = np.eye(n, dtype=np.float64).reshape(n, height, width, channels)
+    columns = tf.nn.conv2d(basis, np.asarray(kernel, np.float64), strides=1, padding="SAME").numpy()
+    return float(np.linalg.norm(columns.reshape(n, -1), ord=2))
 
-    assert publish.prepare_for_export(trained) is False  # unconstrained: untouched
+
+def test_export_projects_a_copy_of_a_constrained_model_and_says_so(tmp_path):
+    # Review M6: the caller's model is not changed, and the card records the projection.
+    from iterconv_keras.models import lipschitz
+
     keras.utils.set_random_seed(3)
     model = build_model("tiny", SHAPE, 10, lipschitz=0.9)
+    convs = [conv for _, _, block in lipschitz.constrained_blocks(model) for conv in block.convolutions]
     # Push every constrained kernel far above its bound, as training outside fit could.
-    for _, _, block in lipschitz.constrained_blocks(model):
-        for conv in block.convolutions:
-            conv.kernel.assign(conv.kernel * 5.0)
-    assert lipschitz.certify(model, iterations=300)["max_certified"] > 2 * 0.9
-    assert publish.prepare_for_export(model) is True
-    assert lipschitz.certify(model, iterations=300)["max_certified"] <= 0.9 * (1 + 1e-3)
-    assert ModelCard.from_model(model).constraint["lipschitz"] == 0.9
+    for conv in convs:
+        conv.kernel.assign(conv.kernel * 5.0)
+    weights = [np.array(w) for w in model.weights]
+    per_conv = np.sqrt(0.9)  # sqrt(c) / Lip(relu): the two convolutions of a block share c
+    exact_before = [_exact_conv_norm(conv.kernel, conv.kernel_constraint.input_shape) for conv in convs]
+    assert max(exact_before) > 2 * per_conv
+
+    _, _, path = zoo.export_version(model, "projected", root=str(tmp_path))
+
+    for before, after in zip(weights, model.weights, strict=True):
+        np.testing.assert_array_equal(before, np.asarray(after))  # bitwise untouched
+    exported = loading.load(path)
+    projection = exported.card.projection
+    assert projection["per_conv_bound"] == pytest.approx(per_conv)
+    assert projection["max_conv_norm_before"] == pytest.approx(max(exact_before), rel=1e-3)
+    exported_convs = [c for _, _, b in lipschitz.constrained_blocks(exported.model) for c in b.convolutions]
+    exact_after = [_exact_conv_norm(c.kernel, c.kernel_constraint.input_shape) for c in exported_convs]
+    assert max(exact_after) <= per_conv * (1 + 1e-3)
+    assert projection["max_conv_norm_after"] == pytest.approx(max(exact_after), rel=1e-3)
+    # An unconstrained model is exported as it is, with no projection on its card.
+    plain = build_model("tiny", SHAPE, 10)
+    assert loading.load(zoo.export_version(plain, "plain", root=str(tmp_path))[2]).card.projection is None
 
 
 # -- the documented REST bodies (docs/serving.md, docs/examples/*.json)

@@ -71,7 +71,7 @@ def test_show_reports_the_model_card_from_the_run_files(cli, exported, run_dir):
     assert card["metrics"] == {"accuracy": 0.91, "loss": 0.3}
     assert card["effective_parameters"] == 2000 and card["occlusion_auc"] == 0.71
     assert card["indices"]["recurrence"] == 0.12 and card["source"] == run_dir
-    assert card["name"] == "digits" and card["lipschitz"] is None
+    assert card["name"] == "digits" and card["projection"] is None and card["lipschitz"] is None
     table = CliRunner().invoke(cli, ["zoo", "show", "digits", "--zoo", root]).stdout
     rows = {line[:22].strip(): line[22:].strip() for line in table.splitlines()}
     assert rows["model"] == "digits@2" and rows["test accuracy"] == "0.9100" and rows["occlusion AUC"] == "0.7100"

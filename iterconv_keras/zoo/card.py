@@ -68,6 +68,11 @@ class ModelCard:
         lipschitz: the certified Lipschitz summary of the evaluation
             (``indices.lipschitz`` of ``eval.json``: per-block bounds, the
             bound c, and ``max_certified``), or None.
+        projection: set when export projected a constrained model onto its
+            bound (on a copy): ``{"per_conv_bound", "max_conv_norm_before",
+            "max_conv_norm_after", "iterations"}``, power-iteration estimates of
+            the convolutions' operator norms; the metrics and indices were
+            measured before it. None when nothing was projected.
         extra: keys of a card that this version of iterconv does not know,
             kept so that reading and writing a card loses nothing.
 
@@ -100,6 +105,7 @@ class ModelCard:
     probabilities: str | None = None
     libraries: dict | None = None
     lipschitz: dict | None = None
+    projection: dict | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     # -- constructors
@@ -238,6 +244,7 @@ class ModelCard:
         """``(label, value)`` rows for a human-readable view (``iterconv zoo show``)."""
         indices = self.indices or {}
         bound = (self.constraint or {}).get("lipschitz")
+        projection = self.projection or {}
         rows = [
             ("created", self.created),
             ("source", self.source),
@@ -248,6 +255,7 @@ class ModelCard:
             ("coupling", self.coupling),
             ("lipschitz bound", bound),
             ("certified Lip(f), max", (self.lipschitz or {}).get("max_certified")),
+            ("projected at export", _projection_text(projection) if projection else None),
             ("parameters", self.parameters),
             ("effective parameters", self.effective_parameters),
             *((f"test {k}", v) for k, v in self.metrics.items()),
@@ -305,3 +313,7 @@ def _flatten(value):
     else:
         yield value
 
+
+def _projection_text(projection):
+    return (f"conv norms {projection.get('max_conv_norm_before'):.4g} -> {projection.get('max_conv_norm_after'):.4g}"
+            f" (per-conv bound {projection.get('per_conv_bound'):.4g})")

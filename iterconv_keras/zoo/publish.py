@@ -27,8 +27,9 @@ _MAX_RENAME_ATTEMPTS = 1000
 def export_version(model, name, root=None, card=None):
     """Export ``model`` as the next integer version of ``name``.
 
-    A Lipschitz-constrained model is projected onto its bound first (see
-    `prepare_for_export`).
+    A Lipschitz-constrained model is projected onto its bound first, on a copy:
+    the caller's model is left as it is, and the card records the projection
+    (`ModelCard.projection`).
 
     Args:
         model: a built `IterativeResNet`. To export a run directory, ``.keras``
@@ -55,9 +56,8 @@ def export_version(model, name, root=None, card=None):
     """
     manifest.validate_name(name)
     root = manifest.writable_root(root)
-    prepare_for_export(model)
-    export_model = model
-    card = _published_card(export_model, name, card)
+    export_model, projection = projected_copy(model)
+    card = _published_card(export_model, name, card, projection)
     os.makedirs(root, exist_ok=True)
     # Built inside the root so the final rename never crosses file systems; the
     # dot-prefixed name keeps it out of listings and away from TF Serving, which
@@ -81,26 +81,35 @@ def export_version(model, name, root=None, card=None):
     return name, version, final
 
 
-def prepare_for_export(model):
-    """Project a Lipschitz-constrained model's kernels onto its bound before export.
+def projected_copy(model):
+    """``(model to export, projection record or None)``.
 
-    `iterconv_keras.models.lipschitz.enforce` runs many power iterations and rescales
-    every constrained kernel, so weights trained outside ``fit`` (which enforces
-    at its end) are exported within the bound too. Unconstrained models are
-    left untouched.
-
-    Returns:
-        True when a projection was applied.
+    An unconstrained model is exported as it is. A constrained one is copied
+    (config and weights, including the power-iteration vectors) and the copy is
+    projected with `iterconv_keras.models.lipschitz.enforce`, which weights
+    trained outside ``fit`` may need; the record holds the largest
+    convolution operator-norm estimate before and after (a second pass of the
+    same estimator), against the per-convolution bound.
     """
-    if getattr(model, "lipschitz", None) is None:
-        return False
+    bound = getattr(model, "lipschitz", None)
+    if bound is None:
+        return model, None
     from iterconv_keras.models import lipschitz
 
-    lipschitz.enforce(model)
-    return True
+    copy = type(model).from_config(model.get_config())
+    copy.set_weights(model.get_weights())
+    before = lipschitz.enforce(copy)
+    after = lipschitz.enforce(copy)
+    record = {
+        "per_conv_bound": lipschitz.per_conv_bound(bound, getattr(model, "activation", "relu")),
+        "max_conv_norm_before": max(before, default=None),
+        "max_conv_norm_after": max(after, default=None),
+        "iterations": lipschitz.ENFORCE_ITERATIONS,
+    }
+    return copy, record
 
 
-def _published_card(model, name, card):
+def _published_card(model, name, card, projection):
     fresh = ModelCard.from_model(model)
     card = card or fresh
     if card.class_names is not None and len(card.class_names) != fresh.num_classes:
@@ -112,6 +121,7 @@ def _published_card(model, name, card):
         name=name,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         libraries=library_versions(),
+        projection=projection,
         class_names=card.class_names or fresh.class_names,
         **{key: getattr(fresh, key) for key in ("image_shape", "num_classes", "multi_label", "architecture",
                                                  "parameters", "signatures", "probabilities")},

@@ -111,7 +111,7 @@ def write_saved_model(model, path, card):
     """Write ``model`` as a SavedModel with both signatures plus ``assets.extra``.
 
     The model is written as it is: `iterconv_keras.zoo.publish.export_version`
-    is where a constrained model is projected onto its bound before it gets here.
+    is where a constrained model is projected (on a copy) before it gets here.
 
     Each variable is stored once. ``ExportArchive.track(model)`` would add the
     model's Keras variables as a second set of checkpoint entries beside the
