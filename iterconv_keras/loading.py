@@ -12,13 +12,20 @@ training run's module, the version layout from `iterconv_keras.zoo.savedmodel`,
 the card from `iterconv_keras.zoo.card`, and every ``.keras`` file is read by
 `iterconv_keras.models.saving.load_keras`. This module imports them; none of
 them imports it (no cycle).
+
+A bare word such as ``digits`` can name both a local directory and a zoo
+model. The rule: ``NAME@N`` is always the zoo; anything with a path separator,
+a leading ``.`` or a ``.keras`` suffix is always a path; a bare ``NAME`` is the
+directory when it holds a model, the zoo model otherwise, and an error
+(exit 2) when it is both, naming the two ways to say which one is meant
+(``./NAME`` or ``NAME@N``).
 """
 
 import dataclasses
 import os
 
 from iterconv_keras import zoo as zoo_lib
-from iterconv_keras.errors import ModelNotFound
+from iterconv_keras.errors import ModelNotFound, UsageError
 from iterconv_keras.models.saving import load_keras
 from iterconv_keras.training import MODEL_FILE as RUN_MODEL_FILE
 from iterconv_keras.zoo.card import ModelCard
@@ -74,7 +81,7 @@ def load(reference, *, zoo=None):
 
     Args:
         reference: run directory, ``.keras`` file, zoo version directory or
-            ``NAME[@VERSION]``, tried in that order.
+            ``NAME[@VERSION]`` (see the module docstring for how a bare name is read).
         zoo: zoo directory for zoo references (default: ``$ITERCONV_ZOO``, then
             the repository's ``zoo/``).
 
@@ -84,6 +91,7 @@ def load(reference, *, zoo=None):
     Raises:
         ModelNotFound: nothing matches the reference (exit code 4).
         IntegrityError: a zoo file fails its checksum, or a file does not load (exit 5).
+        UsageError: a bare name is both a local model directory and a zoo model (exit 2).
 
     Example:
         >>> loaded = load("fashion-mnist-small")
@@ -91,8 +99,18 @@ def load(reference, *, zoo=None):
         ('fashion_mnist', 'fashion-mnist-small@1')
     """
     reference = os.fspath(reference)
-    if os.path.isdir(reference) or _looks_like_path(reference):
+    if "@" not in reference and _looks_like_path(reference):
         return _load_path(reference)
+    bare_name = "@" not in reference
+    local_model = bare_name and _holds_model(reference)
+    if bare_name and not zoo_lib.contains(reference, zoo):
+        if local_model or os.path.exists(reference):
+            return _load_path(reference)
+    elif local_model:
+        raise UsageError(
+            f"{reference!r} is both a local directory holding a model and a model of the zoo at "
+            f"{zoo_lib.resolve_root(zoo)}: write ./{reference} for the directory or {reference}@N for the zoo model"
+        )
     name, version, version_dir = zoo_lib.verified(reference, zoo)
     path = os.path.join(version_dir, ZOO_MODEL_FILE)
     return LoadedModel(load_keras(path), _zoo_card(version_dir), Provenance(reference, "zoo", path, name, version))
@@ -115,6 +133,12 @@ def load_model(reference, *, zoo=None):
 def _looks_like_path(reference):
     return (os.sep in reference or (os.altsep or os.sep) in reference or reference.startswith(".")
             or reference.endswith(".keras"))
+
+
+def _holds_model(directory):
+    return os.path.isdir(directory) and any(
+        os.path.isfile(os.path.join(directory, f)) for f in (RUN_MODEL_FILE, ZOO_MODEL_FILE)
+    )
 
 
 def _load_path(reference):

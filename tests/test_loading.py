@@ -10,7 +10,7 @@ import pytest
 from conftest import random_images
 
 from iterconv_keras import loading, zoo
-from iterconv_keras.errors import IntegrityError, ModelNotFound
+from iterconv_keras.errors import IntegrityError, ModelNotFound, UsageError
 from iterconv_keras.models.saving import load_keras
 from iterconv_keras.models.variants import build_model
 
@@ -69,6 +69,28 @@ def test_the_card_follows_the_kind(files):
     with open(os.path.join(files["zoo"], "digits", "1", "assets.extra", "metadata.json")) as f:
         assert stored.card.to_json() == json.load(f)  # the zoo's card as stored
     assert stored.card.recipe == run.recipe and stored.provenance.source == "digits@1"
+
+
+def test_a_folder_named_like_a_zoo_model_without_a_model_does_not_shadow_it(files, monkeypatch):
+    # Review U5: running `iterconv eval digits` inside the zoo folder (where `digits/`
+    # holds version folders, not a model) used to fail "is a directory but holds neither".
+    monkeypatch.chdir(files["zoo"])
+    assert os.path.isdir("digits")
+    loaded = loading.load("digits", zoo=files["zoo"])
+    assert loaded.provenance.kind == "zoo"
+    _same(loaded.model, files["models"]["run"])
+
+
+def test_a_name_that_is_both_a_local_model_and_a_zoo_model_is_refused(files, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    os.symlink(files["run"], "digits")
+    with pytest.raises(UsageError) as info:
+        loading.load("digits", zoo=files["zoo"])
+    assert "./digits" in str(info.value) and "digits@N" in str(info.value) and info.value.exit_code == 2
+    assert loading.load("./digits", zoo=files["zoo"]).provenance.kind == "run"
+    assert loading.load("digits@1", zoo=files["zoo"]).provenance.kind == "zoo"
+    # Not in this zoo: the local directory is the only reading.
+    assert loading.load("digits", zoo=str(tmp_path / "empty")).provenance.kind == "run"
 
 
 @pytest.mark.parametrize("reference, error, message", [
