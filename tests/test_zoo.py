@@ -18,7 +18,7 @@ from conftest import random_images
 from iterconv_keras import loading, zoo
 from iterconv_keras.errors import IntegrityError, ModelNotFound
 from iterconv_keras.models.variants import build_model
-from iterconv_keras.zoo import manifest, savedmodel
+from iterconv_keras.zoo import manifest, publish, savedmodel
 
 SHAPE = (16, 16, 1)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -233,20 +233,40 @@ def test_a_deleted_version_number_is_not_reused(monkeypatch, zoo_root, models):
     assert zoo.export_version(models[0], "toy", root=zoo_root)[2] == os.path.join(zoo_root, "toy", "3")
 
 
-def test_failed_registration_leaves_nothing_behind(monkeypatch, zoo_root, models):
+@pytest.mark.parametrize("failing", ["register_version", "write_zoo_config"])
+def test_failed_registration_unpublishes_by_renaming_back(monkeypatch, zoo_root, models, failing):
     root = zoo_root
     before = zoo.read_manifest(root)
+    with open(os.path.join(root, "models.config")) as f:
+        config_before = f.read()
+    final = os.path.join(root, "toy", "3")
+    # A server polling toy/ may already be loading toy/3: it must disappear by one
+    # rename, never by deleting its files in place (review U7).
+    renames, removed = [], []
+    real_rename, real_rmtree = os.rename, shutil.rmtree
+    monkeypatch.setattr(os, "rename", lambda a, b: (renames.append((a, b)), real_rename(a, b))[1])
+    monkeypatch.setattr(shutil, "rmtree", lambda p, **kw: (removed.append(os.fspath(p)), real_rmtree(p, **kw))[1])
 
     def broken(*args):
-        raise OSError("disk full")
+        if failing == "register_version":
+            raise OSError("disk full")
+        manifest_path = os.path.join(root, "MANIFEST.json")
+        assert zoo.read_manifest(root) != before, "the manifest was written before the config"
+        raise OSError(f"disk full after {manifest_path}")
 
     monkeypatch.setattr(savedmodel, "write_saved_model", _fake_write_saved_model)
-    monkeypatch.setattr(manifest, "register_version", broken)
+    target = manifest if failing == "register_version" else publish.serving
+    monkeypatch.setattr(target, failing, broken)
     with pytest.raises(OSError, match="disk full"):
         zoo.export_version(models[1], "toy", root=root)
+    staged = renames[0][0]
+    assert renames == [(staged, final), (final, staged)]
+    assert all(not path.startswith(os.path.join(root, "toy")) for path in removed), removed
     assert sorted(os.listdir(os.path.join(root, "toy"))) == ["1", "2"]
     assert not [e for e in os.listdir(root) if e.startswith(".tmp-")]
     assert zoo.read_manifest(root) == before
+    with open(os.path.join(root, "models.config")) as f:
+        assert f.read() == config_before
 
 
 # -- TF Serving config

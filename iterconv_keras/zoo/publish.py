@@ -17,6 +17,7 @@ import shutil
 import tempfile
 
 from iterconv_keras.errors import IntegrityError
+from iterconv_keras.fsutil import write_json_atomic
 from iterconv_keras.zoo import manifest, savedmodel, serving
 from iterconv_keras.zoo.card import ModelCard, library_versions
 
@@ -68,13 +69,13 @@ def export_version(model, name, root=None, card=None):
         savedmodel.write_saved_model(export_model, build, card.to_json())
         checksums = manifest.file_checksums(build)
         with manifest.locked(root):
+            previous = manifest.read_manifest(root)
             version, final = _rename_to_next_version(build, root, name)
             try:
                 document = manifest.register_version(root, name, version, checksums, card)
                 serving.write_zoo_config(root, document)
             except BaseException:
-                # Nothing half-written: a version without a manifest entry would fail verify.
-                shutil.rmtree(final, ignore_errors=True)
+                _unpublish(root, final, build, previous)
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -145,3 +146,16 @@ def _rename_to_next_version(build, root, name):
                 raise
             version += 1
     raise IntegrityError(f"could not find a free version number under {folder}")
+
+
+def _unpublish(root, final, build, previous):
+    # Nothing half-written: a version without a manifest entry would fail verify.
+    # Rename it back into the staging folder rather than delete it in place: a
+    # server polling <name>/ may already be loading it, and a directory renamed
+    # away disappears at once instead of losing files one by one under the reader.
+    os.rename(final, build)
+    try:
+        if manifest.read_manifest(root) != previous:
+            write_json_atomic(os.path.join(root, manifest.MANIFEST), previous, sort_keys=True)
+    except Exception:  # noqa: BLE001 - the original failure is the one to report
+        pass
