@@ -271,6 +271,14 @@ def _object_graph(path):
     return document.meta_graphs[0].object_graph_def
 
 
+def test_card_parameters_match_the_saved_models_trainable_variables(saved):
+    # Independent of Keras: the SavedModel's own object graph marks trainable variables.
+    trainable = sum(int(np.prod([d.size for d in node.variable.shape.dim])) for node in _object_graph(saved).nodes
+                    if node.WhichOneof("kind") == "variable" and node.variable.trainable)
+    with open(os.path.join(saved, "assets.extra", "metadata.json")) as f:
+        assert json.load(f)["parameters"] == trainable > 0
+
+
 def test_assets_extra_hold_the_full_model_and_card(trained, saved):
     reloaded = loading.load(saved)
     assert reloaded.provenance.kind == "zoo_version" and reloaded.card.name == "tiny"
@@ -325,76 +333,90 @@ def test_export_projects_a_copy_of_a_constrained_model_and_says_so(tmp_path):
     assert loading.load(zoo.export_version(plain, "plain", root=str(tmp_path))[2]).card.projection is None
 
 
-# -- the documented REST bodies (docs/serving.md, docs/examples/*.json)
-
-
-def _tf_serving_example(features):
-    # TF Serving's JSON -> tf.Example rule: a list of JSON floats is a float_list,
-    # of integers an int64_list, of strings a bytes_list.
-    feature = {}
-    for key, values in features.items():
-        values = values if isinstance(values, list) else [values]
-        if all(isinstance(v, float) for v in values):
-            feature[key] = tf.train.Feature(float_list=tf.train.FloatList(value=values))
-        elif all(isinstance(v, int) for v in values):
-            feature[key] = tf.train.Feature(int64_list=tf.train.Int64List(value=values))
-        else:
-            feature[key] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[str(v).encode() for v in values]))
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+# -- the documented REST bodies (docs/serving.md, docs/examples/*.json), through TF Serving's own protos
 
 
 def _documented_block(doc, marker):
-    match = re.search(rf"<!-- example: {marker} -->\s*```json\n(.*?)```", doc, re.DOTALL)
+    match = re.search(rf"<!-- example: {marker} -->\s*```json\n(.*?)```", doc, re.S)
     assert match, f"docs/serving.md lacks the {marker} example"
     return json.loads(match.group(1))
 
 
-def test_documented_requests_are_accepted_and_responses_have_the_documented_shape(tmp_path):
+@pytest.fixture(scope="module")
+def documented():
     with open(os.path.join(REPO, "docs", "serving.md")) as f:
         doc = f.read()
-    with open(os.path.join(REPO, "docs", "examples", "predict.json")) as f:
-        predict = json.load(f)
-    with open(os.path.join(REPO, "docs", "examples", "classify.json")) as f:
-        classify = json.load(f)
+    bodies = {}
+    for name in ("predict", "classify"):
+        with open(os.path.join(REPO, "docs", "examples", f"{name}.json")) as f:
+            bodies[name] = f.read()
+    return doc, bodies
+
+
+def test_documented_example_image_is_a_digitclutter_test_image(documented):
+    from iterconv_keras.data import datasets
+
+    doc, bodies = documented
+    images, labels, _ = datasets.clutter_test_set(3, 1)
+    expected = images[0].astype(np.float64) / 255
+    np.testing.assert_allclose(json.loads(bodies["predict"])["instances"][0], expected, atol=5e-5)
+    np.testing.assert_allclose(json.loads(bodies["classify"])["examples"][0]["images"], expected.reshape(-1), atol=5e-5)
+    assert "digits 3, 4 and 7" in doc and np.flatnonzero(labels[0]).tolist() == [3, 4, 7]
+    # TF Serving turns a JSON number without a decimal point into an int64_list, which
+    # the float feature rejects: every value of the classify body is written as a float.
+    assert not re.findall(r"[\[,]\s*-?\d+\s*(?=[,\]])", bodies["classify"])
+
+
+def test_documented_responses_are_what_the_zoo_model_answers(documented):
+    """The documented :predict and :classify responses, recomputed from the committed
+    `digitclutter-small` with the requests built as TF Serving's protobufs."""
+    from tensorflow_serving.apis import classification_pb2, predict_pb2
+
+    doc, bodies = documented
     for name in ("predict.json", "classify.json"):
         assert f"-d @docs/examples/{name}" in doc
     assert "tensorflow_model_server --rest_api_port=8501" in doc and "--model_config_file=/models/models.config" in doc
+    model = zoo.load_serving("digitclutter-small")
+    card = zoo.show("digitclutter-small")["card"]
+    assert card.probabilities == "sigmoid" and "multi-label" in doc
 
-    model = tiny_trained_model(image_shape=(32, 32, 1), seed=6)
-    path = str(tmp_path / "1")
-    export.write_saved_model(model, path, ModelCard.from_model(model, recipe={"dataset": "digitclutter"}).to_json())
-    signatures = tf.saved_model.load(path).signatures
+    request = predict_pb2.PredictRequest()
+    request.inputs["images"].CopyFrom(tf.make_tensor_proto(json.loads(bodies["predict"])["instances"], tf.float32))
+    outputs = model.signatures["serving_default"](images=tf.constant(tf.make_ndarray(request.inputs["images"])))
+    response = predict_pb2.PredictResponse()
+    for key, value in outputs.items():
+        response.outputs[key].CopyFrom(tf.make_tensor_proto(value))
+    (prediction,) = _documented_block(doc, "predict-response")["predictions"]
+    assert set(prediction) == set(response.outputs)
+    for key in ("logits", "probabilities"):
+        np.testing.assert_allclose(prediction[key], tf.make_ndarray(response.outputs[key])[0], atol=2e-4)
+    assert prediction["classes"] == int(tf.make_ndarray(response.outputs["classes"])[0]) == 4
+    # Multi-label: the documented digit set is the three classes above 0.5, not `classes`.
+    assert [k for k, p in enumerate(prediction["probabilities"]) if p > 0.5] == [3, 4, 7]
 
-    # :predict in the row format: TF Serving converts the nested lists to the input's dtype.
-    out = signatures["serving_default"](images=tf.constant(predict["instances"], dtype=tf.float32))
-    response = {"predictions": [{k: v.numpy()[i].tolist() for k, v in out.items()}
-                                for i in range(len(predict["instances"]))]}
-    documented = _documented_block(doc, "predict-response")
-    assert _structure(response) == _structure(documented)
-    # The example image is a stroke, not an empty frame.
-    assert 0 < np.mean(predict["instances"]) < 0.2
-
-    assert classify["signature_name"] == "classify"
-    examples = [_tf_serving_example(e) for e in classify["examples"]]
-    out = signatures["classify"](inputs=tf.constant(examples))
-    response = {"result": [[[c.decode(), float(s)] for c, s in zip(cs, ss, strict=True)]
-                           for cs, ss in zip(out["classes"].numpy(), out["scores"].numpy(), strict=True)]}
-    documented = _documented_block(doc, "classify-response")
-    assert _structure(response) == _structure(documented)
-    assert [pair[0] for pair in documented["result"][0]] == [pair[0] for pair in response["result"][0]]
-    np.testing.assert_allclose(out["scores"].numpy(), signatures["serving_default"](
-        images=tf.constant(predict["instances"], dtype=tf.float32))["probabilities"].numpy(), atol=PROB_ATOL)
+    body = json.loads(bodies["classify"])
+    request = classification_pb2.ClassificationRequest()
+    request.model_spec.signature_name = body["signature_name"]
+    for features in body["examples"]:
+        example = request.input.example_list.examples.add()
+        for key, values in features.items():
+            example.features.feature[key].float_list.value.extend(values)
+    serialized = [e.SerializeToString() for e in request.input.example_list.examples]
+    outputs = model.signatures[request.model_spec.signature_name](inputs=tf.constant(serialized))
+    response = classification_pb2.ClassificationResponse()
+    for names, scores in zip(outputs["classes"].numpy(), outputs["scores"].numpy(), strict=True):
+        classifications = response.result.classifications.add()
+        for label, score in zip(names, scores, strict=True):
+            classifications.classes.add(label=label.decode(), score=score)
+    documented_result = _documented_block(doc, "classify-response")["result"]
+    assert len(documented_result) == len(response.result.classifications) == 1
+    for pairs, classifications in zip(documented_result, response.result.classifications, strict=True):
+        assert [p[0] for p in pairs] == [c.label for c in classifications.classes] == card.class_names
+        np.testing.assert_allclose([p[1] for p in pairs], [c.score for c in classifications.classes], atol=2e-4)
+    np.testing.assert_allclose([p[1] for p in documented_result[0]], prediction["probabilities"], atol=1e-9)
 
     # The documented pitfall: integers become an int64_list, which the float feature rejects.
-    as_ints = {"images": [int(v) for v in classify["examples"][0]["images"]]}
+    as_ints = classification_pb2.ClassificationRequest()
+    as_ints.input.example_list.examples.add().features.feature["images"].int64_list.value.extend([0] * 1024)
     with pytest.raises(tf.errors.InvalidArgumentError):
-        signatures["classify"](inputs=tf.constant([_tf_serving_example(as_ints)]))
-
-
-def _structure(value):
-    """Types and lengths of a JSON value, ignoring the numbers themselves."""
-    if isinstance(value, dict):
-        return {k: _structure(v) for k, v in sorted(value.items())}
-    if isinstance(value, list):
-        return ["list", len(value), [_structure(v) for v in value]]
-    return type(value).__name__
+        model.signatures["classify"](inputs=tf.constant([as_ints.input.example_list.examples[0].SerializeToString()]))

@@ -55,7 +55,10 @@ def exported(cli, run_dir, tmp_path_factory):
 def test_export_prints_the_new_versions_path(exported):
     root, first, second = exported
     assert first.exit_code == 0, first.output
-    assert first.stdout == os.path.join(root, "digits", "1") + "\n"
+    assert first.stdout == os.path.join(root, "digits", "1") + "\n" and os.path.isabs(first.stdout)
+    # Review U6: the docs say what it prints.
+    with open(os.path.join(REPO, "docs", "serving.md")) as f:
+        assert "prints one line on stdout: the new version's absolute path" in f.read()
     assert second.exit_code == 0, second.output
     assert json.loads(second.stdout) == {
         "name": "digits", "version": 2, "reference": "digits@2", "path": os.path.join(root, "digits", "2"),
