@@ -6,6 +6,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import textwrap
 
 import keras
 import numpy as np
@@ -220,3 +221,27 @@ def test_an_installed_package_refuses_to_export_into_itself(installed, run_dir, 
     # Reading commands say where they looked.
     listed = _run_installed(installed, ["zoo", "list"], cwd=tmp_path)
     assert listed.returncode == 4 and f"no zoo found at {installed / 'zoo'}" in listed.stderr
+
+
+# -- listing reads JSON only
+
+
+_NO_TENSORFLOW = textwrap.dedent(
+    """
+    import sys
+    from iterconv_cli import main
+    sys.argv = ["iterconv", *sys.argv[1:]]
+    try:
+        main.main()
+    except SystemExit as exc:
+        code = exc.code
+    print("TENSORFLOW", "tensorflow" in sys.modules, "KERAS", "keras" in sys.modules, "EXIT", code)
+    """
+)
+
+
+@pytest.mark.parametrize("args", [["zoo", "list", "--json"], ["zoo", "show", "fashion-mnist-small"]])
+def test_zoo_list_and_show_import_no_tensorflow(args):
+    result = subprocess.run([sys.executable, "-c", _NO_TENSORFLOW, *args], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": REPO}, timeout=120)
+    assert result.stdout.splitlines()[-1] == "TENSORFLOW False KERAS False EXIT 0", result.stderr[-2000:]
