@@ -44,8 +44,10 @@ def COMMAND(model_reference, dataset, indices, occlusion, limit, batch_size, plo
         fsutil.check_writable(os.path.join(plots_dir, "indices.png"))
     if out:
         fsutil.check_writable(out)
-    loaded = loading.load_model(model_reference, zoo_root=zoo_root)
-    data = evaluation.load_for_model(loaded.model, loaded.metadata, dataset=dataset, data_dir=data_dir, limit=limit)
+    loaded = loading.load(model_reference, zoo=zoo_root)
+    # The card's recipe holds the run's settings (data_dir, clutter_digits, ...).
+    data = evaluation.load_for_model(loaded.model, loaded.card.to_json(), dataset=dataset,
+                                     data_dir=data_dir or loaded.card.setting("data_dir"), limit=limit)
     evaluation.check_compatible(loaded.model, evaluation.as_eval_data(data))
     stderr = click.get_text_stream("stderr")
     with click.progressbar(length=1, label="evaluating", file=stderr) as bar:

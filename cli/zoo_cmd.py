@@ -1,6 +1,8 @@
-"""``iterconv zoo``: list, show and verify zoo models; write the TF Serving config."""
+"""``iterconv zoo``: list, show and verify zoo models; write the TF Serving config.
 
-import json
+``list`` and ``show`` read only JSON (the manifest and a model card) and import
+no TensorFlow.
+"""
 
 import click
 from iterconv_cli._common import emit_json, report_errors
@@ -13,75 +15,56 @@ _JSON_OPTION = click.option("--json", "json_output", is_flag=True, help="Print J
 
 
 @click.group("zoo")
-def COMMAND():
+def zoo_group():
     """The versioned model zoo (see docs/serving.md for TensorFlow Serving)."""
 
 
-@COMMAND.command("list")
+@zoo_group.command("list")
 @_ZOO_OPTION
 @_JSON_OPTION
-@report_errors
+@report_errors(tensorflow=False)
 def list_command(zoo_dir, json_output):
-    """Models of the zoo with their versions, default version and accuracy."""
+    """Models of the zoo: versions, default version, accuracy and each version's size on disk."""
     from iterconv_keras import zoo
 
-    zoo.existing_root(zoo_dir)
-    rows = zoo.list_models(zoo_dir)
+    root = zoo.existing_root(zoo_dir)
+    rows = zoo.list_pretrained(root)
     if json_output:
-        emit_json({"zoo": zoo.resolve_root(zoo_dir), "models": rows})
+        emit_json({"zoo": root, "models": rows})
         return
     if not rows:
-        click.echo(f"the zoo at {zoo.resolve_root(zoo_dir)} is empty")
+        click.echo(f"the zoo at {root} is empty")
         return
-    table = [("NAME", "DEFAULT", "VERSIONS", "DATASET", "ACCURACY", "PARAMS")]
+    table = [("NAME", "DEFAULT", "VERSIONS", "DATASET", "ACCURACY", "PARAMS", "SIZE")]
     for row in rows:
         table.append((
             row["name"], str(row["default_version"]), ",".join(map(str, row["versions"])),
             row["dataset"] or "-", _number(row["metrics"].get("accuracy")), str(row["parameters"] or "-"),
+            ",".join(_size(size) for size in row["sizes"]),
         ))
     _echo_table(table)
 
 
-@COMMAND.command("show")
+@zoo_group.command("show")
 @click.argument("reference", metavar="NAME[@VERSION]")
 @_ZOO_OPTION
 @_JSON_OPTION
-@report_errors
+@report_errors(tensorflow=False)
 def show_command(reference, zoo_dir, json_output):
     """The model card of a version (default: the default version)."""
     from iterconv_keras import zoo
 
-    zoo.existing_root(zoo_dir)
-    info = zoo.show(reference, zoo_dir)
-    if json_output:
-        emit_json(info)
-        return
+    info = zoo.show(reference, zoo.existing_root(zoo_dir))
     card = info["card"]
-    indices = card.get("indices") or {}
-    metrics = card.get("metrics") or {}
-    rows = [
-        ("model", f"{info['name']}@{info['version']}"),
-        ("path", info["path"]),
-        ("created", card.get("created")),
-        ("dataset", card.get("dataset")),
-        ("variant", card.get("variant")),
-        ("image shape", "x".join(map(str, card.get("image_shape") or []))),
-        ("classes", f"{card.get('num_classes')} ({card.get('probabilities')})"),
-        ("coupling", card.get("coupling")),
-        ("lipschitz", (card.get("constraint") or {}).get("lipschitz")),
-        ("parameters", card.get("parameters")),
-        ("effective parameters", card.get("effective_parameters")),
-        *((f"test {k}", _number(v)) for k, v in metrics.items()),
-        *((f"{k} index", _number(indices.get(k))) for k in ("recurrence", "divergence", "convergence")),
-        ("occlusion AUC", _number(card.get("occlusion_auc"))),
-        ("recipe", json.dumps(card.get("recipe"), sort_keys=True) if card.get("recipe") else None),
-        ("libraries", ", ".join(f"{k} {v}" for k, v in (card.get("libraries") or {}).items())),
-        ("files", len(info["files"])),
-    ]
-    _echo_table([(key, "-" if value is None else str(value)) for key, value in rows])
+    if json_output:
+        emit_json({**info, "card": card.to_json()})
+        return
+    rows = [("model", f"{info['name']}@{info['version']}"), ("path", info["path"]), ("size", _size(info["size"])),
+            *card.summary(), ("files", len(info["files"]))]
+    _echo_table([(key, "-" if value is None else _number(value)) for key, value in rows])
 
 
-@COMMAND.command("verify")
+@zoo_group.command("verify")
 @click.argument("reference", metavar="[NAME[@VERSION]]", required=False)
 @click.option("--no-load", is_flag=True, help="Only compare checksums; do not load each version.")
 @_ZOO_OPTION
@@ -94,12 +77,12 @@ def verify_command(reference, no_load, zoo_dir, json_output):
     """
     from iterconv_keras import zoo
 
-    zoo.existing_root(zoo_dir)
-    report = zoo.verify_report(reference, zoo_dir, load_models=not no_load)
+    root = zoo.existing_root(zoo_dir)
+    report = zoo.verify_report(reference, root, load_models=not no_load)
     if json_output:
-        emit_json({"zoo": zoo.resolve_root(zoo_dir), "ok": all(r["ok"] for r in report), "versions": report})
+        emit_json({"zoo": root, "ok": all(r["ok"] for r in report), "versions": report})
     elif not report:
-        click.echo(f"the zoo at {zoo.resolve_root(zoo_dir)} is empty: nothing to verify")
+        click.echo(f"the zoo at {root} is empty: nothing to verify")
     else:
         for result in report:
             status = "ok" if result["ok"] else "FAILED"
@@ -109,32 +92,42 @@ def verify_command(reference, no_load, zoo_dir, json_output):
     zoo.raise_on_problems(report)
 
 
-@COMMAND.command("serving-config")
-@click.option("--out", type=click.Path(dir_okay=False), default=None,
-              help="Also write the config here (it is always written to <zoo>/models.config).")
+@zoo_group.command("serving-config")
+@click.option("--base-path", default=None,
+              help="Where the server sees the zoo: model NAME is served from BASE_PATH/NAME (an absolute path "
+                   "or a URL). Default: the zoo's absolute path on this machine.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the config to FILE.")
 @_ZOO_OPTION
 @_JSON_OPTION
-@report_errors
-def serving_config_command(out, zoo_dir, json_output):
-    """Write TensorFlow Serving's models.config for the whole zoo and print it."""
+@report_errors(tensorflow=False)
+def serving_config_command(base_path, out, zoo_dir, json_output):
+    """Print TensorFlow Serving's models.config for the whole zoo.
+
+    Also rewrites <zoo>/models.config from MANIFEST.json, which always uses the
+    tensorflow/serving container's base paths /models/NAME (mount the zoo at
+    /models), so the committed file is the same on every machine.
+    """
     import os
 
     from iterconv_keras import fsutil, zoo
 
-    zoo.existing_root(zoo_dir)
+    root = zoo.existing_root(zoo_dir)
+    # Refuse a bad --out or --base-path before <zoo>/models.config is rewritten.
     if out:
-        # Refuse a bad --out before <zoo>/models.config is rewritten, naming the user's path.
         fsutil.check_writable(out)
-    text = zoo.serving_config(zoo_dir)
-    written = [os.path.join(zoo.resolve_root(zoo_dir), zoo.SERVING_CONFIG)]
+    text = zoo.serving_config(root, base_path=base_path)
+    written = [zoo.refresh_zoo_config(root)]
     if out:
         fsutil.write_text_atomic(out, text)
         written.append(os.path.abspath(out))
     if json_output:
-        emit_json({"config": text, "written": written})
+        emit_json({"config": text, "base_path": base_path or root, "written": written})
     else:
         click.echo(text, nl=False)
         click.echo(f"written to {', '.join(written)}", err=True)
+
+
+COMMAND = zoo_group
 
 
 def _number(value):
@@ -143,7 +136,12 @@ def _number(value):
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+def _size(size):
+    # MiB, the unit `du -h` uses; "-" for a version folder that is missing.
+    return "-" if size is None else f"{size / 2**20:.1f}MiB"
+
+
 def _echo_table(rows):
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
-        click.echo("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+        click.echo("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())

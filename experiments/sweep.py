@@ -190,13 +190,13 @@ def evaluate_run(run_dir, limit):
     """``eval.json`` of a trained run, computed once."""
     from iterconv_keras.analysis import evaluation
     from iterconv_keras.fsutil import write_json_atomic
-    from iterconv_keras.loading import load_model
+    from iterconv_keras.loading import load
 
     path = os.path.join(run_dir, "eval.json")
     if not os.path.isfile(path):
         wall, cpu = time.perf_counter(), time.process_time()
-        loaded = load_model(run_dir)
-        data = evaluation.load_for_model(loaded.model, loaded.metadata, limit=limit)
+        loaded = load(run_dir)
+        data = evaluation.load_for_model(loaded.model, loaded.card.to_json(), limit=limit)
         document = evaluation.evaluate(loaded.model, data, limit=limit, model_reference=run_dir)
         write_json_atomic(path, document)  # evaluate() returns strict-JSON values
         _add_timing(run_dir, "evaluation", time.perf_counter() - wall, time.process_time() - cpu)

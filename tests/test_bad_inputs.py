@@ -30,9 +30,9 @@ def env(tmp_path_factory):
     full.mkdir()
     (full / "keep.txt").write_text("keep")
     good_zoo = root / "zoo"
-    zoo.export_version(str(root / "clutter.keras"), "clutter", root=str(good_zoo))
+    zoo.export_version(model, "clutter", root=str(good_zoo))
     bad_zoo = root / "badzoo"
-    zoo.export_version(str(root / "clutter.keras"), "clutter", root=str(bad_zoo))
+    zoo.export_version(model, "clutter", root=str(bad_zoo))
     variables = next((bad_zoo / "clutter" / "1" / "variables").glob("variables.data-*"))
     data = bytearray(variables.read_bytes())
     data[len(data) // 2] ^= 0xFF

@@ -94,7 +94,7 @@ def test_limit_evaluates_a_prefix(run_dir):
 
     result = _invoke(["eval", run_dir, "--limit", "10", "--no-indices", "--no-occlusion", "--json"])
     document = json.loads(result.stdout)
-    model = loading.load_model(run_dir).model
+    model = loading.load_model(run_dir)
     images, labels, _ = datasets.clutter_test_set(3, 10)
     # Oracle: the model's plain forward pass, exact-set accuracy and Keras' own loss.
     logits = np.asarray(model(images.astype(np.float32) / 255, training=False))

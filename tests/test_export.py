@@ -13,8 +13,10 @@ import pytest
 import tensorflow as tf
 from conftest import random_images
 
+from iterconv_keras import loading, zoo
 from iterconv_keras.models.variants import build_model
 from iterconv_keras.zoo import savedmodel as export
+from iterconv_keras.zoo.card import ModelCard
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = (16, 16, 1)
@@ -51,8 +53,8 @@ def trained():
 @pytest.fixture(scope="module")
 def saved(trained, tmp_path_factory):
     path = str(tmp_path_factory.mktemp("export") / "1")
-    card = export.model_card(trained, name="tiny", run_config={"dataset": "mnist", "lipschitz": None})
-    export.write_saved_model(trained, path, card)
+    card = ModelCard.from_model(trained, name="tiny", recipe={"dataset": "mnist", "lipschitz": None})
+    export.write_saved_model(trained, path, card.to_json())
     return path
 
 
@@ -134,7 +136,8 @@ _TF_ONLY_SCRIPT = textwrap.dedent(
         "classes": serve["classes"].numpy().tolist(),
         "scores": classify["scores"].numpy().tolist(),
         "class_names": classify["classes"].numpy().astype(str).tolist(),
-        "keras_loaded": [m for m in sys.modules if m.split(".")[0] in ("keras", "iterconv_keras") and sys.modules[m] is not None],
+        "keras_loaded": [m for m in sys.modules
+                         if m.split(".")[0] in ("keras", "iterconv_keras") and sys.modules[m] is not None],
         "errors": errors,
     }, sys.stdout)
     """
@@ -166,7 +169,8 @@ def outside_processes(request, saved, tmp_path_factory):
         )
     if CLI_TEST in selected:
         procs[CLI_TEST] = subprocess.Popen(
-            ["saved_model_cli", "show", "--dir", saved, "--all"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            ["saved_model_cli", "show", "--dir", saved, "--all"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True,
         )
     yield procs
     for proc in procs.values():
@@ -246,54 +250,41 @@ def _parse_saved_model_cli(text):
     return signatures
 
 
-def test_model_card_records_recipe_metrics_indices_and_versions(trained):
-    evaluation = {
-        "dataset": "mnist", "accuracy": 0.5, "loss": 1.5,
-        "indices": {"recurrence": 0.1, "divergence": 0.8, "convergence": -0.3, "effective_parameters": 1234,
-                    "parameters": trained.count_params(), "per_stage": [], "curves": {"accuracy": [0.1]}},
-        "occlusion": {"levels": [0.0, 0.5], "accuracy": [0.9, 0.2], "auc": 0.71},
-    }
-    card = export.model_card(
-        trained, name="x", run_config={"dataset": "mnist", "variant": "tiny", "lipschitz": 0.9, "epochs": 2},
-        metrics={"accuracy": 0.97, "loss": 0.1, "dataset": "mnist"}, evaluation=evaluation,
-    )
-    json.dumps(card)  # serialisable as written to metadata.json
-    assert card["parameters"] == sum(int(np.prod(v.shape)) for v in trained.trainable_variables)
-    assert card["effective_parameters"] == 1234 and card["occlusion_auc"] == 0.71
-    assert card["metrics"] == {"accuracy": 0.97, "loss": 0.1}  # the runner's metrics win over eval's
-    assert card["indices"]["recurrence"] == 0.1 and "curves" not in card["indices"]
-    # The model's own setting wins; the run's config fills it for models without one.
-    assert card["constraint"] == {"lipschitz": trained.get_config().get("lipschitz", 0.9), "spectral_norm": None}
-    assert card["coupling"] == 0.0
-    assert card["recipe"]["epochs"] == 2 and card["variant"] == "tiny"
-    assert card["libraries"]["tensorflow"] == tf.__version__ and card["libraries"]["keras"] == keras.__version__
-    assert card["class_names"] == [str(k) for k in range(10)] and card["probabilities"] == "softmax"
+def test_each_variable_is_stored_once(trained, saved):
+    # The old export tracked the model too, so every value was stored twice
+    # (`_all_variables/...` and `variables/...`, 415,002 values each for `small`).
+    stored = [(name, shape) for name, shape in tf.train.list_variables(os.path.join(saved, "variables", "variables"))
+              if name != "_CHECKPOINTABLE_OBJECT_GRAPH"]
+    # Oracle: inference reads every weight and batch-norm statistic of the model, once.
+    assert sum(int(np.prod(shape)) for _, shape in stored) == sum(int(np.prod(w.shape)) for w in trained.weights)
+    assert len(stored) == len(trained.weights)
+    names = [node.variable.name for node in _object_graph(saved).nodes if node.WhichOneof("kind") == "variable"]
+    assert len(names) == len(set(names)) == len(trained.weights)
+
+
+def _object_graph(path):
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    document = saved_model_pb2.SavedModel()
+    with open(os.path.join(path, "saved_model.pb"), "rb") as f:
+        document.ParseFromString(f.read())
+    return document.meta_graphs[0].object_graph_def
+
+
+def test_card_parameters_match_the_saved_models_trainable_variables(saved):
+    # Independent of Keras: the SavedModel's own object graph marks trainable variables.
+    trainable = sum(int(np.prod([d.size for d in node.variable.shape.dim])) for node in _object_graph(saved).nodes
+                    if node.WhichOneof("kind") == "variable" and node.variable.trainable)
+    with open(os.path.join(saved, "assets.extra", "metadata.json")) as f:
+        assert json.load(f)["parameters"] == trainable > 0
 
 
 def test_assets_extra_hold_the_full_model_and_card(trained, saved):
-    from iterconv_keras import loading
-
-    reloaded = loading.load_model(saved)
-    assert reloaded.kind == "zoo_version" and reloaded.metadata["name"] == "tiny"
+    reloaded = loading.load(saved)
+    assert reloaded.provenance.kind == "zoo_version" and reloaded.card.name == "tiny"
     images = random_images(2, SHAPE, seed=40)
     np.testing.assert_array_equal(reloaded.model(images, training=False), trained(images, training=False))
     assert reloaded.model.get_config() == trained.get_config()
-
-
-def test_constrained_models_are_projected_onto_their_bound_before_export(trained):
-    from iterconv_keras.models import lipschitz
-
-    assert export.prepare_for_export(trained) is False  # unconstrained: untouched
-    keras.utils.set_random_seed(3)
-    model = build_model("tiny", SHAPE, 10, lipschitz=0.9)
-    # Push every constrained kernel far above its bound, as training outside fit could.
-    for _, _, block in lipschitz.constrained_blocks(model):
-        for conv in block.convolutions:
-            conv.kernel.assign(conv.kernel * 5.0)
-    assert lipschitz.certify(model, iterations=300)["max_certified"] > 2 * 0.9
-    assert export.prepare_for_export(model) is True
-    assert lipschitz.certify(model, iterations=300)["max_certified"] <= 0.9 * (1 + 1e-3)
-    assert export.model_card(model)["constraint"]["lipschitz"] == 0.9
 
 
 def test_export_refuses_an_existing_directory(trained, saved):
@@ -301,22 +292,48 @@ def test_export_refuses_an_existing_directory(trained, saved):
         export.write_saved_model(trained, saved, {})
 
 
-# -- the documented REST bodies (docs/serving.md, docs/examples/*.json)
+def _exact_conv_norm(kernel, input_shape):
+    """Largest singular value of the zero-padded SAME convolution as an explicit matrix."""
+    height, width, channels = input_shape
+    n = height * width * channels
+    basis = np.eye(n, dtype=np.float64).reshape(n, height, width, channels)
+    columns = tf.nn.conv2d(basis, np.asarray(kernel, np.float64), strides=1, padding="SAME").numpy()
+    return float(np.linalg.norm(columns.reshape(n, -1), ord=2))
 
 
-def _tf_serving_example(features):
-    # TF Serving's JSON -> tf.Example rule: a list of JSON floats is a float_list,
-    # of integers an int64_list, of strings a bytes_list.
-    feature = {}
-    for key, values in features.items():
-        values = values if isinstance(values, list) else [values]
-        if all(isinstance(v, float) for v in values):
-            feature[key] = tf.train.Feature(float_list=tf.train.FloatList(value=values))
-        elif all(isinstance(v, int) for v in values):
-            feature[key] = tf.train.Feature(int64_list=tf.train.Int64List(value=values))
-        else:
-            feature[key] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[str(v).encode() for v in values]))
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+def test_export_projects_a_copy_of_a_constrained_model_and_says_so(tmp_path):
+    # Review M6: the caller's model is not changed, and the card records the projection.
+    from iterconv_keras.models import lipschitz
+
+    keras.utils.set_random_seed(3)
+    model = build_model("tiny", SHAPE, 10, lipschitz=0.9)
+    convs = [conv for _, _, block in lipschitz.constrained_blocks(model) for conv in block.convolutions]
+    # Push every constrained kernel far above its bound, as training outside fit could.
+    for conv in convs:
+        conv.kernel.assign(conv.kernel * 5.0)
+    weights = [np.array(w) for w in model.weights]
+    per_conv = np.sqrt(0.9)  # sqrt(c) / Lip(relu): the two convolutions of a block share c
+    exact_before = [_exact_conv_norm(conv.kernel, conv.kernel_constraint.input_shape) for conv in convs]
+    assert max(exact_before) > 2 * per_conv
+
+    _, _, path = zoo.export_version(model, "projected", root=str(tmp_path))
+
+    for before, after in zip(weights, model.weights, strict=True):
+        np.testing.assert_array_equal(before, np.asarray(after))  # bitwise untouched
+    exported = loading.load(path)
+    projection = exported.card.projection
+    assert projection["per_conv_bound"] == pytest.approx(per_conv)
+    assert projection["max_conv_norm_before"] == pytest.approx(max(exact_before), rel=1e-3)
+    exported_convs = [c for _, _, b in lipschitz.constrained_blocks(exported.model) for c in b.convolutions]
+    exact_after = [_exact_conv_norm(c.kernel, c.kernel_constraint.input_shape) for c in exported_convs]
+    assert max(exact_after) <= per_conv * (1 + 1e-3)
+    assert projection["max_conv_norm_after"] == pytest.approx(max(exact_after), rel=1e-3)
+    # An unconstrained model is exported as it is, with no projection on its card.
+    plain = build_model("tiny", SHAPE, 10)
+    assert loading.load(zoo.export_version(plain, "plain", root=str(tmp_path))[2]).card.projection is None
+
+
+# -- the documented REST bodies (docs/serving.md, docs/examples/*.json), through TF Serving's own protos
 
 
 def _documented_block(doc, marker):
@@ -325,51 +342,81 @@ def _documented_block(doc, marker):
     return json.loads(match.group(1))
 
 
-def test_documented_requests_are_accepted_and_responses_have_the_documented_shape(tmp_path):
+@pytest.fixture(scope="module")
+def documented():
     with open(os.path.join(REPO, "docs", "serving.md")) as f:
         doc = f.read()
-    with open(os.path.join(REPO, "docs", "examples", "predict.json")) as f:
-        predict = json.load(f)
-    with open(os.path.join(REPO, "docs", "examples", "classify.json")) as f:
-        classify = json.load(f)
+    bodies = {}
+    for name in ("predict", "classify"):
+        with open(os.path.join(REPO, "docs", "examples", f"{name}.json")) as f:
+            bodies[name] = f.read()
+    return doc, bodies
+
+
+def test_documented_example_image_is_a_digitclutter_test_image(documented):
+    from iterconv_keras.data import datasets
+
+    doc, bodies = documented
+    images, labels, _ = datasets.clutter_test_set(3, 1)
+    expected = images[0].astype(np.float64) / 255
+    np.testing.assert_allclose(json.loads(bodies["predict"])["instances"][0], expected, atol=5e-5)
+    np.testing.assert_allclose(json.loads(bodies["classify"])["examples"][0]["images"], expected.reshape(-1), atol=5e-5)
+    assert "digits 3, 4 and 7" in doc and np.flatnonzero(labels[0]).tolist() == [3, 4, 7]
+    # TF Serving turns a JSON number without a decimal point into an int64_list, which
+    # the float feature rejects: every value of the classify body is written as a float.
+    assert not re.findall(r"[\[,]\s*-?\d+\s*(?=[,\]])", bodies["classify"])
+
+
+def test_documented_responses_are_what_the_zoo_model_answers(documented):
+    """The documented :predict and :classify responses, recomputed from the committed
+    `digitclutter-small` with the requests built as TF Serving's protobufs."""
+    from tensorflow_serving.apis import classification_pb2, predict_pb2
+
+    doc, bodies = documented
     for name in ("predict.json", "classify.json"):
         assert f"-d @docs/examples/{name}" in doc
-    assert "tensorflow_model_server --rest_api_port=8501" in doc and "--model_config_file=$PWD/zoo/models.config" in doc
+    assert "tensorflow_model_server --rest_api_port=8501" in doc and "--model_config_file=/models/models.config" in doc
+    model = zoo.load_serving("digitclutter-small")
+    card = zoo.show("digitclutter-small")["card"]
+    assert card.probabilities == "sigmoid" and "multi-label" in doc
 
-    model = tiny_trained_model(image_shape=(32, 32, 1), seed=6)
-    path = str(tmp_path / "1")
-    export.write_saved_model(model, path, export.model_card(model, run_config={"dataset": "digitclutter"}))
-    signatures = tf.saved_model.load(path).signatures
+    request = predict_pb2.PredictRequest()
+    request.inputs["images"].CopyFrom(tf.make_tensor_proto(json.loads(bodies["predict"])["instances"], tf.float32))
+    outputs = model.signatures["serving_default"](images=tf.constant(tf.make_ndarray(request.inputs["images"])))
+    response = predict_pb2.PredictResponse()
+    for key, value in outputs.items():
+        response.outputs[key].CopyFrom(tf.make_tensor_proto(value))
+    (prediction,) = _documented_block(doc, "predict-response")["predictions"]
+    assert set(prediction) == set(response.outputs)
+    for key in ("logits", "probabilities"):
+        np.testing.assert_allclose(prediction[key], tf.make_ndarray(response.outputs[key])[0], atol=2e-4)
+    assert prediction["classes"] == int(tf.make_ndarray(response.outputs["classes"])[0]) == 4
+    # Multi-label: the documented digit set is the three classes above 0.5, not `classes`.
+    assert [k for k, p in enumerate(prediction["probabilities"]) if p > 0.5] == [3, 4, 7]
 
-    # :predict in the row format: TF Serving converts the nested lists to the input's dtype.
-    out = signatures["serving_default"](images=tf.constant(predict["instances"], dtype=tf.float32))
-    response = {"predictions": [{k: v.numpy()[i].tolist() for k, v in out.items()} for i in range(len(predict["instances"]))]}
-    documented = _documented_block(doc, "predict-response")
-    assert _structure(response) == _structure(documented)
-    # The example image is a stroke, not an empty frame.
-    assert 0 < np.mean(predict["instances"]) < 0.2
-
-    assert classify["signature_name"] == "classify"
-    examples = [_tf_serving_example(e) for e in classify["examples"]]
-    out = signatures["classify"](inputs=tf.constant(examples))
-    response = {"result": [[[c.decode(), float(s)] for c, s in zip(cs, ss)]
-                           for cs, ss in zip(out["classes"].numpy(), out["scores"].numpy())]}
-    documented = _documented_block(doc, "classify-response")
-    assert _structure(response) == _structure(documented)
-    assert [pair[0] for pair in documented["result"][0]] == [pair[0] for pair in response["result"][0]]
-    np.testing.assert_allclose(out["scores"].numpy(), signatures["serving_default"](
-        images=tf.constant(predict["instances"], dtype=tf.float32))["probabilities"].numpy(), atol=PROB_ATOL)
+    body = json.loads(bodies["classify"])
+    request = classification_pb2.ClassificationRequest()
+    request.model_spec.signature_name = body["signature_name"]
+    for features in body["examples"]:
+        example = request.input.example_list.examples.add()
+        for key, values in features.items():
+            example.features.feature[key].float_list.value.extend(values)
+    serialized = [e.SerializeToString() for e in request.input.example_list.examples]
+    outputs = model.signatures[request.model_spec.signature_name](inputs=tf.constant(serialized))
+    response = classification_pb2.ClassificationResponse()
+    for names, scores in zip(outputs["classes"].numpy(), outputs["scores"].numpy(), strict=True):
+        classifications = response.result.classifications.add()
+        for label, score in zip(names, scores, strict=True):
+            classifications.classes.add(label=label.decode(), score=score)
+    documented_result = _documented_block(doc, "classify-response")["result"]
+    assert len(documented_result) == len(response.result.classifications) == 1
+    for pairs, classifications in zip(documented_result, response.result.classifications, strict=True):
+        assert [p[0] for p in pairs] == [c.label for c in classifications.classes] == card.class_names
+        np.testing.assert_allclose([p[1] for p in pairs], [c.score for c in classifications.classes], atol=2e-4)
+    np.testing.assert_allclose([p[1] for p in documented_result[0]], prediction["probabilities"], atol=1e-9)
 
     # The documented pitfall: integers become an int64_list, which the float feature rejects.
-    as_ints = {"images": [int(v) for v in classify["examples"][0]["images"]]}
+    as_ints = classification_pb2.ClassificationRequest()
+    as_ints.input.example_list.examples.add().features.feature["images"].int64_list.value.extend([0] * 1024)
     with pytest.raises(tf.errors.InvalidArgumentError):
-        signatures["classify"](inputs=tf.constant([_tf_serving_example(as_ints)]))
-
-
-def _structure(value):
-    """Types and lengths of a JSON value, ignoring the numbers themselves."""
-    if isinstance(value, dict):
-        return {k: _structure(v) for k, v in sorted(value.items())}
-    if isinstance(value, list):
-        return ["list", len(value), [_structure(v) for v in value]]
-    return type(value).__name__
+        model.signatures["classify"](inputs=tf.constant([as_ints.input.example_list.examples[0].SerializeToString()]))

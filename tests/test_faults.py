@@ -32,7 +32,7 @@ def _run(out, *extra, env=None):
 def _weights(run_dir):
     from iterconv_keras.loading import load_model
 
-    return [np.asarray(w) for w in load_model(run_dir).model.weights]
+    return [np.asarray(w) for w in load_model(run_dir).weights]
 
 
 @pytest.fixture(scope="module")

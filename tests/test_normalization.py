@@ -112,6 +112,6 @@ def test_files_saved_with_keras_batch_norm_still_load(tmp_path):
     expected = np.asarray(old(x))
     old.save(tmp_path / "old.keras")
 
-    loaded = load_model(str(tmp_path / "old.keras")).model
+    loaded = load_model(str(tmp_path / "old.keras"))
     assert isinstance(loaded.stem_norm, FusedBatchNormalization)
     np.testing.assert_allclose(np.asarray(loaded(x)), expected, rtol=1e-5, atol=1e-6)

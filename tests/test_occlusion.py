@@ -79,11 +79,11 @@ def test_sweeps_on_a_constant_model():
 
 
 def test_clutter_sweep_scores_every_digit_count():
-    from iterconv_keras import zoo
+    from iterconv_keras.loading import load_model
 
     # The repository's trained Digitclutter model: accuracies well away from 0 and 1.
     from iterconv_keras.data import datasets
-    model = zoo.load("digitclutter-small")
+    model = load_model("digitclutter-small")
     result = occlusion.clutter_sweep(model, 64, batch_size=32)
     assert sorted(result) == ["2", "3", "4", "5"]
     for n, accuracy in result.items():

@@ -1,5 +1,6 @@
 """The zoo: versions, manifest checksums, loading, verification, concurrency, TF Serving config."""
 
+import ast
 import hashlib
 import json
 import os
@@ -14,11 +15,13 @@ import numpy as np
 import pytest
 from conftest import random_images
 
-from iterconv_keras import zoo
+from iterconv_keras import loading, zoo
 from iterconv_keras.errors import IntegrityError, ModelNotFound
 from iterconv_keras.models.variants import build_model
+from iterconv_keras.zoo import manifest, publish, savedmodel
 
 SHAPE = (16, 16, 1)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_model(seed):
@@ -35,8 +38,9 @@ def models():
 def pristine_zoo(models, tmp_path_factory):
     """A zoo with toy@1, toy@2 (different weights) and other@1. Tests copy it before changing it."""
     root = str(tmp_path_factory.mktemp("zoo"))
-    paths = [zoo.export_version(m, "toy", root=root) for m in models]
-    paths.append(zoo.export_version(models[0], "other", root=root, metadata={"metrics": {"accuracy": 0.5}}))
+    paths = [zoo.export_version(m, "toy", root=root)[2] for m in models]
+    card = zoo.ModelCard.from_model(models[0], metrics={"accuracy": 0.5})
+    paths.append(zoo.export_version(models[0], "other", root=root, card=card)[2])
     return root, paths
 
 
@@ -44,8 +48,6 @@ def pristine_zoo(models, tmp_path_factory):
 def zoo_root(pristine_zoo, tmp_path):
     root = str(tmp_path / "zoo")
     shutil.copytree(pristine_zoo[0], root)
-    # models.config holds absolute base paths; regenerate it for the copy.
-    zoo.serving_config(root)
     return root
 
 
@@ -59,13 +61,19 @@ def test_versions_are_consecutive_directories(pristine_zoo):
     assert sorted(os.listdir(root)) == [".lock", "MANIFEST.json", "models.config", "other", "toy"]
 
 
+def test_export_returns_name_version_and_path(models, tmp_path):
+    root = str(tmp_path / "zoo")
+    assert zoo.export_version(models[0], "a", root=root) == ("a", 1, os.path.join(root, "a", "1"))
+    assert zoo.export_version(models[1], "a", root=root) == ("a", 2, os.path.join(root, "a", "2"))
+
+
 def test_manifest_holds_every_file_hash_and_the_default_version(pristine_zoo, models):
     root, paths = pristine_zoo
     with open(os.path.join(root, "MANIFEST.json")) as f:
-        manifest = json.load(f)
-    toy = manifest["models"]["toy"]
+        document = json.load(f)
+    toy = document["models"]["toy"]
     assert toy["default_version"] == 2 and list(toy["versions"]) == ["1", "2"]
-    for version, path in zip(("1", "2"), paths):
+    for version, path in zip(("1", "2"), paths[:2], strict=True):
         on_disk = {}
         for folder, _, files in os.walk(path):
             for name in files:
@@ -74,14 +82,18 @@ def test_manifest_holds_every_file_hash_and_the_default_version(pristine_zoo, mo
                     on_disk[os.path.relpath(full, path)] = hashlib.sha256(f.read()).hexdigest()
         assert toy["versions"][version]["files"] == on_disk
         assert toy["versions"][version]["parameters"] == _trainable(models[0])
-    assert manifest["models"]["other"]["versions"]["1"]["metrics"] == {"accuracy": 0.5}
+    assert document["models"]["other"]["versions"]["1"]["metrics"] == {"accuracy": 0.5}
 
 
-def test_list_models(pristine_zoo):
+def test_list_pretrained_reports_each_versions_size(pristine_zoo):
     root, _ = pristine_zoo
-    rows = {row["name"]: row for row in zoo.list_models(root)}
+    rows = {row["name"]: row for row in zoo.list_pretrained(root)}
     assert rows["toy"]["versions"] == [1, 2] and rows["toy"]["default_version"] == 2
     assert rows["other"]["metrics"] == {"accuracy": 0.5}
+    # Oracle: the sizes of the files the manifest lists for that version.
+    entries = zoo.read_manifest(root)["models"]["toy"]["versions"]
+    expected = [sum(os.path.getsize(os.path.join(root, "toy", v, f)) for f in entries[v]["files"]) for v in ("1", "2")]
+    assert rows["toy"]["sizes"] == expected and all(size > 0 for size in expected)
 
 
 def test_load_by_name_and_version_returns_that_versions_weights(pristine_zoo, models):
@@ -89,10 +101,12 @@ def test_load_by_name_and_version_returns_that_versions_weights(pristine_zoo, mo
     images = random_images(3, SHAPE, seed=7)
     for reference, model, path in (("toy", models[1], paths[1]), ("toy@1", models[0], paths[0]),
                                    ("toy@2", models[1], paths[1])):
-        entry = zoo.load_entry(reference, root=root)
-        assert entry.version_dir == path and entry.model_path == os.path.join(path, "assets.extra", "model.keras")
-        assert entry.metadata["name"] == "toy" and entry.metadata["parameters"] == _trainable(model)
-        np.testing.assert_array_equal(entry.model(images, training=False), model(images, training=False))
+        loaded = loading.load(reference, zoo=root)
+        assert loaded.provenance.kind == "zoo"
+        assert loaded.provenance.path == os.path.join(path, "assets.extra", "model.keras")
+        assert loaded.provenance.source == "toy@" + os.path.basename(path)
+        assert loaded.card.name == "toy" and loaded.card.parameters == _trainable(model)
+        np.testing.assert_array_equal(loaded.model(images, training=False), model(images, training=False))
     # Versions 1 and 2 really are different models.
     assert not np.allclose(models[0](images, training=False), models[1](images, training=False))
 
@@ -116,7 +130,7 @@ def test_load_serving_returns_the_signature(pristine_zoo, models):
 def test_unknown_name_or_version_lists_what_exists(pristine_zoo, reference, listed):
     root, _ = pristine_zoo
     with pytest.raises(ModelNotFound) as info:
-        zoo.load(reference, root=root)
+        loading.load_model(reference, zoo=root)
     assert listed in str(info.value)
     assert ModelNotFound.exit_code == 4
 
@@ -143,11 +157,11 @@ def test_flipped_byte_fails_verify_naming_the_file_and_load_refuses(zoo_root):
     ]
     with pytest.raises(IntegrityError, match="variables.data-00000-of-00001"):
         zoo.verify(root=zoo_root)
-    with pytest.raises(IntegrityError, match=r"refusing to load toy@1: checksum verification failed: .*variables\.data"):
-        zoo.load("toy@1", root=zoo_root)
+    with pytest.raises(IntegrityError, match=r"refusing to load toy@1: checksum verification failed: .*variables\."):
+        loading.load_model("toy@1", zoo=zoo_root)
     with pytest.raises(IntegrityError, match="refusing to load toy@1"):
         zoo.load_serving("toy@1", root=zoo_root)
-    zoo.load("toy@2", root=zoo_root)  # the intact version still loads
+    loading.load_model("toy@2", zoo=zoo_root)  # the intact version still loads
 
 
 def test_added_and_missing_files_and_unregistered_versions_are_reported(zoo_root):
@@ -165,7 +179,8 @@ def test_added_and_missing_files_and_unregistered_versions_are_reported(zoo_root
 
 def test_verify_loads_every_version(zoo_root):
     report = zoo.verify(root=zoo_root)
-    assert [(r["name"], r["version"], r["ok"]) for r in report] == [("other", 1, True), ("toy", 1, True), ("toy", 2, True)]
+    assert [(r["name"], r["version"], r["ok"]) for r in report] == [
+        ("other", 1, True), ("toy", 1, True), ("toy", 2, True)]
 
 
 def test_verify_detects_a_model_that_does_not_load_even_with_matching_checksums(zoo_root):
@@ -173,42 +188,22 @@ def test_verify_detects_a_model_that_does_not_load_even_with_matching_checksums(
     path = os.path.join(zoo_root, "toy", "2", "assets.extra", "model.keras")
     with open(path, "wb") as f:
         f.write(b"not a zip")
-    manifest = zoo.read_manifest(zoo_root)
-    manifest["models"]["toy"]["versions"]["2"]["files"]["assets.extra/model.keras"] = _sha(path)
+    document = zoo.read_manifest(zoo_root)
+    document["models"]["toy"]["versions"]["2"]["files"]["assets.extra/model.keras"] = _sha(path)
     with open(os.path.join(zoo_root, "MANIFEST.json"), "w") as f:
-        json.dump(manifest, f)
+        json.dump(document, f)
     with pytest.raises(IntegrityError, match=r"model\.keras: does not load"):
         zoo.verify("toy@2", root=zoo_root)
-
-
-def test_serving_config_parses_and_points_at_integer_versions(zoo_root):
-    from google.protobuf import text_format
-    from tensorflow_serving.config import model_server_config_pb2
-
-    text = zoo.serving_config(zoo_root)
-    with open(os.path.join(zoo_root, "models.config")) as f:
-        assert f.read() == text
-    config = text_format.Parse(text, model_server_config_pb2.ModelServerConfig())
-    entries = {c.name: c for c in config.model_config_list.config}
-    assert set(entries) == {"toy", "other"}
-    for name, default in (("toy", 2), ("other", 1)):
-        entry = entries[name]
-        assert entry.base_path == os.path.join(zoo_root, name) and os.path.isabs(entry.base_path)
-        assert entry.model_platform == "tensorflow"
-        assert entry.model_version_policy.WhichOneof("policy_choice") == "all"
-        assert dict(entry.version_labels) == {"default": default}
-        children = os.listdir(entry.base_path)
-        assert children and all(child.isdigit() for child in children), children
-        assert max(int(c) for c in children) == default
 
 
 def test_root_resolution_order(monkeypatch, tmp_path):
     monkeypatch.setenv(zoo.ENV_VAR, str(tmp_path / "env"))
     assert zoo.resolve_root(tmp_path / "arg") == str(tmp_path / "arg")
     assert zoo.resolve_root() == str(tmp_path / "env")
+    assert zoo.writable_root() == str(tmp_path / "env")
     monkeypatch.delenv(zoo.ENV_VAR)
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout holding tests/
-    assert zoo.resolve_root() == os.path.join(repo, "zoo")
+    assert zoo.resolve_root() == os.path.join(REPO, "zoo")  # the checkout holding tests/
+    assert zoo.in_checkout() and zoo.writable_root() == os.path.join(REPO, "zoo")
 
 
 def _fake_write_saved_model(model, path, card):
@@ -223,52 +218,121 @@ def test_rename_falls_through_to_the_next_free_number(monkeypatch, zoo_root, mod
     # An exporter that saw a stale listing (or skipped the lock) must not overwrite
     # a version: renaming onto a non-empty directory fails and it tries N+1.
     before = zoo.file_checksums(os.path.join(zoo_root, "toy", "1"))
-    monkeypatch.setattr(zoo.export_lib, "write_saved_model", _fake_write_saved_model)
-    monkeypatch.setattr(zoo, "_versions_on_disk", lambda *_: [])
-    monkeypatch.setattr(zoo, "_registered_versions", lambda *_: [])
-    path = zoo.export_version(models[0], "toy", root=zoo_root)
-    assert path == os.path.join(zoo_root, "toy", "3")
+    monkeypatch.setattr(savedmodel, "write_saved_model", _fake_write_saved_model)
+    monkeypatch.setattr(manifest, "versions_on_disk", lambda *_: [])
+    monkeypatch.setattr(manifest, "registered_versions", lambda *_: [])
+    _, version, path = zoo.export_version(models[0], "toy", root=zoo_root)
+    assert (version, path) == (3, os.path.join(zoo_root, "toy", "3"))
     assert zoo.file_checksums(os.path.join(zoo_root, "toy", "1")) == before
     assert all(r["ok"] for r in zoo.verify_report(root=zoo_root, load_models=False))
 
 
 def test_a_deleted_version_number_is_not_reused(monkeypatch, zoo_root, models):
-    monkeypatch.setattr(zoo.export_lib, "write_saved_model", _fake_write_saved_model)
+    monkeypatch.setattr(savedmodel, "write_saved_model", _fake_write_saved_model)
     shutil.rmtree(os.path.join(zoo_root, "toy", "2"))  # still registered in the manifest
-    path = zoo.export_version(models[0], "toy", root=zoo_root)
-    assert path == os.path.join(zoo_root, "toy", "3")
+    assert zoo.export_version(models[0], "toy", root=zoo_root)[2] == os.path.join(zoo_root, "toy", "3")
 
 
-def test_failed_registration_leaves_nothing_behind(monkeypatch, zoo_root, models):
+@pytest.mark.parametrize("failing", ["register_version", "write_zoo_config"])
+def test_failed_registration_unpublishes_by_renaming_back(monkeypatch, zoo_root, models, failing):
     root = zoo_root
     before = zoo.read_manifest(root)
+    with open(os.path.join(root, "models.config")) as f:
+        config_before = f.read()
+    final = os.path.join(root, "toy", "3")
+    # A server polling toy/ may already be loading toy/3: it must disappear by one
+    # rename, never by deleting its files in place (review U7).
+    renames, removed = [], []
+    real_rename, real_rmtree = os.rename, shutil.rmtree
+    monkeypatch.setattr(os, "rename", lambda a, b: (renames.append((a, b)), real_rename(a, b))[1])
+    monkeypatch.setattr(shutil, "rmtree", lambda p, **kw: (removed.append(os.fspath(p)), real_rmtree(p, **kw))[1])
 
     def broken(*args):
-        raise OSError("disk full")
+        if failing == "register_version":
+            raise OSError("disk full")
+        manifest_path = os.path.join(root, "MANIFEST.json")
+        assert zoo.read_manifest(root) != before, "the manifest was written before the config"
+        raise OSError(f"disk full after {manifest_path}")
 
-    monkeypatch.setattr(zoo.export_lib, "write_saved_model", _fake_write_saved_model)
-    monkeypatch.setattr(zoo, "_register_version", broken)
+    monkeypatch.setattr(savedmodel, "write_saved_model", _fake_write_saved_model)
+    target = manifest if failing == "register_version" else publish.serving
+    monkeypatch.setattr(target, failing, broken)
     with pytest.raises(OSError, match="disk full"):
         zoo.export_version(models[1], "toy", root=root)
+    staged = renames[0][0]
+    assert renames == [(staged, final), (final, staged)]
+    assert all(not path.startswith(os.path.join(root, "toy")) for path in removed), removed
     assert sorted(os.listdir(os.path.join(root, "toy"))) == ["1", "2"]
     assert not [e for e in os.listdir(root) if e.startswith(".tmp-")]
     assert zoo.read_manifest(root) == before
+    with open(os.path.join(root, "models.config")) as f:
+        assert f.read() == config_before
+
+
+# -- TF Serving config
+
+
+def test_zoo_config_uses_the_container_convention_and_parses(zoo_root):
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    with open(os.path.join(zoo_root, "models.config")) as f:
+        text = f.read()
+    assert zoo_root not in text  # no machine's path in the zoo's own file
+    config = text_format.Parse(text, model_server_config_pb2.ModelServerConfig())
+    entries = {c.name: c for c in config.model_config_list.config}
+    assert set(entries) == {"toy", "other"}
+    for name, default in (("toy", 2), ("other", 1)):
+        entry = entries[name]
+        assert entry.base_path == f"/models/{name}"
+        assert entry.model_platform == "tensorflow"
+        assert entry.model_version_policy.WhichOneof("policy_choice") == "all"
+        assert dict(entry.version_labels) == {"default": default}
+    # Rewriting it from the manifest gives the same file.
+    os.remove(os.path.join(zoo_root, "models.config"))
+    zoo.refresh_zoo_config(zoo_root)
+    with open(os.path.join(zoo_root, "models.config")) as f:
+        assert f.read() == text
+
+
+@pytest.mark.parametrize("base_path", [None, "/srv/zoo", "/srv/zoo/", "gs://bucket/zoo"])
+def test_serving_config_for_another_base_path_points_at_integer_versions(zoo_root, base_path):
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    text = zoo.serving_config(zoo_root, base_path=base_path)
+    config = text_format.Parse(text, model_server_config_pb2.ModelServerConfig())
+    base = (base_path or zoo_root).rstrip("/")
+    assert {c.name: c.base_path for c in config.model_config_list.config} == {
+        "other": f"{base}/other", "toy": f"{base}/toy"}
+    if base_path is None:  # here the base paths are real folders of integer versions
+        for entry in config.model_config_list.config:
+            children = os.listdir(entry.base_path)
+            assert children and all(child.isdigit() for child in children), children
+            assert max(int(c) for c in children) == dict(entry.version_labels)["default"]
+
+
+@pytest.mark.parametrize("base_path", ["models", "./zoo", ""])
+def test_relative_base_paths_are_refused(zoo_root, base_path):
+    with pytest.raises(ValueError, match=f"absolute path or a URL.*got {base_path!r}"):
+        zoo.serving_config(zoo_root, base_path=base_path)
+
+
+# -- concurrency
 
 
 _EXPORTER = textwrap.dedent(
     """
     import os, sys, time
     import iterconv_keras  # environment defaults before TensorFlow
-    import keras
-    import iterconv_keras.models.resnet
-    from iterconv_keras import zoo
+    from iterconv_keras import loading, zoo
 
-    model = keras.saving.load_model(sys.argv[1], compile=False)
+    model = loading.load_model(sys.argv[1])
     go = sys.argv[3]
     open(f"{go}.ready-{os.getpid()}", "w").close()
     while not os.path.exists(go):  # start the exports together, after the slow imports
         time.sleep(0.01)
-    print(zoo.export_version(model, "race", root=sys.argv[2]))
+    print(zoo.export_version(model, "race", root=sys.argv[2])[2])
     """
 )
 
@@ -287,9 +351,9 @@ def racers(request, models, tmp_path_factory):
     model_file = str(folder / "m.keras")
     models[0].save(model_file)
     root, go = str(folder / "zoo"), str(folder / "go")
-    env = {**os.environ, "TF_NUM_INTEROP_THREADS": "1", "TF_NUM_INTRAOP_THREADS": "1"}
+    env = {**os.environ, "TF_NUM_INTEROP_THREADS": "1", "TF_NUM_INTRAOP_THREADS": "1", "PYTHONPATH": REPO}
     procs = [
-        subprocess.Popen([sys.executable, "-c", _EXPORTER, model_file, root, go],
+        subprocess.Popen([sys.executable, "-c", _EXPORTER, model_file, root, go], cwd=REPO,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         for _ in range(4)
     ]
@@ -308,16 +372,72 @@ def test_four_concurrent_exports_make_four_complete_versions(racers):
         time.sleep(0.05)
     open(go, "w").close()
     outputs = [p.communicate(timeout=180) for p in procs]
-    for proc, (out, err) in zip(procs, outputs):
+    for proc, (_, err) in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, err[-3000:]
     paths = sorted(out.strip() for out, _ in outputs)
     assert paths == [os.path.join(root, "race", str(v)) for v in (1, 2, 3, 4)]
-    manifest = zoo.read_manifest(root)
-    assert list(manifest["models"]["race"]["versions"]) == ["1", "2", "3", "4"]
-    assert manifest["models"]["race"]["default_version"] == 4
+    document = zoo.read_manifest(root)
+    assert list(document["models"]["race"]["versions"]) == ["1", "2", "3", "4"]
+    assert document["models"]["race"]["default_version"] == 4
     report = zoo.verify("race", root=root)
     assert [r["version"] for r in report] == [1, 2, 3, 4] and all(r["ok"] for r in report)
     assert not [e for e in os.listdir(root) if e.startswith(".tmp-")]
+
+
+# -- one owner per format, no cycle (review D1, D2)
+
+
+_OWNED_NAMES = {
+    # file name -> the modules allowed to spell it: the owner of each format that uses it
+    "assets.extra": ["iterconv_keras/zoo/savedmodel.py"],
+    "metadata.json": ["iterconv_keras/zoo/savedmodel.py"],
+    "MANIFEST.json": ["iterconv_keras/zoo/manifest.py"],
+    "models.config": ["iterconv_keras/zoo/serving.py"],
+    "config.json": ["iterconv_keras/training.py"],
+    "metrics.json": ["iterconv_keras/training.py"],
+    "history.json": ["iterconv_keras/training.py"],
+    "eval.json": ["iterconv_keras/zoo/card.py"],
+    # a run's model.keras and a zoo version's assets.extra/model.keras
+    "model.keras": ["iterconv_keras/training.py", "iterconv_keras/zoo/savedmodel.py"],
+}
+
+
+def _python_files(*folders):
+    for folder in folders:
+        for base, _, files in os.walk(os.path.join(REPO, folder)):
+            yield from (os.path.join(base, f) for f in files if f.endswith(".py"))
+
+
+def test_each_file_name_of_a_format_is_spelled_in_one_module():
+    spelled = {}
+    for path in _python_files("iterconv_keras"):
+        tree = ast.parse(open(path).read())
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef)) and node.body
+                      and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                for name in _OWNED_NAMES:
+                    if name in node.value:
+                        spelled.setdefault(name, set()).add(os.path.relpath(path, REPO))
+    assert {name: sorted(paths) for name, paths in spelled.items()} == _OWNED_NAMES
+
+
+def test_the_zoo_never_imports_loading():
+    for path in _python_files(os.path.join("iterconv_keras", "zoo")):
+        for node in ast.walk(ast.parse(open(path).read())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or "", *(f"{node.module}.{a.name}" for a in node.names)]
+                     if isinstance(node, ast.ImportFrom) else [])
+            assert not [n for n in names if n == "iterconv_keras.loading"], path
+
+
+def test_importing_the_zoo_imports_no_tensorflow():
+    script = ("import sys, iterconv_keras.zoo; "
+              "print([m for m in ('tensorflow', 'keras', 'numpy') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env={**os.environ, "PYTHONPATH": REPO},
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def _sha(path):

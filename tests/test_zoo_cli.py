@@ -2,6 +2,11 @@
 
 import json
 import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import textwrap
 
 import keras
 import numpy as np
@@ -10,6 +15,8 @@ from click.testing import CliRunner
 
 from iterconv_keras import zoo
 from iterconv_keras.models.variants import build_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +56,10 @@ def exported(cli, run_dir, tmp_path_factory):
 def test_export_prints_the_new_versions_path(exported):
     root, first, second = exported
     assert first.exit_code == 0, first.output
-    assert first.stdout == os.path.join(root, "digits", "1") + "\n"
+    assert first.stdout == os.path.join(root, "digits", "1") + "\n" and os.path.isabs(first.stdout)
+    # Review U6: the docs say what it prints.
+    with open(os.path.join(REPO, "docs", "serving.md")) as f:
+        assert "prints one line on stdout: the new version's absolute path" in f.read()
     assert second.exit_code == 0, second.output
     assert json.loads(second.stdout) == {
         "name": "digits", "version": 2, "reference": "digits@2", "path": os.path.join(root, "digits", "2"),
@@ -65,8 +75,11 @@ def test_show_reports_the_model_card_from_the_run_files(cli, exported, run_dir):
     assert card["metrics"] == {"accuracy": 0.91, "loss": 0.3}
     assert card["effective_parameters"] == 2000 and card["occlusion_auc"] == 0.71
     assert card["indices"]["recurrence"] == 0.12 and card["source"] == run_dir
+    assert card["name"] == "digits" and card["projection"] is None and card["lipschitz"] is None
     table = CliRunner().invoke(cli, ["zoo", "show", "digits", "--zoo", root]).stdout
-    assert "digits@2" in table and "0.9100" in table and "occlusion AUC" in table and "0.7100" in table
+    rows = {line[:22].strip(): line[22:].strip() for line in table.splitlines()}
+    assert rows["model"] == "digits@2" and rows["test accuracy"] == "0.9100" and rows["occlusion AUC"] == "0.7100"
+    assert rows["dataset"] == "mnist" and rows["files"] == "6"
 
 
 def test_list_table_and_json(cli, exported):
@@ -75,9 +88,15 @@ def test_list_table_and_json(cli, exported):
     assert table.exit_code == 0
     model = keras.saving.load_model(os.path.join(exported[0], "digits", "2", "assets.extra", "model.keras"))
     trainable = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
-    assert table.stdout.splitlines()[1].split() == ["digits", "2", "1,2", "mnist", "0.9100", str(trainable)]
+    # Oracle: what the file system says the files of each version weigh.
+    sizes = [sum(f.stat().st_size for f in pathlib.Path(root, "digits", v).rglob("*") if f.is_file())
+             for v in ("1", "2")]
+    header = ["NAME", "DEFAULT", "VERSIONS", "DATASET", "ACCURACY", "PARAMS", "SIZE"]
+    assert table.stdout.splitlines()[0].split() == header
+    assert table.stdout.splitlines()[1].split() == [
+        "digits", "2", "1,2", "mnist", "0.9100", str(trainable), ",".join(f"{s / 2**20:.1f}MiB" for s in sizes)]
     document = json.loads(CliRunner().invoke(cli, ["zoo", "list", "--zoo", root, "--json"]).stdout)
-    assert [(m["name"], m["versions"]) for m in document["models"]] == [("digits", [1, 2])]
+    assert [(m["name"], m["versions"], m["sizes"]) for m in document["models"]] == [("digits", [1, 2], sizes)]
 
 
 def test_zoo_root_from_the_environment(cli, exported, monkeypatch):
@@ -87,8 +106,6 @@ def test_zoo_root_from_the_environment(cli, exported, monkeypatch):
 
 
 def test_verify_passes_then_exits_5_naming_a_flipped_file(cli, exported, tmp_path):
-    import shutil
-
     root = str(tmp_path / "zoo")
     shutil.copytree(exported[0], root)
     ok = CliRunner().invoke(cli, ["zoo", "verify", "--zoo", root])
@@ -136,19 +153,95 @@ def test_export_rejects_bad_names_echoing_them(cli, run_dir, tmp_path, name):
     assert os.listdir(tmp_path) == []  # validated before anything is written
 
 
-def test_serving_config_writes_the_zoo_file_and_out(cli, exported, tmp_path):
+def _parse_config(text):
     from google.protobuf import text_format
     from tensorflow_serving.config import model_server_config_pb2
 
+    config = text_format.Parse(text, model_server_config_pb2.ModelServerConfig())
+    return {c.name: (c.base_path, dict(c.version_labels)) for c in config.model_config_list.config}
+
+
+def test_export_writes_the_container_convention_into_the_zoo(exported):
+    with open(os.path.join(exported[0], "models.config")) as f:
+        assert _parse_config(f.read()) == {"digits": ("/models/digits", {"default": 2})}
+
+
+@pytest.mark.parametrize("base_path", [None, "/srv/zoo"])
+def test_serving_config_prints_and_writes_out_for_a_base_path(cli, exported, tmp_path, base_path):
+    root = str(tmp_path / "zoo")
+    shutil.copytree(exported[0], root)
+    os.remove(os.path.join(root, "models.config"))
     out = tmp_path / "served" / "models.config"
-    result = CliRunner().invoke(cli, ["zoo", "serving-config", "--zoo", exported[0], "--out", str(out), "--json"])
+    args = ["zoo", "serving-config", "--zoo", root, "--out", str(out), "--json"]
+    result = CliRunner().invoke(cli, args + (["--base-path", base_path] if base_path else []))
     assert result.exit_code == 0, result.output
     document = json.loads(result.stdout)
     assert out.read_text() == document["config"]
-    with open(os.path.join(exported[0], "models.config")) as f:
-        assert f.read() == document["config"]
-    config = text_format.Parse(document["config"], model_server_config_pb2.ModelServerConfig())
-    (entry,) = config.model_config_list.config
-    assert (entry.name, entry.base_path, dict(entry.version_labels)) == (
-        "digits", os.path.join(exported[0], "digits"), {"default": 2}
-    )
+    expected_base = base_path or root  # default: the zoo's absolute path here
+    assert _parse_config(document["config"]) == {"digits": (f"{expected_base}/digits", {"default": 2})}
+    # The zoo's own file is rewritten in the container convention, whatever --base-path says.
+    assert document["written"] == [os.path.join(root, "models.config"), str(out)]
+    with open(os.path.join(root, "models.config")) as f:
+        assert _parse_config(f.read()) == {"digits": ("/models/digits", {"default": 2})}
+
+
+def test_serving_config_refuses_a_relative_base_path(cli, exported):
+    result = CliRunner().invoke(cli, ["zoo", "serving-config", "--zoo", exported[0], "--base-path", "zoo"])
+    assert result.exit_code == 2
+    assert result.stderr == ("iterconv: error: --base-path must be an absolute path or a URL (gs://..., s3://...), "
+                             "got 'zoo'\n")
+
+
+# -- an installed package (a copy of the package outside any checkout)
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """iterconv_keras and iterconv_cli copied into a site-packages-like folder (no pyproject.toml beside them)."""
+    site = tmp_path_factory.mktemp("site-packages")
+    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(os.path.join(REPO, "iterconv_keras"), site / "iterconv_keras", ignore=ignore)
+    shutil.copytree(os.path.join(REPO, "cli"), site / "iterconv_cli", ignore=ignore)
+    return site
+
+
+def _run_installed(site, args, cwd, **env):
+    environment = {k: v for k, v in os.environ.items() if k != "ITERCONV_ZOO"}
+    environment.update(PYTHONPATH=str(site), **env)
+    return subprocess.run([sys.executable, "-m", "iterconv_cli.main", *args], cwd=cwd, env=environment,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_an_installed_package_refuses_to_export_into_itself(installed, run_dir, tmp_path):
+    result = _run_installed(installed, ["export", run_dir, "--name", "digits"], cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"iterconv: error: no zoo to export to: iterconv is installed in {installed}")
+    assert "pass --zoo DIR or set $ITERCONV_ZOO" in result.stderr and len(result.stderr.splitlines()) == 1
+    assert sorted(os.listdir(installed)) == ["iterconv_cli", "iterconv_keras"]  # nothing written beside it
+    # Reading commands say where they looked.
+    listed = _run_installed(installed, ["zoo", "list"], cwd=tmp_path)
+    assert listed.returncode == 4 and f"no zoo found at {installed / 'zoo'}" in listed.stderr
+
+
+# -- listing reads JSON only
+
+
+_NO_TENSORFLOW = textwrap.dedent(
+    """
+    import sys
+    from iterconv_cli import main
+    sys.argv = ["iterconv", *sys.argv[1:]]
+    try:
+        main.main()
+    except SystemExit as exc:
+        code = exc.code
+    print("TENSORFLOW", "tensorflow" in sys.modules, "KERAS", "keras" in sys.modules, "EXIT", code)
+    """
+)
+
+
+@pytest.mark.parametrize("args", [["zoo", "list", "--json"], ["zoo", "show", "fashion-mnist-small"]])
+def test_zoo_list_and_show_import_no_tensorflow(args):
+    result = subprocess.run([sys.executable, "-c", _NO_TENSORFLOW, *args], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": REPO}, timeout=120)
+    assert result.stdout.splitlines()[-1] == "TENSORFLOW False KERAS False EXIT 0", result.stderr[-2000:]

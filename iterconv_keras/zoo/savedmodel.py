@@ -1,17 +1,18 @@
-"""Export an `IterativeResNet` to a plain SavedModel that TensorFlow Serving loads.
+"""The zoo version format: a plain SavedModel that TensorFlow Serving loads, plus extras.
 
-The exported directory (interfaces.md, "SavedModel signatures"):
+A version directory (interfaces.md, "The zoo"; the names are defined only here):
 
     saved_model.pb, variables/, fingerprint.pb
     assets.extra/model.keras      the full Keras model (for the indices)
-    assets.extra/metadata.json    the model card (see `model_card`)
+    assets.extra/metadata.json    the model card (`iterconv_keras.zoo.card.ModelCard`)
 
 Signatures:
 
 - ``serving_default``: input ``images`` float32 ``[batch, H, W, C]`` in [0, 1]
   (normalisation is inside the model); outputs ``logits`` float32 ``[batch, K]``,
   ``probabilities`` float32 ``[batch, K]`` (softmax, or sigmoid for multi-label
-  models) and ``classes`` int64 ``[batch]`` (the arg-max).
+  models) and ``classes`` int64 ``[batch]`` (the arg-max: for a multi-label
+  model the single most probable class, not the set).
 - ``classify``: TF Serving Classify-API shaped. Input ``inputs``: string
   ``[batch]`` of serialized ``tf.Example``s holding the image under the feature
   `IMAGE_FEATURE` (``"images"``) as a float list of H*W*C values in row-major
@@ -19,16 +20,14 @@ Signatures:
   the same row for every example) and ``scores`` float32 ``[batch, K]`` (the
   probabilities of ``serving_default``).
 
-The SavedModel needs neither Keras nor this package to load and run.
+The SavedModel needs neither Keras nor this package to load and run, and holds
+each variable once (see `write_saved_model`). This module imports no
+TensorFlow at import time, so listing the zoo stays cheap.
 """
 
-import datetime
 import os
-import platform
 
-import numpy as np
-
-from iterconv_keras.fsutil import read_json_if_present, write_json_atomic
+from iterconv_keras.fsutil import write_json_atomic
 
 IMAGE_FEATURE = "images"
 SERVING_SIGNATURE = "serving_default"
@@ -36,51 +35,28 @@ CLASSIFY_SIGNATURE = "classify"
 ASSETS_EXTRA = "assets.extra"
 MODEL_FILE = os.path.join(ASSETS_EXTRA, "model.keras")
 METADATA_FILE = os.path.join(ASSETS_EXTRA, "metadata.json")
-METADATA_SCHEMA = 1
-
-# Names of the classes of the datasets the toolkit trains on; other models get
-# their class ids as strings.
-_CIFAR10_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-_FASHION_NAMES = (
-    "t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",
-)
-DATASET_CLASS_NAMES = {
-    "digitclutter": tuple(str(d) for d in range(10)),
-    "digitdebris": tuple(str(d) for d in range(10)),
-    "mnist": tuple(str(d) for d in range(10)),
-    "fashion_mnist": _FASHION_NAMES,
-    "cifar10": _CIFAR10_NAMES,
-}
 
 
-def class_names_for(dataset, num_classes):
-    """The class names of ``dataset``, or ``"0".."K-1"`` when unknown or mismatched."""
-    names = DATASET_CLASS_NAMES.get(dataset)
-    if names is None or len(names) != num_classes:
-        return [str(k) for k in range(num_classes)]
-    return list(names)
-
-
-def prepare_for_export(model):
-    """Project a Lipschitz-constrained model's kernels onto its bound before export.
-
-    `iterconv_keras.models.lipschitz.enforce` runs many power iterations and rescales
-    every constrained kernel, so weights trained outside ``fit`` (which enforces
-    at its end) are exported within the bound too. Unconstrained models are
-    left untouched.
+def signature_summary(image_shape, num_classes):
+    """The signatures of a version as the model card records them (dtype, shape per tensor).
 
     Args:
-        model: the Keras model about to be exported.
-
-    Returns:
-        True when a projection was applied.
+        image_shape: ``(H, W, C)``.
+        num_classes: K.
     """
-    if getattr(model, "lipschitz", None) is None:
-        return False
-    from iterconv_keras.models import lipschitz
-
-    lipschitz.enforce(model)
-    return True
+    size = 1
+    for d in image_shape:
+        size *= int(d)
+    return {
+        SERVING_SIGNATURE: {"inputs": {"images": ["float32", [None, *image_shape]]},
+                            "outputs": {"logits": ["float32", [None, num_classes]],
+                                        "probabilities": ["float32", [None, num_classes]],
+                                        "classes": ["int64", [None]]}},
+        CLASSIFY_SIGNATURE: {"inputs": {"inputs": ["string", [None]]},
+                             "example_feature": {IMAGE_FEATURE: ["float", size]},
+                             "outputs": {"classes": ["string", [None, num_classes]],
+                                         "scores": ["float32", [None, num_classes]]}},
+    }
 
 
 def serving_functions(model, class_names):
@@ -131,19 +107,28 @@ def serving_functions(model, class_names):
     return serve, classify
 
 
-def write_saved_model(model, path, metadata, class_names=None):
+def write_saved_model(model, path, card):
     """Write ``model`` as a SavedModel with both signatures plus ``assets.extra``.
+
+    The model is written as it is: `iterconv_keras.zoo.publish.export_version`
+    is where a constrained model is projected (on a copy) before it gets here.
+
+    Each variable is stored once. ``ExportArchive.track(model)`` would add the
+    model's Keras variables as a second set of checkpoint entries beside the
+    TensorFlow variables the endpoints capture (``_all_variables``), doubling
+    ``variables/``; the endpoints alone track every variable inference needs
+    (weights and batch-norm statistics), and nothing else is needed to serve.
 
     Args:
         model: a built `IterativeResNet`.
         path: directory to create; must not exist yet.
-        metadata: the model card (a JSON-serialisable dict), written to
-            ``assets.extra/metadata.json``.
-        class_names: K strings for ``classify``; default from
-            ``metadata["dataset"]`` (see `class_names_for`).
+        card: the model card as a JSON document (``ModelCard.to_json()``),
+            written to ``assets.extra/metadata.json``; its ``class_names``
+            are what ``classify`` returns.
 
     Raises:
-        ValueError: ``path`` exists or ``model`` is not an image classifier.
+        ValueError: ``path`` exists, ``model`` is not an image classifier, or
+            the card's class names do not match the model.
     """
     import keras
     import tensorflow as tf
@@ -153,12 +138,9 @@ def write_saved_model(model, path, metadata, class_names=None):
             raise ValueError(f"export needs an IterativeResNet (with {attribute!r}), got {type(model).__name__}")
     if os.path.exists(path):
         raise ValueError(f"export target {path} already exists; versions are immutable")
-    if class_names is None:
-        class_names = metadata.get("class_names") or class_names_for(metadata.get("dataset"), model.num_classes)
-    prepare_for_export(model)
+    class_names = card.get("class_names") or [str(k) for k in range(model.num_classes)]
     serve, classify = serving_functions(model, class_names)
     archive = keras.export.ExportArchive()
-    archive.track(model)
     archive.add_endpoint(
         SERVING_SIGNATURE, serve,
         input_signature=[tf.TensorSpec([None, *model.image_shape], tf.float32, name="images")],
@@ -169,123 +151,4 @@ def write_saved_model(model, path, metadata, class_names=None):
     archive.write_out(path, verbose=False)
     os.makedirs(os.path.join(path, ASSETS_EXTRA), exist_ok=True)
     model.save(os.path.join(path, MODEL_FILE))
-    write_json_atomic(os.path.join(path, METADATA_FILE), metadata, sort_keys=True)
-
-
-def model_card(model, *, name=None, run_config=None, metrics=None, evaluation=None, source=None, class_names=None):
-    """The ``metadata.json`` document of an exported model.
-
-    Args:
-        model: the `IterativeResNet`.
-        name: zoo name, if any.
-        run_config: the training run's ``config.json`` (the recipe), or None.
-        metrics: the run's ``metrics.json`` (final test metrics), or None.
-        evaluation: an ``iterconv eval --json`` document, or None; supplies the
-            indices, effective parameters and occlusion AUC.
-        source: where the model came from (a path or reference), for provenance.
-        class_names: K strings; default from the dataset.
-
-    Returns:
-        A JSON-serialisable dict. Fields without a known value are None, so the
-        schema is the same for every version.
-    """
-    run_config = dict(run_config or {})
-    metrics = dict(metrics or {})
-    evaluation = dict(evaluation or {})
-    config = model.get_config()
-    dataset = run_config.get("dataset") or metrics.get("dataset") or evaluation.get("dataset")
-    indices = evaluation.get("indices") or {}
-    occlusion = evaluation.get("occlusion") or {}
-    # The model's own setting is the truth; the run's config is the fallback for
-    # models saved before the constraint existed.
-    lipschitz = config["lipschitz"] if "lipschitz" in config else run_config.get("lipschitz")
-    return {
-        "schema": METADATA_SCHEMA,
-        "name": name,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "source": source,
-        "dataset": dataset,
-        "image_shape": list(model.image_shape),
-        "num_classes": model.num_classes,
-        "multi_label": bool(model.multi_label),
-        "class_names": list(class_names or class_names_for(dataset, model.num_classes)),
-        "recipe": run_config or None,
-        "variant": run_config.get("variant"),
-        "architecture": {"class_name": type(model).__name__, "config": config},
-        "coupling": float(config.get("coupling", run_config.get("coupling", 0.0))),
-        # The run's flag says whether --spectral-norm was on; with it off a
-        # configured --lipschitz value is not applied.
-        "constraint": {"lipschitz": lipschitz, "spectral_norm": run_config.get("spectral_norm")},
-        # Trainable parameters, the count the effective number is compared with
-        # (batch-norm moving statistics are not learned).
-        "parameters": int(sum(np.prod(v.shape) for v in model.trainable_variables)),
-        "effective_parameters": indices.get("effective_parameters"),
-        "metrics": _final_metrics(metrics, evaluation),
-        "indices": _index_summary(indices) if indices else None,
-        "occlusion_auc": occlusion.get("auc"),
-        "signatures": {
-            SERVING_SIGNATURE: {"inputs": {"images": ["float32", [None, *model.image_shape]]},
-                                "outputs": {"logits": ["float32", [None, model.num_classes]],
-                                            "probabilities": ["float32", [None, model.num_classes]],
-                                            "classes": ["int64", [None]]}},
-            CLASSIFY_SIGNATURE: {"inputs": {"inputs": ["string", [None]]},
-                                 "example_feature": {IMAGE_FEATURE: ["float", int(_size(model.image_shape))]},
-                                 "outputs": {"classes": ["string", [None, model.num_classes]],
-                                             "scores": ["float32", [None, model.num_classes]]}},
-        },
-        "probabilities": "sigmoid" if model.multi_label else "softmax",
-        "libraries": library_versions(),
-    }
-
-
-def _size(shape):
-    total = 1
-    for d in shape:
-        total *= int(d)
-    return total
-
-
-def _final_metrics(metrics, evaluation):
-    # The training runner's test metrics first; an eval document fills what is missing.
-    result = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    for key in ("accuracy", "loss"):
-        if key not in result and isinstance(evaluation.get(key), (int, float)):
-            result[key] = evaluation[key]
-    return result
-
-
-def _index_summary(indices):
-    # The curves are bulky and belong to the eval document; the card keeps the numbers.
-    keys = ("recurrence", "divergence", "convergence", "effective_parameters", "parameters", "per_stage")
-    return {k: indices[k] for k in keys if k in indices}
-
-
-def library_versions():
-    """Versions of the libraries that wrote an export (for reproducibility)."""
-    import keras
-    import numpy
-    import tensorflow as tf
-
-    import iterconv_keras
-
-    return {
-        "python": platform.python_version(),
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
-        "numpy": numpy.__version__,
-        "iterconv": iterconv_keras.__version__,
-    }
-
-
-def read_run_files(run_dir):
-    """The ``config.json``, ``metrics.json`` and ``eval.json`` of a run (each {} if absent).
-
-    Args:
-        run_dir: a training run directory.
-
-    Raises:
-        IntegrityError: one of the files exists but is not valid JSON.
-    """
-    return {key: read_json_if_present(os.path.join(run_dir, f"{key}.json")) for key in ("config", "metrics", "eval")}
-
-
+    write_json_atomic(os.path.join(path, METADATA_FILE), card, sort_keys=True)

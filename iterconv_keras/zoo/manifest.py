@@ -1,0 +1,323 @@
+"""Where the zoo is and what it holds: root, names, ``MANIFEST.json``, lock, checksums.
+
+The zoo layout (interfaces.md, "The zoo")::
+
+    <root>/MANIFEST.json     models, versions, default version, sha256 of every file
+    <root>/models.config     TF Serving model_config_list (`iterconv_keras.zoo.serving`)
+    <root>/<name>/<N>/       a version (`iterconv_keras.zoo.savedmodel`)
+
+Reading commands find the root at ``--zoo``, then ``$ITERCONV_ZOO``, then the
+``zoo/`` beside the package (the repository's, in a checkout). Writing needs
+``--zoo`` or ``$ITERCONV_ZOO`` unless the package runs from a checkout
+(`writable_root`): an installed package's folder is not a place for data.
+
+This module imports no TensorFlow.
+"""
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+
+from iterconv_keras.errors import IntegrityError, ModelNotFound, UsageError
+from iterconv_keras.fsutil import write_json_atomic
+from iterconv_keras.zoo import savedmodel
+from iterconv_keras.zoo.card import ModelCard
+
+ENV_VAR = "ITERCONV_ZOO"
+MANIFEST = "MANIFEST.json"
+LOCK_FILE = ".lock"
+MANIFEST_SCHEMA = 1
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
+# A source checkout holds the project file beside the package; site-packages does not.
+_CHECKOUT_MARKER = "pyproject.toml"
+
+
+# -- root
+
+
+def _package_parent():
+    # The folder holding the iterconv_keras package: the checkout, or site-packages.
+    import iterconv_keras
+
+    return os.path.dirname(os.path.dirname(os.path.abspath(iterconv_keras.__file__)))
+
+
+def in_checkout():
+    """True when the package runs from a source checkout (its ``zoo/`` is the repository's)."""
+    return os.path.isfile(os.path.join(_package_parent(), _CHECKOUT_MARKER))
+
+
+def resolve_root(root=None):
+    """The zoo directory to read: ``root``, else ``$ITERCONV_ZOO``, else ``zoo/`` beside the package.
+
+    Args:
+        root: explicit directory (the ``--zoo`` option), or None.
+
+    Returns:
+        An absolute path (it may not exist).
+    """
+    if root:
+        return os.path.abspath(os.fspath(root))
+    if os.environ.get(ENV_VAR):
+        return os.path.abspath(os.environ[ENV_VAR])
+    return os.path.join(_package_parent(), "zoo")
+
+
+def existing_root(root=None):
+    """`resolve_root`, but the folder must exist (for commands that only read the zoo).
+
+    Raises:
+        ModelNotFound: there is no zoo folder there (exit code 4).
+    """
+    path = resolve_root(root)
+    if not os.path.isdir(path):
+        origin = "--zoo" if root else (f"${ENV_VAR}" if os.environ.get(ENV_VAR) else "the package's default")
+        raise ModelNotFound(
+            f"no zoo found at {path} (from {origin}): the folder does not exist; pass --zoo DIR, "
+            f"set ${ENV_VAR}, or create one with 'iterconv export MODEL --name NAME --zoo DIR'"
+        )
+    return path
+
+
+def writable_root(root=None):
+    """The zoo directory an export writes to.
+
+    Like `resolve_root`, except that the default ``zoo/`` beside the package is
+    used only in a source checkout: an installed package has no business
+    holding data (and ``site-packages`` may be shared or read-only).
+
+    Raises:
+        UsageError: no ``root``, no ``$ITERCONV_ZOO`` and the package is
+            installed (exit code 2); the message says what to pass.
+        ValueError: the root exists and is not a directory.
+    """
+    if not root and not os.environ.get(ENV_VAR) and not in_checkout():
+        raise UsageError(
+            f"no zoo to export to: iterconv is installed in {_package_parent()}, not run from a source "
+            f"checkout, and export does not write into an installed package; pass --zoo DIR or set ${ENV_VAR}"
+        )
+    path = resolve_root(root)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"zoo {path} exists and is not a directory")
+    return path
+
+
+# -- names and references
+
+
+def validate_name(name):
+    """Return ``name`` if it is a valid zoo model name, else raise ValueError."""
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        raise ValueError(
+            f"model name must match {NAME_PATTERN.pattern} (lower-case letters, digits, '_', '.', '-'; "
+            f"no '@' or '/'), got {name!r}"
+        )
+    return name
+
+
+def parse_reference(reference):
+    """Split ``"NAME"`` or ``"NAME@N"`` into ``(name, N or None)``.
+
+    Raises:
+        ValueError: malformed reference (bad name, or a version that is not a
+            positive integer).
+    """
+    name, at, version = str(reference).partition("@")
+    validate_name(name)
+    if not at:
+        return name, None
+    if not version.isdigit() or int(version) < 1:
+        raise ValueError(f"version in {reference!r} must be a positive integer, got {version!r}")
+    return name, int(version)
+
+
+# -- the manifest
+
+
+def read_manifest(root=None):
+    """The manifest of the zoo at ``root`` (an empty one if the zoo has none).
+
+    Raises:
+        IntegrityError: the manifest exists but cannot be parsed.
+    """
+    path = os.path.join(resolve_root(root), MANIFEST)
+    if not os.path.exists(path):
+        return {"schema": MANIFEST_SCHEMA, "models": {}}
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise IntegrityError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("models"), dict):
+        raise IntegrityError(f"{path} has no 'models' mapping")
+    return manifest
+
+
+@contextlib.contextmanager
+def locked(root):
+    """Hold the zoo's exclusive ``flock`` (creating the root) for a read-modify-write."""
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, LOCK_FILE), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def versions_on_disk(root, name):
+    """The integer version folders of ``name`` (registered or not), sorted."""
+    folder = os.path.join(root, name)
+    if not os.path.isdir(folder):
+        return []
+    return sorted(int(entry) for entry in os.listdir(folder) if entry.isdigit())
+
+
+def registered_versions(root, name):
+    """The version numbers of ``name`` in the manifest."""
+    return [int(v) for v in read_manifest(root)["models"].get(name, {}).get("versions", {})]
+
+
+def register_version(root, name, version, checksums, card):
+    """Add ``name@version`` to the manifest (atomically; call under `locked`).
+
+    Args:
+        root: zoo directory.
+        name: model name.
+        version: the new version number.
+        checksums: ``{relative path: sha256}`` of the version's files.
+        card: its `ModelCard`.
+
+    Returns:
+        The new manifest.
+    """
+    manifest = read_manifest(root)
+    entry = manifest["models"].setdefault(name, {"versions": {}})
+    entry["versions"][str(version)] = {
+        "created": card.created,
+        "dataset": card.dataset,
+        "metrics": card.metrics or {},
+        "parameters": card.parameters,
+        "files": checksums,
+    }
+    entry["versions"] = dict(sorted(entry["versions"].items(), key=lambda item: int(item[0])))
+    entry["default_version"] = max(int(v) for v in entry["versions"])
+    manifest["models"] = dict(sorted(manifest["models"].items()))
+    manifest["schema"] = MANIFEST_SCHEMA
+    write_json_atomic(os.path.join(root, MANIFEST), manifest, sort_keys=True)
+    return manifest
+
+
+# -- checksums
+
+
+def file_checksums(version_dir):
+    """``{relative posix path: sha256 hex}`` of every file under ``version_dir``."""
+    checksums = {}
+    for folder, _, files in os.walk(version_dir):
+        for filename in files:
+            path = os.path.join(folder, filename)
+            relative = os.path.relpath(path, version_dir).replace(os.sep, "/")
+            checksums[relative] = _sha256(path)
+    return dict(sorted(checksums.items()))
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def size_on_disk(path):
+    """Total bytes of the files under ``path`` (None when it does not exist)."""
+    if not os.path.isdir(path):
+        return None
+    return sum(os.path.getsize(os.path.join(folder, f)) for folder, _, files in os.walk(path) for f in files)
+
+
+# -- lookup
+
+
+def list_pretrained(root=None):
+    """One summary dict per model of the zoo.
+
+    Args:
+        root: zoo directory (see `resolve_root`).
+
+    Returns:
+        A list of dicts: ``name``, ``versions`` (ints), ``default_version``,
+        ``sizes`` (bytes on disk of each version, in the order of ``versions``),
+        and the default version's ``dataset``, ``metrics``, ``parameters``,
+        ``created``, plus the model's ``path``.
+
+    Example:
+        >>> [row["name"] for row in list_pretrained()][:1]
+        ['digitclutter-small']
+    """
+    root = resolve_root(root)
+    rows = []
+    for name, entry in read_manifest(root)["models"].items():
+        default = entry["default_version"]
+        latest = entry["versions"][str(default)]
+        versions = [int(v) for v in entry["versions"]]
+        rows.append(
+            {
+                "name": name,
+                "versions": versions,
+                "default_version": default,
+                "sizes": [size_on_disk(os.path.join(root, name, str(v))) for v in versions],
+                "dataset": latest.get("dataset"),
+                "metrics": latest.get("metrics") or {},
+                "parameters": latest.get("parameters"),
+                "created": latest.get("created"),
+                "path": os.path.join(root, name),
+            }
+        )
+    return rows
+
+
+def contains(name, root=None):
+    """True when the zoo at ``root`` (if any) registers a model ``name``."""
+    return os.path.isfile(os.path.join(resolve_root(root), MANIFEST)) and name in read_manifest(root)["models"]
+
+
+def resolve(reference, root=None):
+    """``(name, version, version_dir, manifest_entry)`` of ``NAME[@N]``.
+
+    Raises:
+        ValueError: malformed reference.
+        ModelNotFound: unknown name or version; the message lists what exists.
+    """
+    root = resolve_root(root)
+    name, version = parse_reference(reference)
+    models = read_manifest(root)["models"]
+    if name not in models:
+        available = ", ".join(f"{n}@{m['default_version']}" for n, m in models.items()) or "none (the zoo is empty)"
+        raise ModelNotFound(f"no model {name!r} in the zoo at {root}; available: {available}")
+    entry = models[name]
+    if version is None:
+        version = entry["default_version"]
+    if str(version) not in entry["versions"]:
+        raise ModelNotFound(
+            f"model {name!r} has no version {version} in the zoo at {root}; "
+            f"versions: {', '.join(entry['versions'])} (default {entry['default_version']})"
+        )
+    return name, version, os.path.join(root, name, str(version)), entry["versions"][str(version)]
+
+
+def show(reference, root=None):
+    """The model card and manifest entry of ``NAME[@N]`` (no TensorFlow needed).
+
+    Returns:
+        ``{"name", "version", "path", "size", "files", "card"}`` with ``card``
+        a `ModelCard`.
+    """
+    name, version, version_dir, entry = resolve(reference, root)
+    card = ModelCard.read(os.path.join(version_dir, savedmodel.METADATA_FILE))
+    return {"name": name, "version": version, "path": version_dir, "size": size_on_disk(version_dir),
+            "files": entry["files"], "card": card}
