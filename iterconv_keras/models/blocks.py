@@ -8,7 +8,7 @@ drop or extend blocks (method.md section 2).
 import keras
 
 from iterconv_keras.models import lipschitz as lipschitz_lib
-from iterconv_keras.models.normalization import FusedBatchNormalization
+from iterconv_keras.models.normalization import FusedBatchNormalization, GainCappedBatchNormalization
 
 NORMS = ("batch", "sync_batch", "none")
 ACTIVATIONS = ("relu", "gelu", "tanh", "silu")
@@ -18,13 +18,13 @@ def make_norm(norm, momentum, name, max_gain=None):
     """The normalisation layer named by ``norm`` (one of `NORMS`).
 
     ``max_gain`` (float or None) caps the per-channel gain of batch normalisation
-    (`lipschitz.GainCappedBatchNormalization`), as a Lipschitz-constrained
+    (`normalization.GainCappedBatchNormalization`), as a Lipschitz-constrained
     residual function needs.
     """
     if norm == "none":
         return keras.layers.Identity(name=name)
     if max_gain is not None:
-        return lipschitz_lib.GainCappedBatchNormalization(
+        return GainCappedBatchNormalization(
             max_gain=max_gain, momentum=momentum, synchronized=norm == "sync_batch", name=name
         )
     if norm == "batch":
@@ -58,7 +58,7 @@ class ResidualBlock(keras.layers.Layer):
             at inference to ``Lip(f) <= c`` (method.md section 4). Each conv
             kernel gets a `lipschitz.ConvOperatorNormBound` of
             ``sqrt(c) / L_act`` (applied after every optimizer step) and batch
-            normalisation becomes `lipschitz.GainCappedBatchNormalization` with
+            normalisation becomes `normalization.GainCappedBatchNormalization` with
             gain <= 1. Needs a static input height and width (the conv operator
             norm is taken on the block's feature map). See ``docs/lipschitz.md``
             (Behrmann et al. 2019; Gouk et al. 2018).
