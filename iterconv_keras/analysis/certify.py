@@ -1,10 +1,16 @@
-"""How Lipschitz is each residual function? Estimates per block, for any model.
+"""How Lipschitz is each residual function? A certificate and estimates per block, for any model.
 
-`certify` reports, for every block of an `IterativeResNet` (constrained or
-not), the per-layer Lipschitz constants of its residual function ``f`` at
-inference (conv operator norms, batch-norm gains, activation constants), their
-product, and an empirical lower bound from the Jacobian of ``f`` at probe
-points (`jacobian_norms`). See ``docs/lipschitz.md``; the constraint itself is
+For every block of an `IterativeResNet` (constrained or not), the residual
+function ``f = conv2 . act . norm2 . conv1 . act . norm1`` at inference has
+``Lip(f) <= ||conv2|| * L_act * gain2 * ||conv1|| * L_act * gain1``.
+`block_certificate` evaluates this product with *certified* conv norms
+(`lipschitz.certified_operator_norm`: an upper bound by the circular
+convolution's exact singular values, Sedghi, Gupta & Long, ICLR 2019) and the
+batch norms' inference gains: a bound that provably holds for every input of
+the block's shape. `certify` adds, for comparison, the same product with
+power-iteration estimates of the conv norms (lower bounds of the true norms)
+and an empirical lower bound of ``Lip(f)`` from the Jacobian at probe points
+(`jacobian_norms`). See ``docs/lipschitz.md``; the constraint itself is
 `iterconv_keras.models.lipschitz` (after Behrmann et al., ICML 2019, and Gouk
 et al. 2018), our operationalisation of Lippl, Peters & Kriegeskorte (PLoS One
 19(3): e0293440, 2024).
@@ -16,7 +22,7 @@ import tensorflow as tf
 from iterconv_keras.models import lipschitz as lipschitz_lib
 from iterconv_keras.models.normalization import inference_gains
 
-ESTIMATE_ITERATIONS = 1000
+ESTIMATE_ITERATIONS = lipschitz_lib.ESTIMATE_ITERATIONS
 """Power iterations per convolution for the estimated conv norms."""
 
 
@@ -83,22 +89,54 @@ def _block_inputs(model, inputs, num_random, seed):
     return points
 
 
+def block_certificate(block):
+    """The certified ``Lip(f)`` of one block's residual function at inference, and its factors.
+
+    Args:
+        block: a built `ResidualBlock`.
+
+    Returns:
+        dict with ``conv_norms_certified`` (one per conv), ``norm_gains`` (the
+        largest inference gain of each normalisation), ``activation_lipschitz``
+        and ``certified`` (their product, with the activation constant once per conv).
+    """
+    conv_norms = [
+        lipschitz_lib.certified_operator_norm(np.asarray(conv.kernel), block.feature_shape)
+        for conv in block.convolutions
+    ]
+    gains = [float(np.max(inference_gains(norm))) for norm in block.normalizations]
+    act = lipschitz_lib.activation_lipschitz(block.activation)
+    return {
+        "conv_norms_certified": conv_norms,
+        "norm_gains": gains,
+        "activation_lipschitz": act,
+        "certified": float(np.prod(conv_norms) * np.prod(gains) * act ** len(conv_norms)),
+    }
+
+
+def certified_lipschitz(model):
+    """Certified ``Lip(f)`` of every block: a list over stages of lists over blocks (fast: no iteration)."""
+    return [[block_certificate(block)["certified"] for block in blocks] for blocks in model.stages]
+
+
 def certify(model, *, inputs=None, iterations=ESTIMATE_ITERATIONS, jacobian_iterations=30,
             num_random=4, seed=0):
-    """Estimates of ``Lip(f)`` for every block of ``model``.
+    """Certified bound, estimate and empirical lower bound of ``Lip(f)`` for every block of ``model``.
 
-    The estimated bound of a block is the product of its per-layer Lipschitz
-    constants at inference: each conv's operator norm (power iteration with
-    ``iterations`` steps from the persistent vector, which does not modify the
-    model), each batch-norm layer's largest gain and the activation's Lipschitz
-    constant (twice each). The empirical estimate is the largest Jacobian norm of
-    ``f`` (`jacobian_norms`) over the probe points: the block's actual inputs on
-    ``inputs`` if given (via ``model.forward_intermediates``), otherwise
-    ``num_random`` standard-normal feature maps. Works on unconstrained models
-    too (then ``bound`` is None and the numbers show how far f is from any bound).
+    - ``certified`` (`block_certificate`): the product of certified conv norms,
+      batch-norm inference gains and activation constants; an upper bound of
+      ``Lip(f)`` that provably holds for every input of the block's shape.
+    - ``estimated``: the same product with each conv norm estimated by
+      ``iterations`` power iterations from the persistent vector (the model is
+      not modified); each conv estimate is a lower bound of the true conv norm.
+    - ``empirical``: the largest Jacobian norm of ``f`` (`jacobian_norms`) over
+      the probe points, the block's actual inputs on ``inputs`` if given (via
+      ``model.forward_intermediates``), otherwise ``num_random`` standard-normal
+      feature maps: a lower bound of ``Lip(f)``.
 
-    Power iteration converges from below, so the estimated conv norms are lower
-    bounds of the true ones, accurate to the power iteration's tolerance.
+    So ``empirical <= Lip(f) <= certified`` and ``estimated <= certified``.
+    Works on unconstrained models too (then ``bound`` is None and the numbers
+    show how far f is from any bound).
 
     Args:
         model: an `IterativeResNet`.
@@ -110,10 +148,11 @@ def certify(model, *, inputs=None, iterations=ESTIMATE_ITERATIONS, jacobian_iter
 
     Returns:
         A JSON-ready dict: ``lipschitz`` (the model's c or None), ``iterations``,
-        ``max_estimated``, ``max_empirical`` and ``blocks``, a list of dicts with
-        ``stage``, ``block``, ``name``, ``bound``, ``conv_norms_estimated``,
-        ``reshaped_kernel_norms``, ``norm_gains``, ``activation_lipschitz``,
-        ``estimated`` and ``empirical``.
+        ``probe``, ``max_certified``, ``max_estimated``, ``max_empirical`` and
+        ``blocks``, a list of dicts with ``stage``, ``block``, ``name``,
+        ``bound``, ``per_conv_bound``, ``conv_norms_certified``,
+        ``conv_norms_estimated``, ``reshaped_kernel_norms``, ``norm_gains``,
+        ``activation_lipschitz``, ``certified``, ``estimated`` and ``empirical``.
     """
     points = _block_inputs(model, inputs, num_random, seed)
     reports = []
@@ -124,6 +163,7 @@ def certify(model, *, inputs=None, iterations=ESTIMATE_ITERATIONS, jacobian_iter
         "lipschitz": getattr(model, "lipschitz", None),
         "iterations": int(iterations),
         "probe": "inputs" if inputs is not None else f"{num_random} random normal feature maps",
+        "max_certified": max(r["certified"] for r in reports),
         "max_estimated": max(r["estimated"] for r in reports),
         "max_empirical": max(r["empirical"] for r in reports),
         "blocks": reports,
@@ -131,28 +171,32 @@ def certify(model, *, inputs=None, iterations=ESTIMATE_ITERATIONS, jacobian_iter
 
 
 def _certify_block(block, s, t, x, iterations, jacobian_iterations, seed):
-    conv_norms = []
+    certificate = block_certificate(block)
+    estimates = []
     for conv in block.convolutions:
         constraint = conv.kernel_constraint
         if isinstance(constraint, lipschitz_lib.ConvOperatorNormBound):
             start = constraint.vector
         else:
-            start = lipschitz_lib.initial_vector(tuple(x.shape[1:3]) + (conv.kernel.shape[2],))
+            start = lipschitz_lib.initial_vector(tuple(block.feature_shape[:2]) + (conv.kernel.shape[2],))
         sigma, _ = lipschitz_lib.converged_operator_norm(conv.kernel, start, iterations)
-        conv_norms.append(float(sigma))
-    gains = [float(np.max(inference_gains(norm))) for norm in block.normalizations]
-    act = lipschitz_lib.activation_lipschitz(block.activation)
-    estimated = float(np.prod(conv_norms) * np.prod(gains) * act ** len(conv_norms))
+        estimates.append(float(sigma))
+    act = certificate["activation_lipschitz"]
+    estimated = float(np.prod(estimates) * np.prod(certificate["norm_gains"]) * act ** len(estimates))
     empirical = jacobian_norms(lambda h: block.residual(h, training=False), x, jacobian_iterations, seed)
     return {
         "stage": s,
         "block": t,
         "name": block.name,
         "bound": block.lipschitz,
-        "conv_norms_estimated": conv_norms,
+        "per_conv_bound": None if block.lipschitz is None else lipschitz_lib.per_conv_bound(
+            block.lipschitz, block.activation),
+        "conv_norms_certified": certificate["conv_norms_certified"],
+        "conv_norms_estimated": estimates,
         "reshaped_kernel_norms": [lipschitz_lib.reshaped_kernel_norm(conv.kernel) for conv in block.convolutions],
-        "norm_gains": gains,
+        "norm_gains": certificate["norm_gains"],
         "activation_lipschitz": act,
+        "certified": certificate["certified"],
         "estimated": estimated,
         "empirical": float(np.max(empirical)),
     }

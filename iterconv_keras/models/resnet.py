@@ -135,7 +135,7 @@ class IterativeResNet(keras.Model):
         # fresh He-normal kernels are far above the bound, and one power iteration
         # per step would take many steps to catch up from a cold vector.
         if self.lipschitz is not None:
-            lipschitz_lib.enforce(self, lipschitz_lib.INIT_ITERATIONS)
+            lipschitz_lib.initial_projection(self)
 
     def _outer_norm(self, name):
         # Stem, transitions and head always normalise (they are never iterated);
@@ -277,12 +277,12 @@ class IterativeResNet(keras.Model):
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
     def fit(self, *args, **kwargs):
-        """`keras.Model.fit`, then, when constrained, a many-iteration projection.
+        """`keras.Model.fit`, then, when constrained, the certified projection.
 
-        Training applies one power iteration per step, so the last steps can leave
-        a kernel marginally above its bound; `lipschitz.enforce` makes the trained
-        (and so the saved and exported) weights satisfy it to power-iteration
-        accuracy.
+        Training estimates each conv's norm with one power iteration per step
+        (from below), so kernels can sit above their bound; `lipschitz.enforce`
+        rescales them by a certified upper bound, so the trained (and so the
+        saved and exported) weights provably satisfy it.
         """
         history = super().fit(*args, **kwargs)
         if self.lipschitz is not None:
