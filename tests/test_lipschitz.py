@@ -404,6 +404,24 @@ def test_trained_model_satisfies_the_bound_for_every_block(trained, tmp_path):
     assert binding >= 1
 
 
+def test_trained_contractive_blocks_are_contractions():
+    # x <- (1 - alpha) x + alpha g(x) with Lip(g) <= c: the block map's Lipschitz constant is at
+    # most 1 - alpha (1 - c) (method.md 4b). Oracle: the exact Jacobian of the block map.
+    keras.utils.set_random_seed(8)
+    model = build_model("tiny", SHAPE, N_CLASSES, lipschitz=0.5, residual_form="contractive", alpha=0.5)
+    _train(model, keras.optimizers.Adam(2e-2), steps=12)
+    report = certify_lib.certify(model, iterations=200, jacobian_iterations=10, num_random=2)
+    for block_report in report["blocks"]:
+        block = model.stages[block_report["stage"]][block_report["block"]]
+        _, exact_g = _exact_block_bound(block)
+        assert exact_g <= block_report["certified"] <= 0.5
+        assert block_report["contraction_bound"] == pytest.approx(0.5 + 0.5 * block_report["certified"])
+        assert block_report["contraction_bound"] <= block.contraction_bound == 0.75
+        points = 3 * np.random.default_rng(block_report["block"]).standard_normal((2, *block.feature_shape))
+        exact_map = exact_jacobian_norms(functools.partial(lambda v, b: b(v, training=False), b=block), points)
+        assert exact_map.max() <= block_report["contraction_bound"], (block.name, exact_map.max())
+
+
 def _constrained_sync_model():
     keras.utils.set_random_seed(5)
     model = build_model("tiny", SHAPE, N_CLASSES, lipschitz=C, coupling=0.5, norm="sync_batch")

@@ -19,6 +19,7 @@ et al. 2018), our operationalisation of Lippl, Peters & Kriegeskorte (PLoS One
 import numpy as np
 import tensorflow as tf
 
+from iterconv_keras.models import blocks as blocks_lib
 from iterconv_keras.models import lipschitz as lipschitz_lib
 from iterconv_keras.models.normalization import inference_gains
 
@@ -95,10 +96,16 @@ def block_certificate(block):
     Args:
         block: a built `ResidualBlock`.
 
+    For the contractive form (``x <- (1 - alpha) x + alpha g(x)``) the product
+    bounds ``Lip(g)``, the constrained branch, and ``contraction_bound`` is the
+    certified Lipschitz constant of the block map, ``1 - alpha (1 - Lip(g))``:
+    below 1, iterating the block provably converges.
+
     Returns:
         dict with ``conv_norms_certified`` (one per conv), ``norm_gains`` (the
-        largest inference gain of each normalisation), ``activation_lipschitz``
-        and ``certified`` (their product, with the activation constant once per conv).
+        largest inference gain of each normalisation), ``activation_lipschitz``,
+        ``certified`` (their product, with the activation constant once per conv)
+        and ``contraction_bound`` (None for the plain form).
     """
     conv_norms = [
         lipschitz_lib.certified_operator_norm(np.asarray(conv.kernel), block.feature_shape)
@@ -106,11 +113,14 @@ def block_certificate(block):
     ]
     gains = [float(np.max(inference_gains(norm))) for norm in block.normalizations]
     act = lipschitz_lib.activation_lipschitz(block.activation)
+    certified = float(np.prod(conv_norms) * np.prod(gains) * act ** len(conv_norms))
+    contractive = block.residual_form == "contractive"
     return {
         "conv_norms_certified": conv_norms,
         "norm_gains": gains,
         "activation_lipschitz": act,
-        "certified": float(np.prod(conv_norms) * np.prod(gains) * act ** len(conv_norms)),
+        "certified": certified,
+        "contraction_bound": blocks_lib.contraction_bound(block.alpha, certified) if contractive else None,
     }
 
 
@@ -152,7 +162,9 @@ def certify(model, *, inputs=None, iterations=ESTIMATE_ITERATIONS, jacobian_iter
         ``blocks``, a list of dicts with ``stage``, ``block``, ``name``,
         ``bound``, ``per_conv_bound``, ``conv_norms_certified``,
         ``conv_norms_estimated``, ``reshaped_kernel_norms``, ``norm_gains``,
-        ``activation_lipschitz``, ``certified``, ``estimated`` and ``empirical``.
+        ``activation_lipschitz``, ``certified``, ``contraction_bound``,
+        ``estimated`` and ``empirical``. For contractive blocks the Lipschitz
+        numbers are those of the branch g, which the constraint bounds.
     """
     points = _block_inputs(model, inputs, num_random, seed)
     reports = []
@@ -183,7 +195,8 @@ def _certify_block(block, s, t, x, iterations, jacobian_iterations, seed):
         estimates.append(float(sigma))
     act = certificate["activation_lipschitz"]
     estimated = float(np.prod(estimates) * np.prod(certificate["norm_gains"]) * act ** len(estimates))
-    empirical = jacobian_norms(lambda h: block.residual(h, training=False), x, jacobian_iterations, seed)
+    # The branch g: the function the constraint bounds (f itself for the plain form).
+    empirical = jacobian_norms(lambda h: block.branch(h, training=False), x, jacobian_iterations, seed)
     return {
         "stage": s,
         "block": t,
@@ -197,6 +210,7 @@ def _certify_block(block, s, t, x, iterations, jacobian_iterations, seed):
         "norm_gains": certificate["norm_gains"],
         "activation_lipschitz": act,
         "certified": certificate["certified"],
+        "contraction_bound": certificate["contraction_bound"],
         "estimated": estimated,
         "empirical": float(np.max(empirical)),
     }

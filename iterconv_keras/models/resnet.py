@@ -18,7 +18,7 @@ import tensorflow as tf
 from iterconv_keras.models import coupling as coupling_lib
 from iterconv_keras.models import lipschitz as lipschitz_lib
 from iterconv_keras.models._checks import positive_shape
-from iterconv_keras.models.blocks import ResidualBlock, make_norm
+from iterconv_keras.models.blocks import ResidualBlock, make_norm, validate_residual_form
 
 
 @keras.saving.register_keras_serializable(package="iterconv")
@@ -54,7 +54,14 @@ class IterativeResNet(keras.Model):
             normalisation of its convolutions and gain-capped batch norm
             (method.md section 4, ``docs/lipschitz.md``). Stem, transitions and
             head are never constrained. The kernels are projected with many
-            power iterations at construction and at the end of ``fit``.
+            power iterations at construction and by a certified bound at the end of
+            ``fit``.
+        residual_form: ``"plain"`` (``x + g(x)``, default) or ``"contractive"``
+            (``(1 - alpha) x + alpha g(x)``, needs ``lipschitz`` < 1: every block
+            map is a contraction with constant ``1 - alpha (1 - c)``; method.md
+            section 4b, ``docs/lipschitz.md``).
+        alpha: None or float in (0, 1], the contractive form's step (None: 0.5);
+            the plain form takes none. Default None.
         multi_label: bool, True for independent sigmoid outputs (Digitclutter).
         input_mean: float or per-channel tuple subtracted from the input.
         input_std: float or per-channel tuple the input is divided by.
@@ -79,6 +86,8 @@ class IterativeResNet(keras.Model):
         activation="relu",
         coupling=0.0,
         lipschitz=None,
+        residual_form="plain",
+        alpha=None,
         multi_label=False,
         input_mean=0.0,
         input_std=1.0,
@@ -100,6 +109,7 @@ class IterativeResNet(keras.Model):
         self.activation = activation
         self.coupling = coupling_lib.validate_strength(coupling)
         self.lipschitz = lipschitz_lib.validate_bound(lipschitz)
+        self.residual_form, self.alpha = validate_residual_form(residual_form, alpha, self.lipschitz)
         self.multi_label = bool(multi_label)
         self.input_mean = _per_channel("input_mean", input_mean, self.image_shape[-1])
         self.input_std = _per_channel("input_std", input_std, self.image_shape[-1])
@@ -116,7 +126,8 @@ class IterativeResNet(keras.Model):
             [
                 ResidualBlock(
                     width, kernel_size=kernel_size, norm=norm, activation=activation,
-                    lipschitz=self.lipschitz, name=f"stage{s}_block{t}",
+                    lipschitz=self.lipschitz, residual_form=self.residual_form, alpha=self.alpha,
+                    name=f"stage{s}_block{t}",
                 )
                 for t in range(count)
             ]
@@ -325,6 +336,8 @@ class IterativeResNet(keras.Model):
                 "activation": self.activation,
                 "coupling": self.coupling,
                 "lipschitz": self.lipschitz,
+                "residual_form": self.residual_form,
+                "alpha": self.alpha,
                 "multi_label": self.multi_label,
                 "input_mean": list(self.input_mean),
                 "input_std": list(self.input_std),
