@@ -40,7 +40,7 @@ def test_run_directory_contents(reference_run):
         assert os.path.isfile(os.path.join(run, name)), name
     with open(os.path.join(run, "config.json")) as f:
         config = json.load(f)
-    assert config == TrainConfig(**dict(FAST, out=run)).to_dict()
+    assert config == TrainConfig(**dict(FAST, out=run)).validate().to_dict()
     with open(os.path.join(run, "history.json")) as f:
         history = json.load(f)
     assert [h["epoch"] for h in history] == [1, 2]
