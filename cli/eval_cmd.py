@@ -83,6 +83,24 @@ def _fmt(value, digits=3):
     return f"{value:.{digits}f}" if abs(value) < 1000 else f"{value:.2g}"
 
 
+def _table_notes(ind):
+    """What the rate, L and Lip(f) columns mean, and why a DI is missing."""
+    lip = ind.get("lipschitz") or {}
+    bound = "none" if lip.get("bound") is None else f"c = {lip['bound']:g}"
+    form = lip.get("residual_form", "plain")
+    if form == "contractive":
+        form = f"contractive, alpha = {lip['alpha']:g}"
+    notes = ["rate: update factor per extra iteration; L: its certified bound (contractive blocks only)",
+             f"Lip(f): largest certified Lipschitz constant of a block's constrained function ({form} blocks, "
+             f"bound {bound})"]
+    settings = ind.get("settings", {})
+    if ind.get("divergence_skipped"):
+        notes.append(f"DI null: accuracy within {settings.get('accuracy_tolerance')} of chance")
+    if ind.get("divergence_loss_skipped"):
+        notes.append(f"DI(loss) null: loss within {settings.get('tolerance')} nats of chance")
+    return notes
+
+
 def format_table(document):
     """The evaluation document as a readable text table."""
     lines = [
@@ -95,14 +113,20 @@ def format_table(document):
         lines += [
             "",
             "indices of iterative convergence (loss-based RI, accuracy-based DI; see docs/indices.md)",
-            f"{'stage':<8}{'RI':>8}{'RI(acc)':>9}{'skipped':>9}{'DI':>8}{'DI(loss)':>10}{'CI':>9}{'rho':>7}",
+            f"{'stage':<8}{'RI':>8}{'RI(acc)':>9}{'skipped':>9}{'DI':>8}{'DI(loss)':>10}{'CI':>9}{'rate':>8}"
+            f"{'L':>7}{'rho':>7}{'Lip(f)':>8}",
         ]
-        for row in ind["per_stage"] + [dict(ind, stage="mean", rho=None, recurrence_skipped=ind["recurrence_skipped"])]:
+        certified = (ind.get("lipschitz") or {}).get("certified") or [[] for _ in ind["per_stage"]]
+        mean_row = dict(ind, stage="mean", rho=None, contraction_bound=None)
+        for row, lip in zip(ind["per_stage"] + [mean_row], certified + [[]]):
             lines.append(
                 f"{row['stage']!s:<8}{_fmt(row['recurrence']):>8}{_fmt(row['recurrence_accuracy']):>9}"
                 f"{row['recurrence_skipped']:>9}{_fmt(row['divergence']):>8}{_fmt(row['divergence_loss']):>10}"
-                f"{_fmt(row['convergence']):>9}{_fmt(row['rho'], 2):>7}"
+                f"{_fmt(row['convergence']):>9}{_fmt(row.get('convergence_rate')):>8}"
+                f"{_fmt(row.get('contraction_bound')):>7}{_fmt(row['rho'], 2):>7}"
+                f"{_fmt(max(lip) if lip else None, 2):>8}"
             )
+        lines += _table_notes(ind)
         lines.append(
             f"parameters {_fmt(ind['parameters'])}, effective {_fmt(round(ind['effective_parameters']))}"
         )

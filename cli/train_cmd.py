@@ -11,6 +11,7 @@ _RESUMABLE_SETTINGS = (
     "dataset", "variant", "coupling", "spectral_norm", "lipschitz", "epochs", "batch_size", "lr",
     "optimizer", "weight_decay", "schedule", "train_size", "validation_size", "test_size", "clutter_digits",
     "debris_fragments", "fresh_data", "augment", "block_init", "seed", "data_dir", "jit_compile",
+    "residual_form", "alpha",
 )
 
 
@@ -18,13 +19,21 @@ _RESUMABLE_SETTINGS = (
 @click.option("--dataset", type=click.Choice(DATASETS), default="digitclutter", show_default=True,
               help="Dataset to train on (Digitclutter and digitdebris are generated offline).")
 @click.option("--variant", default="small", show_default=True,
-              help="Architecture: tiny, small, paper_mnist, paper_cifar.")
+              help="Architecture: tiny, small, small_contractive, paper_mnist, paper_cifar.")
 @click.option("--coupling", type=float, default=0.0, show_default=True,
               help="Soft gradient coupling lambda in [0, 1] (1 = recurrent ResNet).")
 @click.option("--spectral-norm/--no-spectral-norm", default=False, show_default=True,
-              help="Lipschitz-constrain the residual functions.")
-@click.option("--lipschitz", type=float, default=0.9, show_default=True,
-              help="Bound c on Lip(f) when --spectral-norm is on.")
+              help="Lipschitz-constrain the residual functions (also on with --lipschitz, "
+                   "--residual-form contractive or a variant with a bound).")
+@click.option("--lipschitz", type=float, default=None,
+              help="Bound c on Lip(f) (on the branch g of contractive blocks); giving it switches the "
+                   "constraint on. Default with the constraint on: 0.9, 0.5 for contractive blocks, or the "
+                   "variant's.")
+@click.option("--residual-form", type=click.Choice(("plain", "contractive")), default=None,
+              help="Block form: plain x + g(x), or contractive (1-alpha) x + alpha g(x) with Lip(g) <= c < 1, "
+                   "which converges by construction (switches the constraint on). Default: the variant's.")
+@click.option("--alpha", type=float, default=None,
+              help="Step of the contractive form, in (0, 1] (default 0.5 or the variant's).")
 @click.option("--epochs", type=int, default=5, show_default=True)
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--lr", type=float, default=0.002, show_default=True, help="Peak learning rate.")
@@ -70,6 +79,7 @@ def train(ctx, resume, json_output, **settings):
     """
     from iterconv_keras.training import TrainConfig
 
+    _check_constraint_options(ctx, settings)
     config = TrainConfig(**settings).validate()
     if resume:
         _check_resume_options(ctx, config)
@@ -81,6 +91,24 @@ def train(ctx, resume, json_output, **settings):
         emit_json(summary)
     else:
         click.echo(f"model: {summary['run_dir']}/model.keras")
+
+
+def _check_constraint_options(ctx, settings):
+    """Refuse an explicit --no-spectral-norm beside an option that needs the constraint."""
+    from iterconv_keras.errors import UsageError
+
+    if ctx.get_parameter_source("spectral_norm") != click.core.ParameterSource.COMMANDLINE or settings["spectral_norm"]:
+        return
+    if settings["lipschitz"] is not None:
+        raise UsageError(f"--lipschitz {settings['lipschitz']} needs the constraint; drop --no-spectral-norm")
+    if settings["residual_form"] == "contractive":
+        raise UsageError("--residual-form contractive needs the constraint (Lip(g) <= c < 1); drop --no-spectral-norm")
+    from iterconv_keras.models import variants
+
+    bound = variants.variant_kwargs(settings["variant"]).get("lipschitz")
+    if bound is not None:
+        raise UsageError(f"--variant {settings['variant']} carries the constraint (lipschitz {bound}); "
+                         "drop --no-spectral-norm")
 
 
 def _check_resume_options(ctx, config):

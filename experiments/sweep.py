@@ -56,9 +56,9 @@ BUDGETS = {
     "digitclutter": {"epochs": 10, "train_size": 100_000, "fresh_data": True, "clutter_digits": 3},
     "fashion_mnist": {"epochs": 20, "train_size": None, "augment": True},
 }
-# The contractive block of the convergence issue (a ResidualBlock option being built
-# elsewhere): x <- (1 - alpha) x + alpha g(x) with Lip(g) <= 0.5.
-CONTRACTIVE = {"residual": "contractive", "alpha": 0.5, "lipschitz": 0.5, "spectral_norm": True}
+# The contractive residual form (docs/lipschitz.md): x <- (1 - alpha) x + alpha g(x)
+# with Lip(g) <= 0.5, so every block is a contraction with L = 1 - alpha (1 - c) = 0.75.
+CONTRACTIVE = {"residual_form": "contractive", "alpha": 0.5, "lipschitz": 0.5, "spectral_norm": True}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +143,16 @@ def _stored_config(run_dir):
 
 
 def _check_same(config, stored, run_dir):
+    from iterconv_keras.training import TrainConfig
+
     wanted = config.to_dict()
+    # Read the stored settings as training reads them (settings added later take the
+    # value that reproduces what an older config meant), so a sweep resumed with newer
+    # code recognises its own runs.
+    try:
+        stored = TrainConfig.from_dict(stored).validate().to_dict()
+    except ValueError as exc:
+        raise SweepError(f"{run_dir}/config.json is not a valid run config: {exc}") from exc
     differing = sorted(k for k in wanted if k != "out" and stored.get(k) != wanted[k])
     if differing:
         details = ", ".join(f"{k}={stored.get(k)!r} (sweep wants {wanted[k]!r})" for k in differing)

@@ -34,6 +34,8 @@ from iterconv_keras.fsutil import check_writable, read_json_if_present, write_js
 from iterconv_keras.models import coupling as coupling_lib
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+DEFAULT_LIPSCHITZ = 0.9
+DEFAULT_CONTRACTIVE_LIPSCHITZ = 0.5
 SCHEDULES = ("constant", "cosine")
 BLOCK_INITS = ("tied", "independent")  # IterativeResNet's block_init
 # Settings added after 0.1, with the value that reproduces what a config.json written
@@ -61,8 +63,17 @@ class TrainConfig:
         dataset: dataset name (see `iterconv_keras.data.datasets.DATASET_NAMES`).
         variant: architecture name (see `iterconv_keras.models.variants`).
         coupling: soft gradient coupling strength lambda in [0, 1].
-        spectral_norm: constrain the residual functions to Lip(f) <= lipschitz.
-        lipschitz: the bound c > 0 used when ``spectral_norm`` is on.
+        spectral_norm: constrain the residual functions to Lip(f) <= lipschitz. Also
+            switched on by `validate` whenever a bound is given or needed (``lipschitz``
+            set, a variant that carries one, the contractive residual form): a bound is
+            never recorded without being applied.
+        lipschitz: the bound c > 0, or None: `DEFAULT_LIPSCHITZ` (the variant's bound
+            if it has one; `DEFAULT_CONTRACTIVE_LIPSCHITZ` for contractive blocks) when
+            the constraint is on, None when it is off.
+        residual_form: ``"plain"`` or ``"contractive"`` (``x <- (1 - alpha) x + alpha g(x)``
+            with Lip(g) <= c < 1), or None: the variant's (plain unless it says otherwise).
+        alpha: the contractive form's step in (0, 1], or None: the variant's, else 0.5.
+            Refused for the plain form.
         epochs: number of epochs (> 0).
         batch_size: images per step (> 0).
         lr: peak learning rate (> 0).
@@ -101,7 +112,9 @@ class TrainConfig:
     variant: str = "small"
     coupling: float = 0.0
     spectral_norm: bool = False
-    lipschitz: float = 0.9
+    lipschitz: float | None = None
+    residual_form: str | None = None
+    alpha: float | None = None
     epochs: int = 5
     batch_size: int = 128
     lr: float = 0.002
@@ -132,10 +145,9 @@ class TrainConfig:
 
         if self.dataset not in datasets.DATASET_NAMES:
             raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(datasets.DATASET_NAMES)}")
-        variants.variant_kwargs(self.variant)
+        row = variants.variant_kwargs(self.variant)
         self.coupling = coupling_lib.validate_strength(self.coupling)
-        _require(isinstance(self.lipschitz, (int, float)) and math.isfinite(self.lipschitz) and self.lipschitz > 0,
-                 f"lipschitz must be a number > 0, got {self.lipschitz!r}")
+        self._resolve_block_settings(row)
         _require(_is_int(self.epochs) and self.epochs > 0, f"epochs must be an integer > 0, got {self.epochs!r}")
         _require(_is_int(self.batch_size) and self.batch_size > 0,
                  f"batch_size must be an integer > 0, got {self.batch_size!r}")
@@ -175,6 +187,29 @@ class TrainConfig:
                  f"augment (translation and horizontal flip) is not available for dataset {self.dataset!r}: "
                  f"flips change digits; it is for {', '.join(datasets.AUGMENT_PADS)}")
 
+    def _resolve_block_settings(self, row):
+        """Fill the constraint and residual-form settings from the variant row; refuse contradictions."""
+        from iterconv_keras.models import blocks
+
+        if self.residual_form is None:
+            self.residual_form = row.get("residual_form", "plain")
+        _require(self.residual_form in blocks.RESIDUAL_FORMS,
+                 f"residual_form must be one of {blocks.RESIDUAL_FORMS}, got {self.residual_form!r}")
+        contractive = self.residual_form == "contractive"
+        if self.lipschitz is not None or row.get("lipschitz") is not None or contractive:
+            self.spectral_norm = True
+        if not self.spectral_norm:
+            _require(self.alpha is None, f"alpha applies to residual_form 'contractive' only, got alpha={self.alpha!r}")
+            return
+        if self.lipschitz is None:
+            self.lipschitz = row.get("lipschitz", DEFAULT_CONTRACTIVE_LIPSCHITZ if contractive else DEFAULT_LIPSCHITZ)
+        _require(isinstance(self.lipschitz, (int, float)) and not isinstance(self.lipschitz, bool)
+                 and math.isfinite(self.lipschitz) and self.lipschitz > 0,
+                 f"lipschitz must be a number > 0, got {self.lipschitz!r}")
+        if contractive and self.alpha is None:
+            self.alpha = row.get("alpha", blocks.DEFAULT_ALPHA)
+        self.residual_form, self.alpha = blocks.validate_residual_form(self.residual_form, self.alpha, self.lipschitz)
+
     def to_dict(self):
         return dataclasses.asdict(self)
 
@@ -184,7 +219,12 @@ class TrainConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise UsageError(f"config has unknown settings {unknown}")
-        return cls(**{**_PRE_0_2_VALUES, **values})
+        values = {**_PRE_0_2_VALUES, **values}
+        if "residual_form" not in values and not values.get("spectral_norm"):
+            # Configs written before 0.2 record a lipschitz value (the default 0.9, or an
+            # ignored --lipschitz) for unconstrained runs; it was never applied.
+            values["lipschitz"] = None
+        return cls(**values)
 
 
 def _is_int(value):
@@ -202,6 +242,8 @@ def _require(condition, message):
 def default_run_dir(config):
     stamp = time.strftime("%Y%m%d-%H%M%S")
     sn = f"-sn{config.lipschitz:g}" if config.spectral_norm else ""
+    if config.residual_form == "contractive":
+        sn += f"-a{config.alpha:g}"
     init = "-indep" if config.block_init == "independent" else ""
     return os.path.join(
         "runs", f"{stamp}-{config.dataset}-{config.variant}-l{config.coupling:g}{sn}{init}-s{config.seed}"
@@ -343,6 +385,8 @@ def build_and_compile(config, splits, steps_per_epoch):
     }
     if config.spectral_norm:
         overrides["lipschitz"] = config.lipschitz
+    if config.residual_form is not None:
+        overrides.update(residual_form=config.residual_form, alpha=config.alpha)
     model = variants.build_model(config.variant, splits.input_shape, splits.num_classes, **overrides)
     model.compile(
         optimizer=make_optimizer(config, steps_per_epoch),

@@ -120,3 +120,53 @@ def test_mismatched_dataset_is_a_usage_error(run_dir, tmp_path):
     # Without metadata and without --dataset the user is told what to pass.
     result = _invoke(["eval", str(path), "--limit", "4"])
     assert result.exit_code == 2 and "--dataset" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def contractive_run(tmp_path_factory):
+    """A run directory of an (untrained) tiny Digitclutter model with contractive blocks."""
+    keras.utils.set_random_seed(1)
+    folder = tmp_path_factory.mktemp("contractive")
+    model = build_model("tiny", (32, 32, 1), 10, multi_label=True, lipschitz=0.5, residual_form="contractive",
+                        alpha=0.5)
+    model.save(os.path.join(folder, "model.keras"))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({"dataset": "digitclutter", "clutter_digits": 3}, f)
+    return str(folder)
+
+
+def test_rate_contraction_bound_and_certified_lipschitz_in_json_and_table(run_dir, contractive_run, tmp_path):
+    from iterconv_keras.analysis.certify import certify
+
+    plain = json.loads(_invoke(["eval", run_dir, "--limit", "16", "--no-occlusion", "--json"]).stdout)
+    ind = plain["indices"]
+    for row in ind["per_stage"]:
+        # Oracle: the rate from the stage's own update curve, (u_(T+16) / u_T)^(1/16).
+        updates = row["curves"]["update_norm"]
+        assert row["convergence_rate"] == pytest.approx((updates[-1] / updates[row["blocks"] - 1]) ** (1 / 16))
+        assert row["contraction_bound"] is None  # plain blocks guarantee nothing
+    assert ind["lipschitz"]["bound"] is None and ind["lipschitz"]["residual_form"] == "plain"
+    model = keras.saving.load_model(os.path.join(run_dir, "model.keras"), compile=False)
+    report = certify(model, iterations=5, jacobian_iterations=5, num_random=1)
+    assert ind["lipschitz"]["certified"] == [
+        [pytest.approx(b["certified"]) for b in report["blocks"] if b["stage"] == s] for s in range(2)]
+    # An unconstrained model's certificate is informative, and above its empirical lower bound.
+    assert all(b["empirical"] <= b["certified"] for b in report["blocks"])
+
+    result = _invoke(["eval", contractive_run, "--limit", "16", "--no-occlusion", "--json", "--plots",
+                      str(tmp_path / "plots")])
+    assert (tmp_path / "plots" / "updates.png").read_bytes()[:4] == b"\x89PNG"  # with the guaranteed envelope
+    document = json.loads(result.stdout)
+    ind = document["indices"]
+    assert ind["lipschitz"]["residual_form"] == "contractive" and ind["lipschitz"]["alpha"] == 0.5
+    for row in ind["per_stage"]:
+        assert row["convergence_rate"] <= row["contraction_bound"]
+        assert row["convergence"] >= 1 - row["contraction_bound"] ** 16
+    table = _invoke(["eval", contractive_run, "--limit", "16", "--no-occlusion"]).stdout
+    header = next(line for line in table.splitlines() if line.startswith("stage"))
+    assert header.split() == ["stage", "RI", "RI(acc)", "skipped", "DI", "DI(loss)", "CI", "rate", "L", "rho",
+                              "Lip(f)"]
+    stage0 = next(line for line in table.splitlines() if line.startswith("0 ")).split()
+    assert float(stage0[7]) == pytest.approx(ind["per_stage"][0]["convergence_rate"], abs=1e-3)
+    assert float(stage0[8]) == pytest.approx(ind["per_stage"][0]["contraction_bound"], abs=1e-3)
+    assert "contractive, alpha = 0.5" in table

@@ -323,11 +323,11 @@ def test_export_projects_a_copy_of_a_constrained_model_and_says_so(tmp_path):
     exported = loading.load(path)
     projection = exported.card.projection
     assert projection["per_conv_bound"] == pytest.approx(per_conv)
-    assert projection["max_conv_norm_before"] == pytest.approx(max(exact_before), rel=1e-3)
+    # The card's norms are certified upper bounds: never below the exact norm, and close to it.
+    assert max(exact_before) <= projection["max_conv_norm_before"] <= 1.5 * max(exact_before)
     exported_convs = [c for _, _, b in lipschitz.constrained_blocks(exported.model) for c in b.convolutions]
     exact_after = [_exact_conv_norm(c.kernel, c.kernel_constraint.input_shape) for c in exported_convs]
-    assert max(exact_after) <= per_conv * (1 + 1e-3)
-    assert projection["max_conv_norm_after"] == pytest.approx(max(exact_after), rel=1e-3)
+    assert max(exact_after) <= projection["max_conv_norm_after"] <= per_conv
     # An unconstrained model is exported as it is, with no projection on its card.
     plain = build_model("tiny", SHAPE, 10)
     assert loading.load(zoo.export_version(plain, "plain", root=str(tmp_path))[2]).card.projection is None

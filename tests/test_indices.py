@@ -10,7 +10,6 @@ gives f(x) = m x exactly: m = -a contracts, m = +b expands.
 """
 
 import functools
-import inspect
 import math
 
 import keras
@@ -19,6 +18,7 @@ import pytest
 
 from iterconv_keras.analysis import indices
 from iterconv_keras.analysis.programs import StagePrograms, padded_batches
+from iterconv_keras.models import coupling
 from iterconv_keras.models.resnet import IterativeResNet
 
 CLASSES = 4
@@ -50,11 +50,11 @@ def _identity_norm(layer):
     layer.set_weights([np.ones(c), np.zeros(c), np.zeros(c), np.ones(c)])
 
 
-def _hand_model(blocks=2, stage_widths=(CLASSES,)):
+def _hand_model(blocks=2, stage_widths=(CLASSES,), **kwargs):
     # Seeded: the transition's random initialisation must not depend on which tests ran before.
     keras.utils.set_random_seed(0)
     model = IterativeResNet((SIZE, SIZE, CLASSES), CLASSES, stage_widths=stage_widths,
-                            blocks_per_stage=blocks, norm="none")
+                            blocks_per_stage=blocks, norm="none", **kwargs)
     model.stem_conv.set_weights([_identity_kernel()])
     _identity_norm(model.stem_norm)
     _identity_norm(model.head_norm)
@@ -65,12 +65,15 @@ def _hand_model(blocks=2, stage_widths=(CLASSES,)):
     return model
 
 
-def _set_linear_block(block, m, push=None):
-    """f(x) = m * x (+ push, a per-channel constant) on non-negative x."""
+def _set_linear_block(block, m, push=None, scale=1.0):
+    """g(x) = m * x (+ push, a per-channel constant) on non-negative x, split as conv1 = scale I, conv2 = m/scale I.
+
+    For the plain form f = g; for the contractive form f = alpha (g - id).
+    """
     c = block.filters
-    block.conv1.set_weights([_identity_kernel(1.0, c), np.zeros(c, np.float32)])
+    block.conv1.set_weights([_identity_kernel(scale, c), np.zeros(c, np.float32)])
     bias = np.zeros(c, np.float32) if push is None else np.asarray(push, np.float32)
-    block.conv2.set_weights([_identity_kernel(m, c), bias])
+    block.conv2.set_weights([_identity_kernel(m / scale, c), bias])
 
 
 def _set_random_block(block, seed, scale=0.4):
@@ -149,6 +152,9 @@ def test_contraction_converges():
     np.testing.assert_allclose(row["curves"]["relative_update"], a, rtol=1e-4)
     # Shrinking x keeps every argmax: nothing is lost with extra iterations.
     assert row["divergence"] == pytest.approx(0.0, abs=1e-9)
+    # The rate is the factor per iteration, 1 - a; a plain block has no guaranteed bound.
+    assert row["convergence_rate"] == pytest.approx(1 - a, rel=1e-5)
+    assert row["contraction_bound"] is None
 
 
 def test_expansion_that_destroys_class_information_diverges():
@@ -169,6 +175,99 @@ def test_expansion_that_destroys_class_information_diverges():
     # Updates grow by (1 + b) per extra iteration (the push is negligible by then).
     updates = np.asarray(row["curves"]["update_norm"])
     assert updates[-1] / updates[-2] == pytest.approx(1 + b, rel=0.05)
+    assert row["convergence_rate"] == pytest.approx(1 + b, rel=1e-4)
+
+
+@pytest.mark.parametrize("m", [0.5, -0.5, 0.2])
+def test_contractive_block_with_known_constant_converges_at_most_at_its_rate(m):
+    # x <- (1 - alpha) x + alpha g(x) with g(x) = m x, |m| <= c: the block map is
+    # x -> (1 - alpha + alpha m) x, so the rate is |1 - alpha + alpha m| exactly and it is
+    # at most L = 1 - alpha (1 - c); m = c attains L.
+    alpha, c = 0.5, 0.5
+    bound = 1 - alpha * (1 - c)
+    x, y = _class_images()
+    model = _hand_model(blocks=2, lipschitz=c, residual_form="contractive", alpha=alpha)
+    for block in model.stages[0]:
+        _set_linear_block(block, m, scale=np.sqrt(c))  # each conv at the per-conv bound sqrt(c)
+    row = _indices(model, x, y, extra_iterations=EXTRA)["per_stage"][0]
+    factor = abs(1 - alpha + alpha * m)
+    assert row["convergence_rate"] == pytest.approx(factor, rel=1e-5)
+    # Certified from the weights: Lip(g) = |m| exactly (single-tap kernels), within the nominal L.
+    assert row["contraction_bound"] == pytest.approx(1 - alpha * (1 - abs(m)), abs=1e-6)
+    assert row["contraction_bound"] <= bound + 1e-6
+    assert row["convergence_rate"] <= row["contraction_bound"] + 1e-6
+    assert row["convergence"] >= 1 - row["contraction_bound"] ** EXTRA[-1] - 1e-6
+    assert row["convergence"] == pytest.approx(1 - factor ** EXTRA[-1], abs=1e-6)
+
+
+def test_top_level_update_curve_is_the_stage_mean_of_relative_decay():
+    # Review S2: stages of different widths have update norms on different scales; the
+    # top-level curve averages each stage's u_(T+K) / u_T. Stage 0 (4 channels) contracts by
+    # 1 - a, stage 1 (8 channels, 4 of them carrying the image) by 1 - a2.
+    a, a2 = 0.5, 0.25
+    x, y = _class_images()
+    model = _hand_model(blocks=2, stage_widths=(CLASSES, 2 * CLASSES))
+    transition = model.transitions[1]
+    _identity_norm(transition.layers[0])
+    embed = np.zeros((3, 3, CLASSES, 2 * CLASSES), np.float32)
+    embed[1, 1, :, :CLASSES] = np.eye(CLASSES)
+    transition.layers[2].set_weights([embed])
+    for block in model.stages[0]:
+        _set_linear_block(block, -a)
+    for block in model.stages[1]:
+        _set_linear_block(block, -a2)
+    result = _indices(model, x, y, extra_iterations=(1, 4))
+    stage_norms = [np.asarray(row["curves"]["update_norm"]) for row in result["per_stage"]]
+    assert stage_norms[1][1] < 0.6 * stage_norms[0][1]  # the scales really differ
+    expected = [np.mean([(1 - a) ** k, (1 - a2) ** k]) for k in (1, 4)]
+    np.testing.assert_allclose(result["curves"]["update_norm"], expected, rtol=1e-4)
+
+
+def test_between_block_distance_is_rho_of_whole_blocks():
+    # Review D6: one spread statistic. Blocks theta and 2 theta: mean 1.5 theta, spread
+    # 0.5 ||theta||^2, scale 5 ||theta||^2, rho = T/(T-1) * 0.1 = 0.2.
+    model = _hand_model(blocks=2)
+    first, second = model.stages[0]
+    for source, target in zip(first.trainable_variables, second.trainable_variables):
+        target.assign(2.0 * np.asarray(source))
+    assert coupling.between_block_distance(model.stages) == pytest.approx(0.2)
+    assert indices.group_rho is coupling.group_rho
+
+
+def _near_chance_labels(y, keep):
+    """Labels that agree with the image's class for ``keep`` examples (none of class 0), else never 0."""
+    labels = np.where(y == 0, 1, y % 3 + 1)  # a wrong class, never 0
+    agree = np.flatnonzero(y != 0)[:keep]
+    labels[agree] = y[agree]
+    return labels
+
+
+@pytest.mark.parametrize("keep, skipped", [(33, True), (31, True), (40, False)])
+def test_divergence_is_null_within_tolerance_of_chance(keep, skipped):
+    # Review M4: a network a hair above chance (33/128 = 0.258 against 0.25) used to report
+    # DI = (0.258 - 0) / 0.008 = 33 when the extra iterations push everything into class 0,
+    # which no label here is; one below chance flipped the sign. 40/128 = 0.31 is well above.
+    x, true = _class_images(per_class=32)
+    y = _near_chance_labels(true, keep)
+    model = _hand_model(blocks=2)
+    _zero_block(model.stages[0][0])
+    _set_linear_block(model.stages[0][1], 0.5, push=[1.0, 0, 0, 0])
+    result = _indices(model, x, y, full=True, extra_iterations=EXTRA)
+    assert result["accuracy"] == pytest.approx(keep / 128)
+    ind = result["indices"]
+    assert ind["divergence_skipped"] is skipped
+    assert ind["settings"]["divergence_tolerance"]["accuracy"] == indices.DEFAULT_ACCURACY_TOLERANCE
+    row = ind["per_stage"][0]
+    if skipped:
+        assert math.isnan(row["divergence"]) and math.isnan(ind["divergence"])
+    else:
+        assert row["divergence"] == pytest.approx((keep / 128) / (keep / 128 - 0.25))
+
+
+def test_divergence_terms_guard():
+    assert indices.divergence_terms(0.9, [0.5], 0.1, 0.01) == [pytest.approx(0.5)]
+    assert all(math.isnan(v) for v in indices.divergence_terms(0.105, [0.0], 0.1, 0.01))
+    assert all(math.isnan(v) for v in indices.divergence_terms(0.05, [0.0], 0.1, 0.01))  # below chance
 
 
 # --------------------------------------------------------------------------- formulas
@@ -317,7 +416,7 @@ def test_bad_extra_iterations_are_rejected_with_the_value():
 
 
 @functools.lru_cache(maxsize=None)
-def _trained(coupling, seed=3, **kwargs):
+def _trained(coupling, seed=3, norm="none", **kwargs):
     """A tiny one-stage network trained briefly (cached: the lambda = 0 model serves two tests)."""
     keras.utils.set_random_seed(seed)
     rng = np.random.default_rng(seed)
@@ -328,7 +427,7 @@ def _trained(coupling, seed=3, **kwargs):
         r, q = divmod(int(c), 2)
         x[i, 6 * r + 1 : 6 * r + 5, 6 * q + 1 : 6 * q + 5] += 0.5
     model = IterativeResNet((12, 12, 1), 4, stage_widths=(8,), blocks_per_stage=3, coupling=coupling,
-                            norm="none", **kwargs)
+                            norm=norm, **kwargs)
     model.compile(optimizer=keras.optimizers.Adam(1e-2),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(x[:384], y[:384], batch_size=32, epochs=3, verbose=0)
@@ -345,8 +444,6 @@ def test_coupling_one_is_more_recurrent_than_coupling_zero():
     assert ri_recurrent > ri_ordinary + 0.2
 
 
-@pytest.mark.skipif("lipschitz" not in inspect.signature(IterativeResNet.__init__).parameters,
-                    reason="IterativeResNet has no lipschitz argument yet")
 def test_lipschitz_constraint_lowers_divergence():
     constrained, x, y = _trained(0.0, lipschitz=0.9)
     free, _, _ = _trained(0.0)
@@ -354,3 +451,47 @@ def test_lipschitz_constraint_lowers_divergence():
     di_free = _indices(free, x, y)["divergence_loss"]
     print(f"DI(loss) constrained: {di_constrained:.3f}, unconstrained: {di_free:.3f}")
     assert di_constrained < di_free
+
+
+def test_coupling_one_with_batch_norm_is_recurrent_up_to_its_per_block_statistics():
+    # Review T6: at lambda = 1 with batch norm the trainable weights stay identical but the
+    # moving statistics are per block (method.md section 3), so RI is not 1 (0.84 on the
+    # zoo's recurrent model, 1.16 here). Oracle: give every block block 0's statistics and
+    # RI is 1, so the statistics are the whole difference.
+    recurrent, x, y = _trained(1.0, norm="batch")
+    blocks = recurrent.stages[0]
+    for block in blocks[1:]:
+        for a, b in zip(block.trainable_variables, blocks[0].trainable_variables):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    ri = _indices(recurrent, x, y)["recurrence"]
+    saved = [[np.asarray(v) for v in block.non_trainable_variables] for block in blocks]
+    try:
+        for block in blocks[1:]:
+            for target, source in zip(block.non_trainable_variables, blocks[0].non_trainable_variables):
+                target.assign(source)
+        ri_shared = _indices(recurrent, x, y)["recurrence"]
+    finally:
+        for block, values in zip(blocks, saved):
+            for target, value in zip(block.non_trainable_variables, values):
+                target.assign(value)
+    print(f"RI lambda=1 with batch norm: {ri:.3f}; with shared statistics: {ri_shared:.4f}")
+    assert ri_shared == pytest.approx(1.0, abs=1e-3)
+    assert abs(ri - 1.0) > 1e-2
+
+
+@pytest.mark.parametrize("coupling", [0.0, 1.0])
+@pytest.mark.parametrize("norm", ["none", "batch"])
+def test_trained_contractive_network_converges_at_most_at_its_guaranteed_rate(coupling, norm):
+    # Method.md 4b: after training (and fit's certified projection) every stage's measured
+    # rate is at most its certified contraction bound L, so CI >= 1 - L^16.
+    model, x, y = _trained(coupling, norm=norm, lipschitz=0.5, residual_form="contractive", alpha=0.5)
+    result = _indices(model, x, y, extra_iterations=EXTRA)
+    for row in result["per_stage"]:
+        bound = row["contraction_bound"]
+        print(f"lambda {coupling}, norm {norm}: rate {row['convergence_rate']:.4f}, L {bound:.4f}, "
+              f"CI {row['convergence']:.4f}")
+        assert bound <= 0.75 + 1e-6  # the nominal L of alpha = c = 0.5
+        assert row["convergence_rate"] <= bound
+        assert row["convergence"] >= 1 - bound ** EXTRA[-1]
+    assert result["lipschitz"]["residual_form"] == "contractive" and result["lipschitz"]["alpha"] == 0.5
+    assert max(max(stage) for stage in result["lipschitz"]["certified"]) <= 0.5

@@ -146,3 +146,73 @@ def test_variant_registry():
     assert small.coupling == 0.5 and small.stem_stride == 2
     assert [len(b) for b in small.stages] == [4, 4, 4]
     assert small(np.zeros((1, 32, 32, 1), np.float32)).shape == (1, 10)
+
+
+# -- the contractive residual form (method.md section 4b) ------------------------------
+
+
+def test_contractive_block_is_the_relaxed_iteration_of_its_branch(seed):
+    block = ResidualBlock(4, lipschitz=0.5, residual_form="contractive", alpha=0.3)
+    x = random_images(3, (6, 6, 4))
+    y = np.asarray(block(x, training=False))
+    # Oracle: g assembled from the block's layers by hand, then (1 - alpha) x + alpha g(x).
+    g = block.conv2(block.act(block.norm2(block.conv1(block.act(block.norm1(x, training=False))), training=False)))
+    np.testing.assert_allclose(y, 0.7 * x + 0.3 * np.asarray(g), rtol=1e-5, atol=1e-6)
+    # Still the x + f(x) form the indices use, with f = alpha (g - id).
+    np.testing.assert_allclose(np.asarray(block.residual(x, training=False)), y - x, rtol=1e-5, atol=1e-6)
+    assert block.contraction_bound == pytest.approx(1 - 0.3 * (1 - 0.5))
+    plain = ResidualBlock(4, lipschitz=0.5)
+    assert plain.residual_form == "plain" and plain.alpha is None and plain.contraction_bound is None
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"residual_form": "relaxed"}, "residual_form must be one of .*'relaxed'"),
+        ({"alpha": 0.5}, "alpha applies to residual_form='contractive' only, got alpha=0.5"),
+        ({"residual_form": "contractive"}, "needs the Lipschitz constraint .* got lipschitz=None"),
+        ({"residual_form": "contractive", "lipschitz": 1.0}, "lipschitz=c < 1 .* got lipschitz=1.0"),
+        ({"residual_form": "contractive", "lipschitz": 0.5, "alpha": 0.0},
+         r"alpha must be a number in \(0, 1\], got 0.0"),
+        ({"residual_form": "contractive", "lipschitz": 0.5, "alpha": 1.5}, "got 1.5"),
+        ({"residual_form": "contractive", "lipschitz": 0.5, "alpha": True}, "got True"),
+        ({"residual_form": "contractive", "lipschitz": 0.5, "alpha": "0.5"}, "got '0.5'"),
+    ],
+)
+def test_residual_form_arguments_are_validated(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ResidualBlock(4, **kwargs)
+    with pytest.raises(ValueError, match=message):
+        IterativeResNet(SHAPE, 3, stage_widths=(4,), blocks_per_stage=2, **kwargs)
+
+
+def test_contractive_model_config_round_trips_through_json_and_keras_file(tmp_path):
+    keras.utils.set_random_seed(2)
+    model = variants.build_model("tiny", SHAPE, 5, residual_form="contractive", lipschitz=0.6)
+    assert model.alpha == 0.5  # the default step, resolved and recorded
+    config = json.loads(json.dumps(model.get_config()))
+    assert (config["residual_form"], config["alpha"], config["lipschitz"]) == ("contractive", 0.5, 0.6)
+    clone = IterativeResNet.from_config(config)
+    assert clone.get_config() == model.get_config()
+    assert all(b.residual_form == "contractive" and b.alpha == 0.5 for bs in clone.stages for b in bs)
+    block_config = json.loads(json.dumps(model.stages[1][0].get_config()))
+    assert ResidualBlock.from_config(block_config).get_config() == block_config
+    x = random_images(4, SHAPE)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras", compile=False)
+    assert loaded.get_config() == model.get_config()
+    np.testing.assert_array_equal(np.asarray(loaded(x, schedule=[[0, 1, 1], [0, 1]])),
+                                  np.asarray(model(x, schedule=[[0, 1, 1], [0, 1]])))
+
+
+def test_plain_configs_without_the_new_keys_still_load():
+    # Files saved before the residual forms existed carry no residual_form/alpha keys.
+    config = IterativeResNet(SHAPE, 3, stage_widths=(4,), blocks_per_stage=2).get_config()
+    del config["residual_form"], config["alpha"]
+    assert IterativeResNet.from_config(config).residual_form == "plain"
+
+
+def test_small_contractive_variant():
+    model = variants.build_model("small_contractive", (32, 32, 1), 10)
+    assert (model.residual_form, model.alpha, model.lipschitz) == ("contractive", 0.5, 0.5)
+    assert {b.contraction_bound for bs in model.stages for b in bs} == {0.75}

@@ -66,7 +66,7 @@ def test_make_norm_uses_it_and_config_round_trips():
 
 
 def test_gain_capped_fused_training_path_has_the_capped_function_and_its_gradient():
-    from iterconv_keras.models.lipschitz import GainCappedBatchNormalization
+    from iterconv_keras.models.normalization import GainCappedBatchNormalization
 
     fused, reference = GainCappedBatchNormalization(max_gain=1.0), GainCappedBatchNormalization(max_gain=1.0)
     reference._fusable = lambda inputs, mask: False  # the separate-ops arithmetic as the oracle

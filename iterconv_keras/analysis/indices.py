@@ -15,8 +15,12 @@ A = accuracy, chance = 1/K or the exact-set chance 1/C(K, n)):
             rep_t: block t replaced by a second application of block t-1
             drop_t: block t removed; t is skipped when |L(drop_t) - L(full)| <= tol
     DI(K) = (A(full) - A(full+K)) / (A(full) - chance)           K extra iterations
-            of the stage's last block; DI = mean over K
+            of the stage's last block; DI = mean over K; null when
+            A(full) - chance <= accuracy_tolerance (no meaningful denominator)
     CI    = 1 - u_(T+Kmax) / u_T,   u_k = mean_x ||f(x_k)||
+    r     = (u_(T+Kmax) / u_T)^(1 / Kmax)                      convergence rate
+            (< 1 converging, > 1 diverging); beside it the guaranteed
+            contraction bound L of a contractive last block (r <= L, CI >= 1 - L^Kmax)
 
 Every stage is manipulated on its own; the reported index is the mean over stages.
 """
@@ -26,7 +30,9 @@ import math
 import numpy as np
 import tensorflow as tf
 
+from iterconv_keras.analysis import certify as certify_lib
 from iterconv_keras.analysis.programs import StagePrograms, Totals, padded_batches, per_example_norm
+from iterconv_keras.models.coupling import group_rho
 
 DEFAULT_EXTRA_ITERATIONS = (1, 2, 4, 8, 16)
 # |L(drop_t) - L(full)| below this (nats) makes RI_t a ratio of noise: t is skipped.
@@ -64,15 +70,17 @@ def mean_or_nan(values):
     return float(np.mean(kept)) if kept else float("nan")
 
 
-def divergence_terms(full, extended, chance, tolerance=1e-9):
+def divergence_terms(full, extended, chance, tolerance):
     """``DI(K) = (P(full) - P(full+K)) / (P(full) - chance)`` for each K.
 
-    Written for accuracy (higher is better); the loss version passes losses and the
-    chance-level loss, for which the same ratio reads ``(L(full+K) - L(full)) /
-    (L_chance - L(full))``. NaN for every K when the network is at chance already.
+    Written for accuracy (higher is better); the loss version passes negated
+    losses and chance-level loss, for which the same ratio reads
+    ``(L(full+K) - L(full)) / (L_chance - L(full))``. NaN for every K when the
+    network is not more than ``tolerance`` above chance (at or below it): the
+    ratio would divide by noise, or flip its sign, as RI's skip rule avoids.
     """
     denominator = full - chance
-    if abs(denominator) < tolerance:
+    if not denominator > tolerance:
         return [float("nan")] * len(extended)
     return [(full - e) / denominator for e in extended]
 
@@ -92,6 +100,26 @@ def convergence_index(updates, trained_blocks):
     if last_trained <= 0.0:
         return float("nan")
     return 1.0 - updates[-1] / last_trained
+
+
+def convergence_rate(updates, trained_blocks, extra):
+    """``r = (u_(T+Kmax) / u_T)^(1 / Kmax)``: the mean factor per extra iteration.
+
+    < 1: the updates shrink (converging); > 1: they grow. For a block map with
+    Lipschitz constant L, ``u_(k+1) <= L u_k`` for every example, so ``r <= L``.
+
+    Args:
+        updates: ``[u_1, ..., u_(T+Kmax)]`` as for `convergence_index`.
+        trained_blocks: T.
+        extra: Kmax, the number of extra iterations at the end of ``updates``.
+
+    Returns:
+        float; NaN when the last trained update is zero.
+    """
+    last_trained = updates[trained_blocks - 1]
+    if last_trained <= 0.0:
+        return float("nan")
+    return (updates[-1] / last_trained) ** (1.0 / extra)
 
 
 def chance_accuracy(labels, num_classes, multi_label):
@@ -160,21 +188,6 @@ def effective_parameters(model):
         "effective_parameters": uncoupled + sum(row["effective_parameters"] for row in per_stage),
         "per_stage": per_stage,
     }
-
-
-def group_rho(copies):
-    """The normalised between-block spread rho of one coupled parameter, in [0, 1].
-
-    0 for identical copies (and for all-zero copies), about 1 for independent
-    copies of mean zero.
-    """
-    thetas = np.stack([np.ravel(c).astype(np.float64) for c in copies])
-    count = thetas.shape[0]
-    scale = np.sum(thetas**2)
-    if scale == 0.0:
-        return 0.0
-    spread = np.sum((thetas - thetas.mean(axis=0)) ** 2)
-    return float(np.clip(count / (count - 1) * spread / scale, 0.0, 1.0))
 
 
 # --------------------------------------------------------------------------- measuring
@@ -326,8 +339,10 @@ def compute_indices(
         extra_iterations: the K of the divergence index, increasing; the largest
             is K_max of the convergence index. Default ``(1, 2, 4, 8, 16)``.
         tolerance: RI_t is skipped when ``|L(drop_t) - L(full)| <= tolerance``
-            (nats). Default 1e-3.
-        accuracy_tolerance: the same for the accuracy version. Default 0.01.
+            (nats), and the loss version of DI is null when the trained loss is
+            not more than this below the chance-level loss. Default 1e-3.
+        accuracy_tolerance: the same for the accuracy versions (RI, and DI null
+            when accuracy is not more than this above chance). Default 0.01.
         batch_size: examples per compiled call. Default 256.
         programs: optional `StagePrograms` to reuse compiled pieces.
         progress: optional callable ``progress(batches_done)``.
@@ -335,19 +350,25 @@ def compute_indices(
     Returns:
         dict: ``{"accuracy", "loss", "indices"}`` where ``indices`` follows the
         ``iterconv eval --json`` document of interfaces.md (``recurrence``,
-        ``divergence``, ``convergence``, ``effective_parameters``,
-        ``parameters``, ``per_stage``, ``curves``) plus the accuracy/loss twins
-        and the settings used. Undefined values are NaN.
+        ``divergence``, ``convergence``, ``convergence_rate``,
+        ``effective_parameters``, ``parameters``, ``per_stage`` with
+        ``contraction_bound``, ``lipschitz``, ``curves``) plus the accuracy/loss
+        twins, the skip counts and the settings used. Undefined values are NaN.
     """
     extra = _validate_extra(extra_iterations)
     programs = programs or StagePrograms(model)
     totals = measure(programs, x, y, extra_iterations=extra, batch_size=batch_size, progress=progress)
     chance_acc = chance_accuracy(y, model.num_classes, model.multi_label)
     chance_nll = chance_loss(y, model.num_classes, model.multi_label)
+    full_acc, full_loss = totals.mean(("full", "correct")), totals.mean(("full", "loss"))
     per_stage = [
         _stage_indices(totals, s, len(blocks), extra, tolerance, accuracy_tolerance, chance_acc, chance_nll)
         for s, blocks in enumerate(model.stages)
     ]
+    certificates = [[certify_lib.block_certificate(block) for block in blocks] for blocks in model.stages]
+    for row, stage in zip(per_stage, certificates):
+        # The last block is the one the extra iterations repeat: its certified L bounds the rate.
+        row["contraction_bound"] = stage[-1]["contraction_bound"]
     params = effective_parameters(model)
     for row, counts in zip(per_stage, params["per_stage"]):
         row["rho"] = counts["rho"]
@@ -355,28 +376,35 @@ def compute_indices(
     indices = {
         name: mean_or_nan([row[name] for row in per_stage])
         for name in (
-            "recurrence", "divergence", "convergence",
+            "recurrence", "divergence", "convergence", "convergence_rate",
             "recurrence_accuracy", "divergence_loss", "convergence_relative",
         )
     }
     indices["effective_parameters"] = params["effective_parameters"]
     indices["parameters"] = params["parameters"]
     indices["recurrence_skipped"] = sum(row["recurrence_skipped"] for row in per_stage)
+    # The DI denominators are the trained network's distance from chance, the same for every stage.
+    indices["divergence_skipped"] = not full_acc - chance_acc > accuracy_tolerance
+    indices["divergence_loss_skipped"] = not chance_nll - full_loss > tolerance
     indices["per_stage"] = per_stage
+    indices["lipschitz"] = {
+        "certified": [[c["certified"] for c in stage] for stage in certificates],
+        "bound": model.lipschitz,
+        "residual_form": model.residual_form,
+        "alpha": model.alpha,
+        "contraction_bound": [[c["contraction_bound"] for c in stage] for stage in certificates],
+    }
     indices["curves"] = _mean_curves(per_stage, extra)
     indices["settings"] = {
         "extra_iterations": list(extra),
         "tolerance": tolerance,
         "accuracy_tolerance": accuracy_tolerance,
+        "divergence_tolerance": {"accuracy": accuracy_tolerance, "loss": tolerance},
         "chance_accuracy": chance_acc,
         "chance_loss": chance_nll,
         "performance": "loss (mean cross-entropy); *_accuracy keys use accuracy",
     }
-    return {
-        "accuracy": totals.mean(("full", "correct")),
-        "loss": totals.mean(("full", "loss")),
-        "indices": indices,
-    }
+    return {"accuracy": full_acc, "loss": full_loss, "indices": indices}
 
 
 def _stage_indices(totals, s, count, extra, tolerance, accuracy_tolerance, chance_acc, chance_nll):
@@ -392,9 +420,9 @@ def _stage_indices(totals, s, count, extra, tolerance, accuracy_tolerance, chanc
     )
     acc_k = [totals.mean(("extra", s, k, "correct")) for k in extra]
     loss_k = [totals.mean(("extra", s, k, "loss")) for k in extra]
-    di_acc = divergence_terms(full_acc, acc_k, chance_acc)
+    di_acc = divergence_terms(full_acc, acc_k, chance_acc, accuracy_tolerance)
     # Loss version: the same ratio with losses (lower is better), 1 = chance-level loss.
-    di_loss = divergence_terms(-full_loss, [-v for v in loss_k], -chance_nll)
+    di_loss = divergence_terms(-full_loss, [-v for v in loss_k], -chance_nll, tolerance)
     updates = [totals.mean(("update", s, k)) for k in range(count + extra[-1])]
     norms = [totals.mean(("norm", s, k)) for k in range(count + extra[-1])]
     relative = [u / n if n > 0 else float("nan") for u, n in zip(updates, norms)]
@@ -403,6 +431,7 @@ def _stage_indices(totals, s, count, extra, tolerance, accuracy_tolerance, chanc
         "recurrence": mean_or_nan(ri_loss),
         "divergence": mean_or_nan(di_acc),
         "convergence": convergence_index(updates, count),
+        "convergence_rate": convergence_rate(updates, count, extra[-1]),
         "recurrence_accuracy": mean_or_nan(ri_acc),
         "divergence_loss": mean_or_nan(di_loss),
         "convergence_relative": _relative_convergence(relative, count),
@@ -431,14 +460,25 @@ def _relative_convergence(relative, count):
 
 
 def _mean_curves(per_stage, extra):
-    """Curves over K averaged over stages (each stage manipulated on its own)."""
+    """Curves over K averaged over stages (each stage manipulated on its own).
+
+    Absolute update sizes of stages of different widths are not comparable (the
+    widest stage would dominate a mean), so the top-level ``update_norm`` is each
+    stage's update after K extra iterations relative to its last trained update,
+    ``u_(T+K) / u_T``, averaged over stages. ``relative_update`` (``u / ||x||``)
+    is dimensionless already and averaged as it is.
+    """
 
     def at_k(row, name):
         curve = row["curves"][name]
         if name in ("accuracy", "loss"):
             return curve
         # Update curves run along trained blocks first; pick the K-th extra iteration.
-        return [curve[row["blocks"] - 1 + k] for k in extra]
+        last = row["blocks"] - 1
+        values = [curve[last + k] for k in extra]
+        if name == "update_norm":
+            values = [v / curve[last] if curve[last] > 0 else float("nan") for v in values]
+        return values
 
     return {
         "extra_iterations": list(extra),

@@ -6,7 +6,8 @@ Three PNGs, each readable on its own:
   last block (the divergence index), one line per stage, with chance and the
   trained depth marked.
 - ``updates.png``: update size along the trained blocks and the extra
-  iterations (the convergence index), absolute and relative, per stage.
+  iterations (the convergence index and rate), absolute and relative, per
+  stage; for contractive blocks the guaranteed envelope ``u_T L^k``.
 - ``occlusion.png``: accuracy versus occluded fraction (with the AUC), and
   accuracy versus extra iterations on clean and occluded inputs.
 
@@ -96,9 +97,14 @@ def _update_sizes(document, title):
     for row in indices["per_stage"]:
         updates = _nan(row["curves"]["update_norm"])
         steps = list(range(1, len(updates) + 1))
-        label = f"stage {row['stage']} (CI {_fmt(row['convergence'])})"
-        left.plot(steps, updates, marker=".", label=label)
+        label = f"stage {row['stage']} (CI {_fmt(row['convergence'])}, rate {_fmt(row.get('convergence_rate'))})"
+        (line,) = left.plot(steps, updates, marker=".", label=label)
         right.plot(steps, _nan(row["curves"]["relative_update"]), marker=".", label=f"stage {row['stage']}")
+        bound, last = row.get("contraction_bound"), row["blocks"] - 1
+        if bound is not None and updates[last] == updates[last]:
+            # The guarantee of a contractive block: u_(T+k) <= L^k u_T.
+            left.plot(steps[last:], [updates[last] * bound ** k for k in range(len(steps) - last)],
+                      color=line.get_color(), linestyle="--", linewidth=1, label=f"  guaranteed, L {_fmt(bound)}")
         for axis in (left, right):
             axis.axvline(row["blocks"] + 0.5, color="grey", linestyle=":", linewidth=1)
     left.set_ylabel("update size  u_k = mean ||f(x_k)||")

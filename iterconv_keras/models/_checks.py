@@ -1,5 +1,7 @@
 """Argument checks shared by the model and its layers, with messages that echo the bad value."""
 
+import math
+
 
 def positive_shape(value, name, axes):
     """``value`` as a tuple of positive ints, one per entry of ``axes``, or ``ValueError``.
@@ -17,3 +19,22 @@ def positive_shape(value, name, axes):
     if len(shape) != len(axes) or min(shape) < 1:
         raise ValueError(f"{name} must be {form} with positive sizes, got {value!r}")
     return shape
+
+
+def positive_number(value, name):
+    """``value`` as a positive finite float, or ``ValueError`` echoing it.
+
+    Args:
+        value: the number given by the caller (bools, strings, NaN, inf and
+            values <= 0 are refused).
+        name: argument name for the message, e.g. ``"max_gain"``.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a positive number, got {value!r}") from None
+    if not math.isfinite(number) or number <= 0.0:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return number

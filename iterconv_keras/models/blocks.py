@@ -3,28 +3,80 @@
 Because nothing follows the addition, applying a block twice is exactly two
 iterations of the map ``x -> x + f(x)``; this is what lets a schedule repeat,
 drop or extend blocks (method.md section 2).
+
+Two residual forms share that shape (an injected choice, not two classes):
+
+- ``"plain"``: ``f = g``, the branch ``norm -> act -> conv -> norm -> act -> conv``.
+- ``"contractive"``: ``f = alpha * (g - id)``, i.e. ``x <- (1 - alpha) x + alpha g(x)``,
+  with the Lipschitz constraint ``Lip(g) <= c < 1`` and ``0 < alpha <= 1``. The block
+  map then has Lipschitz constant at most ``L = 1 - alpha (1 - c) < 1``: a
+  contraction, so iterating it converges to its unique fixed point from every
+  input (Banach fixed-point theorem) and each iteration shrinks the update by
+  at least L; a relaxed (Krasnosel'skii-Mann) fixed-point iteration of g. This
+  goes beyond Lippl, Peters & Kriegeskorte (PLoS One 2024), whose constraint
+  bounds ``x + f(x)`` only by ``1 + c`` (``docs/lipschitz.md``).
 """
 
 import keras
 
 from iterconv_keras.models import lipschitz as lipschitz_lib
-from iterconv_keras.models.normalization import FusedBatchNormalization
+from iterconv_keras.models.normalization import FusedBatchNormalization, GainCappedBatchNormalization
 
 NORMS = ("batch", "sync_batch", "none")
 ACTIVATIONS = ("relu", "gelu", "tanh", "silu")
+RESIDUAL_FORMS = ("plain", "contractive")
+DEFAULT_ALPHA = 0.5
+"""Step size of the contractive form when none is given: L = 1 - (1 - c) / 2."""
+
+
+def validate_residual_form(residual_form, alpha, lipschitz):
+    """Check a residual form and resolve its step size; return ``(residual_form, alpha)``.
+
+    Args:
+        residual_form: one of `RESIDUAL_FORMS`.
+        alpha: None or a float in (0, 1]; only the contractive form takes one
+            (None there means `DEFAULT_ALPHA`); the plain form refuses any.
+        lipschitz: the block's bound c (validated float or None); the contractive
+            form needs ``c < 1``.
+
+    Raises:
+        ValueError: echoing the offending value.
+    """
+    if residual_form not in RESIDUAL_FORMS:
+        raise ValueError(f"residual_form must be one of {RESIDUAL_FORMS}, got {residual_form!r}")
+    if residual_form == "plain":
+        if alpha is not None:
+            raise ValueError(f"alpha applies to residual_form='contractive' only, got alpha={alpha!r} "
+                             "with residual_form='plain'")
+        return residual_form, None
+    if lipschitz is None or lipschitz >= 1.0:
+        raise ValueError(f"residual_form='contractive' needs the Lipschitz constraint with lipschitz=c < 1 "
+                         f"(the bound on g), got lipschitz={lipschitz!r}")
+    alpha = DEFAULT_ALPHA if alpha is None else alpha
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < alpha <= 1.0:
+        raise ValueError(f"alpha must be a number in (0, 1], got {alpha!r}")
+    return residual_form, float(alpha)
+
+
+def contraction_bound(alpha, lipschitz_g):
+    """``1 - alpha (1 - Lip(g))``: the Lipschitz constant of ``x -> (1 - alpha) x + alpha g(x)``.
+
+    ``||(1 - a)(x - y) + a (g(x) - g(y))|| <= ((1 - a) + a Lip(g)) ||x - y||``.
+    """
+    return 1.0 - alpha * (1.0 - lipschitz_g)
 
 
 def make_norm(norm, momentum, name, max_gain=None):
     """The normalisation layer named by ``norm`` (one of `NORMS`).
 
     ``max_gain`` (float or None) caps the per-channel gain of batch normalisation
-    (`lipschitz.GainCappedBatchNormalization`), as a Lipschitz-constrained
+    (`normalization.GainCappedBatchNormalization`), as a Lipschitz-constrained
     residual function needs.
     """
     if norm == "none":
         return keras.layers.Identity(name=name)
     if max_gain is not None:
-        return lipschitz_lib.GainCappedBatchNormalization(
+        return GainCappedBatchNormalization(
             max_gain=max_gain, momentum=momentum, synchronized=norm == "sync_batch", name=name
         )
     if norm == "batch":
@@ -54,20 +106,27 @@ class ResidualBlock(keras.layers.Layer):
         activation: one of ``"relu"``, ``"gelu"``, ``"tanh"``, ``"silu"``.
             Default ``"relu"``.
         kernel_initializer: initializer of both kernels. Default ``"he_normal"``.
-        lipschitz: None (unconstrained, default) or float c > 0: constrain ``f``
-            at inference to ``Lip(f) <= c`` (method.md section 4). Each conv
+        lipschitz: None (unconstrained, default) or float c > 0: constrain the
+            branch ``g`` (``f`` itself for the plain form) at inference to
+            ``Lip(g) <= c`` (method.md section 4). Each conv
             kernel gets a `lipschitz.ConvOperatorNormBound` of
             ``sqrt(c) / L_act`` (applied after every optimizer step) and batch
-            normalisation becomes `lipschitz.GainCappedBatchNormalization` with
+            normalisation becomes `normalization.GainCappedBatchNormalization` with
             gain <= 1. Needs a static input height and width (the conv operator
             norm is taken on the block's feature map). See ``docs/lipschitz.md``
             (Behrmann et al. 2019; Gouk et al. 2018).
+        residual_form: ``"plain"`` (``f = g``, default) or ``"contractive"``
+            (``f = alpha (g - id)``, needs ``lipschitz`` < 1; the block map is then a
+            contraction with constant ``1 - alpha (1 - c)``; method.md section 4b).
+        alpha: None or float in (0, 1], the step of the contractive form
+            (None: `DEFAULT_ALPHA`); the plain form takes none. Default None.
         **kwargs: standard layer arguments (``name``, ``dtype``).
 
     Example:
         >>> block = ResidualBlock(16)
         >>> y = block(keras.ops.zeros((2, 8, 8, 16)))
         >>> constrained = ResidualBlock(16, lipschitz=0.9)
+        >>> contractive = ResidualBlock(16, lipschitz=0.5, residual_form="contractive", alpha=0.5)
     """
 
     def __init__(
@@ -79,10 +138,13 @@ class ResidualBlock(keras.layers.Layer):
         activation="relu",
         kernel_initializer="he_normal",
         lipschitz=None,
+        residual_form="plain",
+        alpha=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.lipschitz = lipschitz_lib.validate_bound(lipschitz)
+        self.residual_form, self.alpha = validate_residual_form(residual_form, alpha, self.lipschitz)
         if not isinstance(filters, int) or filters < 1:
             raise ValueError(f"filters must be a positive int, got {filters!r}")
         if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
@@ -166,10 +228,24 @@ class ResidualBlock(keras.layers.Layer):
         """The convolutions of ``f``, in order (what a Lipschitz constraint acts on)."""
         return (self.conv1, self.conv2)
 
-    def residual(self, x, training=None):
-        """``f(x)``: the update the block adds to its input."""
+    @property
+    def contraction_bound(self):
+        """The guaranteed Lipschitz constant ``1 - alpha (1 - c)`` of the contractive block map, else None."""
+        if self.residual_form != "contractive":
+            return None
+        return contraction_bound(self.alpha, self.lipschitz)
+
+    def branch(self, x, training=None):
+        """``g(x)``: the constrained branch ``norm -> act -> conv -> norm -> act -> conv``."""
         h = self.conv1(self.act(self.norm1(x, training=training)))
         return self.conv2(self.act(self.norm2(h, training=training)))
+
+    def residual(self, x, training=None):
+        """``f(x)``: the update the block adds to its input (``g(x)``, or ``alpha (g(x) - x)``)."""
+        g = self.branch(x, training=training)
+        if self.residual_form == "contractive":
+            return self.alpha * (g - x)
+        return g
 
     def call(self, x, training=None):
         return x + self.residual(x, training=training)
@@ -188,6 +264,8 @@ class ResidualBlock(keras.layers.Layer):
                 "activation": self.activation,
                 "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
                 "lipschitz": self.lipschitz,
+                "residual_form": self.residual_form,
+                "alpha": self.alpha,
             }
         )
         return config

@@ -105,21 +105,35 @@ def tie_blocks(stages):
                 target.assign(source)
 
 
-def between_block_distance(stages):
-    """Mean relative squared distance of each block's weights to its stage mean.
+def group_rho(copies):
+    """The normalised between-block spread rho of one coupled parameter, in [0, 1].
 
-    ``sum_t ||theta_t - theta_bar||^2 / sum_t ||theta_t||^2`` over the trainable
-    weights of each stage with more than one block, averaged over stages. 0 means
-    identical blocks. Used by tests and by the effective-parameter count.
+    ``rho = (T / (T - 1)) * sum_t ||theta_t - theta_bar||^2 / sum_t ||theta_t||^2``,
+    clipped to [0, 1] (method.md section 5, item 4): 0 for identical copies (and
+    for all-zero copies), about 1 for independent copies of mean zero. The
+    effective-parameter count (`iterconv_keras.analysis.indices.effective_parameters`)
+    applies it per coupled group.
+
+    Args:
+        copies: the T >= 2 arrays of one parameter, one per block.
     """
-    values = []
-    for blocks in stages:
-        if len(blocks) < 2:
-            continue
-        thetas = np.stack([_flat(block) for block in blocks])
-        spread = np.sum((thetas - thetas.mean(axis=0)) ** 2)
-        scale = np.sum(thetas**2)
-        values.append(spread / scale if scale > 0 else 0.0)
+    thetas = np.stack([np.ravel(c).astype(np.float64) for c in copies])
+    count = thetas.shape[0]
+    scale = np.sum(thetas**2)
+    if scale == 0.0:
+        return 0.0
+    spread = np.sum((thetas - thetas.mean(axis=0)) ** 2)
+    return float(np.clip(count / (count - 1) * spread / scale, 0.0, 1.0))
+
+
+def between_block_distance(stages):
+    """`group_rho` of each stage's whole blocks (all trainable weights as one vector), averaged over stages.
+
+    0 means identical blocks. A one-number summary of how far coupling lets the
+    blocks drift apart (the tests use it); the effective-parameter count uses
+    `group_rho` per parameter instead.
+    """
+    values = [group_rho([_flat(block) for block in blocks]) for blocks in stages if len(blocks) >= 2]
     return float(np.mean(values)) if values else 0.0
 
 

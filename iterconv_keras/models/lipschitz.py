@@ -1,4 +1,4 @@
-"""Lipschitz constraint on the residual functions: soft spectral normalisation.
+"""Lipschitz constraint on the residual functions: soft spectral normalisation, certified.
 
 Each convolution ``W`` inside a residual function ``f`` is rescaled after every
 optimizer step:
@@ -6,22 +6,32 @@ optimizer step:
     W <- W * min(1, c_l / sigma(W))
 
 where ``sigma(W)`` is the operator norm of the *convolution on the block's
-feature map* (SAME padding, stride 1, input shape ``(H, W, C)``), estimated by
-power iteration with a convolution and its adjoint (the transposed
-convolution) on a persistent vector. One iteration per training step, many at
-construction, at the end of ``fit`` and in `enforce` / `certify`. Only kernels
-above the bound are scaled ("soft" spectral normalisation of invertible ResNets,
-Behrmann et al., ICML 2019, after Gouk et al. 2018; power iteration with a
-persistent vector as in Miyato et al., ICLR 2018). The norm of the reshaped
-``(kh*kw*cin, cout)`` kernel matrix, which `keras.layers.SpectralNormalization`
-uses, is a different quantity and can understate the operator norm.
+feature map* (SAME zero padding, stride 1, input shape ``(H, W, C)``),
+*estimated* by power iteration with a convolution and its adjoint (the
+transposed convolution) on a persistent vector, one iteration per training
+step. Only kernels above the bound are scaled ("soft" spectral normalisation of
+invertible ResNets, Behrmann et al., ICML 2019, after Gouk et al. 2018; power
+iteration with a persistent vector as in Miyato et al., ICLR 2018). The norm of
+the reshaped ``(kh*kw*cin, cout)`` kernel matrix, which
+`keras.layers.SpectralNormalization` uses, is a different quantity and can
+understate the operator norm.
+
+A power-iteration value is a lower bound of sigma. `certified_operator_norm` is
+an upper bound that provably holds: the zero-padded convolution on an H x W map
+is a restriction of the circular convolution on a torus of (H + p) x (W + p),
+p = (k - 1) / 2, whose singular values are those of the kernel's 2-D DFT at
+each frequency (Sedghi, Gupta & Long, "The singular values of convolutional
+layers", ICLR 2019). `enforce` (run at the end of ``fit`` and before export)
+rescales every kernel by this certified value, so the saved model satisfies its
+bound with a proof rather than an estimate.
 
 Per-layer share of the target ``c`` (see ``docs/lipschitz.md``): batch
 normalisation inside ``f`` has its per-channel gain capped at 1
-(`GainCappedBatchNormalization`), the activation has a known Lipschitz constant
-``L`` (1 for ReLU and tanh), and each of the two convolutions is bounded by
-``sqrt(c) / L``, so ``Lip(f) <= 1 * L * sqrt(c)/L * 1 * L * sqrt(c)/L = c`` for
-``f`` as evaluated at inference.
+(`normalization.GainCappedBatchNormalization`), the activation has a known
+Lipschitz constant ``L`` (1 for ReLU and tanh), and each of the two
+convolutions is bounded by ``sqrt(c) / L``, so
+``Lip(f) <= 1 * L * sqrt(c)/L * 1 * L * sqrt(c)/L = c`` for ``f`` as evaluated
+at inference.
 
 This is the project's operationalisation of the Lipschitz constraint of Lippl,
 Peters & Kriegeskorte (PLoS One 19(3): e0293440, 2024); their exact formula was
@@ -34,7 +44,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from iterconv_keras.models._checks import positive_shape
+from iterconv_keras.models._checks import positive_number, positive_shape
 
 # Largest |derivative| of each block activation, rounded up (verified on a grid by
 # tests/test_lipschitz.py). GELU (keras' default, exact erf form) peaks at
@@ -46,18 +56,24 @@ TRAIN_ITERATIONS = 1
 """Power iterations per optimizer step (on the persistent vector)."""
 
 INIT_ITERATIONS = 200
-"""Power iterations of the projection at model construction (a feasible start)."""
+"""Power iterations of `initial_projection` at model construction: a feasible start for
+training (which works with estimates) and warm persistent vectors."""
 
-ENFORCE_ITERATIONS = 1000
-"""Power iterations of `enforce`, run at the end of ``fit`` and before export.
+ESTIMATE_ITERATIONS = 1000
+"""Default power iterations of `converged_operator_norm` (an estimate, for reports).
 
 Conv operators have many singular values close to the top one, so power
-iteration converges slowly (roughly as 1/k in the worst case); 200 iterations
-after training left kernels up to 7e-4 relative above their bound as measured
-by a further 1000 iterations, 1000 left them within 3.1e-4 (tiny variant, Adam)."""
+iteration converges slowly (roughly as 1/k in the worst case)."""
 
-CERTIFY_ITERATIONS = 1000
-"""Power iterations per convolution used by `certify`."""
+# The certified norm is computed in float64 from the float32 kernel; FFT and SVD
+# rounding (about 1e-15 relative to these quantities) is covered many times over.
+CERTIFIED_RELATIVE_MARGIN = 1e-9
+CERTIFIED_ABSOLUTE_MARGIN = 1e-9
+"""Margins of `certified_operator_norm`: ``sigma * (1 + rel) + abs * sum|K|``."""
+
+PROJECTION_MARGIN = 1e-6
+"""`enforce` scales a kernel to ``bound * (1 - PROJECTION_MARGIN)``, so rounding the
+rescaled kernel to float32 cannot lift its certified norm above the bound."""
 
 _VECTOR_SEED = 20190101
 
@@ -69,17 +85,7 @@ def validate_bound(value, name="lipschitz"):
         ValueError: if ``value`` is not a number, is NaN or infinite, or is <= 0.
             The message echoes the value.
     """
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a positive number or None, got {value!r}")
-    try:
-        bound = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a positive number or None, got {value!r}") from None
-    if not math.isfinite(bound) or bound <= 0.0:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return bound
+    return None if value is None else positive_number(value, name)
 
 
 def activation_lipschitz(activation):
@@ -151,7 +157,9 @@ def conv_operator_norm(kernel, vector, iterations=1):
 
 
 def _power_step(u, kernel, shape):
-    w = _conv_adjoint(_conv(u, kernel), kernel, shape)
+    # conv2d_transpose with a tensor output_shape loses the static shape, which
+    # tf.while_loop needs to stay fixed (a 1x1 map otherwise fails to trace).
+    w = tf.ensure_shape(_conv_adjoint(_conv(u, kernel), kernel, shape), u.shape)
     norm = tf.norm(w)
     # A zero kernel maps everything to 0; keep the old vector rather than NaN.
     u = tf.where(norm > 0, w / tf.maximum(norm, tf.constant(1e-30, norm.dtype)), u)
@@ -174,8 +182,8 @@ def _power_loop(kernel, u, iterations):
     return tf.sqrt(norm), u
 
 
-def converged_operator_norm(kernel, vector, iterations=ENFORCE_ITERATIONS):
-    """`conv_operator_norm` with many iterations, run as one graph (for eval/export)."""
+def converged_operator_norm(kernel, vector, iterations=ESTIMATE_ITERATIONS):
+    """`conv_operator_norm` with many iterations, run as one graph: an estimate from below."""
     if not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"iterations must be an int >= 1, got {iterations!r}")
     kernel = tf.convert_to_tensor(kernel)
@@ -223,7 +231,8 @@ class ConvOperatorNormBound(keras.constraints.Constraint):
     It owns a non-trainable persistent power-iteration vector of the layer's input
     shape; the layer that uses it must track ``constraint.vector`` so the vector
     is saved with the model (`ResidualBlock` does). Soft spectral normalisation
-    after Behrmann et al. (ICML 2019) and Gouk et al. (2018).
+    after Behrmann et al. (ICML 2019) and Gouk et al. (2018). Per step sigma is a
+    power-iteration estimate; `enforce` projects with the certified bound.
 
     Args:
         bound: float > 0, the largest operator norm allowed.
@@ -256,8 +265,24 @@ class ConvOperatorNormBound(keras.constraints.Constraint):
         self.vector.assign(u)
         return rescale(kernel, sigma, self.bound)
 
-    def enforce(self, kernel_variable, iterations=ENFORCE_ITERATIONS):
-        """Project ``kernel_variable`` in place with many iterations; return sigma before."""
+    def enforce(self, kernel_variable):
+        """Rescale ``kernel_variable`` in place so its certified norm is <= the bound.
+
+        Returns:
+            float, the `certified_operator_norm` of the kernel before projection.
+        """
+        kernel = np.asarray(kernel_variable, dtype=np.float32)
+        sigma = certified_operator_norm(kernel, self.input_shape)
+        if sigma > self.bound:
+            kernel_variable.assign(project_certified(kernel, self.input_shape, self.bound))
+        return sigma
+
+    def project_estimated(self, kernel_variable, iterations=INIT_ITERATIONS):
+        """Rescale ``kernel_variable`` in place by a power-iteration estimate from the persistent vector.
+
+        The estimate is a lower bound, so this is not certified (`enforce` is);
+        it warms the vector for training. Returns the estimate before projection.
+        """
         sigma, u = converged_operator_norm(kernel_variable, self.vector, iterations)
         self.vector.assign(u)
         kernel_variable.assign(rescale(kernel_variable, sigma, self.bound))
@@ -272,144 +297,82 @@ class ConvOperatorNormBound(keras.constraints.Constraint):
         }
 
 
-@keras.saving.register_keras_serializable(package="iterconv")
-class GainCappedBatchNormalization(keras.layers.BatchNormalization):
-    """Batch normalisation whose per-channel gain ``|gamma| / sqrt(var + eps)`` is at most ``max_gain``.
+# -- a certified upper bound ---------------------------------------------------------
 
-    The gain actually applied is ``clip(gamma / sqrt(var + eps), -max_gain, max_gain)``,
-    with the moving variance at inference and the batch variance in training (so
-    training sees the same function family as inference).
-    At inference the layer is affine with Lipschitz constant ``<= max_gain`` by
-    construction, whatever the moving statistics are; ``gamma`` itself is not
-    modified, so coupled blocks keep identical trainable weights while their
-    moving statistics differ (method.md section 3). Where the cap binds, the
-    layer no longer amplifies small activations to unit variance.
+
+def circular_size(map_shape, kernel_shape):
+    """Torus size ``(N1, N2)`` on which the zero-padded convolution is a restriction.
+
+    For an odd ``k x k`` kernel with reach ``p = (k - 1) / 2`` on an ``H x W`` map,
+    output pixel ``i`` reads input rows ``i - p .. i + p``. On a torus of
+    ``N >= H + p`` rows the rows ``-p .. -1`` wrap to ``N - p .. N - 1 >= H`` and
+    rows ``H .. H + p - 1`` stay below ``N``: all of them are rows the zero
+    extension of an ``H``-row map leaves at 0, so the circular convolution reads
+    exactly what zero padding reads. Taps with ``|offset| >= H`` never meet the
+    map (they only read padding) and are cropped first, which keeps ``N`` at
+    least the kernel size. Stride 1 only.
 
     Args:
-        max_gain: float > 0, the cap on the per-channel gain. Default 1.0.
-        **kwargs: `keras.layers.BatchNormalization` arguments (``momentum``,
-            ``synchronized``, ``name``, ...); only ``axis=-1``, no ``renorm``.
-
-    Example:
-        >>> norm = GainCappedBatchNormalization(max_gain=1.0, momentum=0.9)
-    """
-
-    def __init__(self, max_gain=1.0, **kwargs):
-        super().__init__(**kwargs)
-        self.max_gain = validate_bound(max_gain, "max_gain")
-        if self.max_gain is None:
-            raise ValueError("max_gain must be a positive finite number, got None")
-        if self.renorm:
-            raise ValueError(f"GainCappedBatchNormalization does not support renorm, got renorm={self.renorm!r}")
-        if self.axis != -1:
-            raise ValueError(f"GainCappedBatchNormalization normalises the last axis only, got axis={self.axis!r}")
-
-    def call(self, inputs, training=None, mask=None):
-        if training and self.trainable and self._fusable(inputs, mask):
-            return self._fused_training_call(inputs)
-        # Same statistics and updates as BatchNormalization.call (without renorm);
-        # only the scale is capped before the affine map.
-        compute_dtype = keras.backend.result_type(inputs.dtype, "float32")
-        inputs = keras.ops.cast(inputs, compute_dtype)
-        moving_mean = keras.ops.cast(self.moving_mean, compute_dtype)
-        moving_variance = keras.ops.cast(self.moving_variance, compute_dtype)
-        if training and self.trainable:
-            mean, variance = self._moments(inputs, mask)
-            self.moving_mean.assign(moving_mean * self.momentum + mean * (1.0 - self.momentum))
-            self.moving_variance.assign(
-                moving_variance * self.momentum + variance * (1.0 - self.momentum)
-            )
-        else:
-            mean, variance = moving_mean, moving_variance
-        # tf.nn.batch_normalization's own arithmetic (so the layer is BatchNormalization
-        # bitwise where the cap does not bind) with a clip of the gain in between.
-        gain = keras.ops.rsqrt(variance + self.epsilon)
-        if self.scale:
-            gain = gain * keras.ops.cast(self.gamma, compute_dtype)
-        gain = keras.ops.clip(gain, -self.max_gain, self.max_gain)
-        offset = -mean * gain
-        if self.center:
-            offset = keras.ops.cast(self.beta, compute_dtype) + offset
-        outputs = inputs * gain + offset
-        return keras.ops.cast(outputs, self.compute_dtype)
-
-    def _fusable(self, inputs, mask):
-        return (mask is None and not self.synchronized and len(inputs.shape) == 4
-                and inputs.dtype == tf.float32 and self.compute_dtype == "float32")
-
-    def _fused_training_call(self, inputs):
-        gamma = self.gamma if self.scale else tf.ones_like(self.moving_mean)
-        beta = self.beta if self.center else tf.zeros_like(self.moving_mean)
-        outputs, mean, variance = _capped_batch_norm(inputs, gamma, beta, self.epsilon, self.max_gain)
-        self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
-        self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
-        return outputs
-
-    def inference_gains(self):
-        """Per-channel gains applied at inference, as a NumPy array."""
-        variance = np.asarray(self.moving_variance, dtype=np.float64)
-        scale = np.sqrt(variance + self.epsilon)
-        gamma = np.asarray(self.gamma, dtype=np.float64) if self.scale else np.ones_like(variance)
-        return np.minimum(np.abs(gamma) / scale, self.max_gain)
-
-    def get_config(self):
-        config = super().get_config()
-        config["max_gain"] = self.max_gain
-        return config
-
-
-def _capped_batch_norm(x, gamma, beta, epsilon, max_gain):
-    """Training-mode gain-capped batch norm on TensorFlow's fused kernels.
-
-    Forward: one ``FusedBatchNormV3`` (scale 1) gives ``xhat`` and the batch
-    statistics; ``y = xhat * clip(gamma / std, +-max_gain) * std + beta``.
-    Backward: ``FusedBatchNormGradV3`` gives batch norm's gradient for the applied
-    scale; in channels where the cap binds the scale is ``max_gain * std``, which
-    depends on x through std, so the function there is ``max_gain * (x - mean) +
-    beta`` and the term batch norm's gradient subtracts for std must be added
-    back: ``dx += gain * xhat * sum(dy * xhat) / n``, and ``dgamma = 0``. This is
-    the exact gradient of the capped function without a separate
-    ``tf.nn.moments`` pass (tests/test_normalization.py compares it with the
-    separate-ops layer).
+        map_shape: ``(H, W, ...)`` of the feature map.
+        kernel_shape: ``(kh, kw, ...)`` with odd ``kh`` and ``kw``.
 
     Returns:
-        ``(y, batch_mean, biased_batch_variance)``.
+        ``((N1, N2), (p1, p2))``: the torus size and the reach of the cropped kernel.
     """
-    empty = tf.constant([], x.dtype)
+    height, width = int(map_shape[0]), int(map_shape[1])
+    kh, kw = int(kernel_shape[0]), int(kernel_shape[1])
+    if kh % 2 == 0 or kw % 2 == 0:
+        raise ValueError(f"the certified bound needs an odd kernel (SAME padding centres it), got {kh}x{kw}")
+    p1, p2 = min(kh // 2, height - 1), min(kw // 2, width - 1)
+    return (height + p1, width + p2), (p1, p2)
 
-    @tf.custom_gradient
-    def capped(x, gamma, beta):
-        ones = tf.ones_like(gamma)
-        xhat, mean, corrected, saved_mean, saved_variance, reserve = tf.raw_ops.FusedBatchNormV3(
-            x=x, scale=ones, offset=tf.zeros_like(gamma), mean=empty, variance=empty,
-            epsilon=epsilon, is_training=True, data_format="NHWC",
-        )
-        # The statistics from the documented outputs, not the reserve spaces (which
-        # hold the inverse variance under cuDNN); the kernel's variance is
-        # Bessel-corrected, batch norm normalises with the biased one.
-        count = tf.cast(tf.size(x) // tf.size(gamma), x.dtype)
-        variance = corrected * ((count - 1.0) / tf.maximum(count, 1.0))
-        std = tf.sqrt(variance + epsilon)
-        gain = tf.clip_by_value(gamma / std, -max_gain, max_gain)
-        binds = tf.cast(tf.abs(gamma / std) > max_gain, x.dtype)
-        scale = gain * std
-        y = xhat * scale + beta
 
-        def grad(dy, dmean, dvariance):
-            # The batch statistics returned beside y feed only the moving averages,
-            # which are not differentiated (as in Keras' layer).
-            del dmean, dvariance
-            dx, dscale, doffset, _, _ = tf.raw_ops.FusedBatchNormGradV3(
-                y_backprop=dy, x=x, scale=scale, reserve_space_1=saved_mean, reserve_space_2=saved_variance,
-                reserve_space_3=reserve, epsilon=epsilon, data_format="NHWC", is_training=True,
-            )
-            dx = dx + xhat * (binds * gain * dscale / count)
-            return dx, (1.0 - binds) * dscale, doffset
+def certified_operator_norm(kernel, map_shape):
+    """A certified upper bound of the operator norm of a SAME, stride-1 zero-padded convolution.
 
-        return (y, tf.identity(mean), tf.identity(variance)), grad
+    With ``E`` the zero extension of an ``H x W`` map onto a torus of
+    `circular_size` and ``R`` the restriction back, the zero-padded convolution
+    is ``R C E`` with ``C`` the circular convolution on the torus (see
+    `circular_size`). ``E`` and ``R`` have norm 1, so ``||R C E|| <= ||C||``; and
+    ``C`` is block-diagonalised by the 2-D DFT, its singular values being those
+    of the ``cin x cout`` matrices ``K_hat(w)`` of the kernel's DFT at every
+    frequency ``w`` of the torus (Sedghi, Gupta & Long, ICLR 2019). So
+    ``max_w sigma_max(K_hat(w))`` bounds the zero-padded operator from above.
+    Computed in float64 with a rounding margin (`CERTIFIED_RELATIVE_MARGIN`,
+    `CERTIFIED_ABSOLUTE_MARGIN`). Exact for a single-tap kernel; for the all-ones
+    3x3 kernel it is 9, the limit of the zero-padded norm on large maps.
 
-    # Tensors, not variables: the custom gradient then covers gamma and beta directly.
-    return capped(tf.convert_to_tensor(x), tf.convert_to_tensor(gamma), tf.convert_to_tensor(beta))
+    Args:
+        kernel: ``(kh, kw, cin, cout)`` array (Keras / TF layout), odd ``kh``, ``kw``.
+        map_shape: ``(H, W)`` or ``(H, W, cin)`` of the map the convolution acts on.
+
+    Returns:
+        float, an upper bound of the largest singular value.
+    """
+    kernel = np.asarray(kernel, dtype=np.float64)
+    if kernel.ndim != 4:
+        raise ValueError(f"kernel must be (kh, kw, cin, cout), got shape {kernel.shape}")
+    (n1, n2), (p1, p2) = circular_size(map_shape, kernel.shape)
+    c1, c2 = kernel.shape[0] // 2, kernel.shape[1] // 2
+    cropped = kernel[c1 - p1 : c1 + p1 + 1, c2 - p2 : c2 + p2 + 1]
+    # A real kernel's spectrum is conjugate-symmetric (same singular values), so
+    # the half spectrum of rfft2 holds every distinct value.
+    spectrum = np.fft.rfft2(cropped, s=(n1, n2), axes=(0, 1))
+    top = float(np.linalg.svd(spectrum, compute_uv=False).max())
+    return top * (1.0 + CERTIFIED_RELATIVE_MARGIN) + CERTIFIED_ABSOLUTE_MARGIN * float(np.abs(cropped).sum())
+
+
+def project_certified(kernel, map_shape, bound):
+    """``kernel`` (float32) scaled so its `certified_operator_norm` is <= ``bound``; unchanged if already."""
+    kernel = np.asarray(kernel, dtype=np.float32)
+    sigma = certified_operator_norm(kernel, map_shape)
+    target = bound * (1.0 - PROJECTION_MARGIN)
+    while sigma > bound:
+        # The bound is homogeneous in the kernel, so one rescale lands on target up
+        # to float32 rounding, which the margin absorbs; the loop is the proof.
+        kernel = (kernel.astype(np.float64) * (target / sigma)).astype(np.float32)
+        sigma = certified_operator_norm(kernel, map_shape)
+    return kernel
 
 
 # -- model-level helpers --------------------------------------------------------
@@ -425,174 +388,50 @@ def constrained_blocks(model):
     ]
 
 
-def enforce(model, iterations=ENFORCE_ITERATIONS):
-    """Project every constrained kernel of ``model`` with many power iterations.
+def enforce(model):
+    """Project every constrained kernel of ``model`` so its *certified* norm is within its bound.
 
-    Training takes one iteration per step on the persistent vector, so the last
-    steps can leave a kernel marginally above its bound; this runs ``iterations``
-    more (continuing from the persistent vectors) and rescales. Called by
-    `IterativeResNet` at construction and at the end of ``fit``; call it before
-    evaluating or exporting a model you trained with your own loop.
+    Training estimates sigma with one power iteration per step, from below, so
+    kernels can sit above their bound between projections. This rescales each
+    kernel whose `certified_operator_norm` exceeds the bound to
+    ``bound * (1 - PROJECTION_MARGIN)``; kernels within it are left bitwise
+    unchanged, and the persistent power-iteration vectors are not touched (a
+    scalar rescaling leaves the top singular vector alone). Called by
+    `IterativeResNet` at the end of ``fit`` and before export; call it before
+    evaluating a model you trained with your own loop.
 
     Args:
         model: an `IterativeResNet` (anything with ``stages`` of `ResidualBlock`).
-        iterations: int >= 1, power iterations per convolution. Default
-            `ENFORCE_ITERATIONS`.
 
     Returns:
-        list of the operator-norm estimates before projection, one per convolution.
+        list of the certified operator norms before projection, one per convolution.
     """
-    sigmas = []
+    norms = []
     for _, _, block in constrained_blocks(model):
         for conv in block.convolutions:
-            sigmas.append(conv.kernel_constraint.enforce(conv.kernel, iterations))
-    return sigmas
+            norms.append(conv.kernel_constraint.enforce(conv.kernel))
+    return norms
 
 
-def jacobian_norms(fn, x, iterations=30, seed=0):
-    """Per-example power-iteration estimate of ``||d fn / dx||`` at each example of ``x``.
+def initial_projection(model, iterations=INIT_ITERATIONS):
+    """The projection of a new model: ``iterations`` power iterations per conv, rescale by the estimate.
 
-    ``fn`` must act on each example independently (a block at inference). With
-    ``v`` a unit vector per example, an iteration computes ``J v`` by forward-mode
-    autodiff and ``J^T (J v)`` by reverse mode; ``sqrt(||J^T J v||)`` is a lower
-    bound of the Jacobian's spectral norm, hence of ``Lip(fn)``.
-
-    Args:
-        fn: callable on a batch ``(N, H, W, C)``.
-        x: the points, ``(N, H, W, C)``.
-        iterations: int >= 1. Default 30.
-        seed: int seed of the start vectors. Default 0.
-
-    Returns:
-        NumPy array of N estimates.
-    """
-    x = tf.convert_to_tensor(x, tf.float32)
-    v = tf.random.stateless_normal(tf.shape(x), seed=(seed, 0))
-    axes = list(range(1, len(x.shape)))
-    v = v / _example_norms(v, axes, keepdims=True)
-    # One traced step reused by every iteration (eager autodiff is ~10x slower).
-    step = tf.function(lambda v: _jacobian_step(fn, x, v, axes), autograph=False)
-    norms = tf.zeros(tf.shape(x)[:1])
-    for _ in range(iterations):
-        v, norms = step(v)
-    return np.sqrt(np.asarray(norms, dtype=np.float64))
-
-
-def _jacobian_step(fn, x, v, axes):
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        with tf.autodiff.ForwardAccumulator(x, v) as accumulator:
-            y = fn(x)
-        jv = accumulator.jvp(y)
-    jtjv = tape.gradient(y, x, output_gradients=jv)
-    norms = _example_norms(jtjv, axes)
-    return jtjv / tf.maximum(_example_norms(jtjv, axes, keepdims=True), 1e-30), norms
-
-
-def _example_norms(t, axes, keepdims=False):
-    return tf.sqrt(tf.reduce_sum(tf.square(t), axis=axes, keepdims=keepdims))
-
-
-def _block_inputs(model, inputs, num_random, seed):
-    """Per block, the points at which its Jacobian is probed."""
-    if inputs is not None:
-        out = model.forward_intermediates(inputs, training=False)
-        points = {}
-        for s, blocks in enumerate(model.stages):
-            h = [out["stage_inputs"][s]] + list(out["block_outputs"][s])
-            for t in range(len(blocks)):
-                points[(s, t)] = h[t]
-        return points
-    rng = np.random.default_rng(seed)
-    points = {}
-    for s, blocks in enumerate(model.stages):
-        for t, block in enumerate(blocks):
-            shape = tuple(block.feature_shape)
-            points[(s, t)] = rng.standard_normal((num_random, *shape)).astype(np.float32)
-    return points
-
-
-def certify(model, *, inputs=None, iterations=CERTIFY_ITERATIONS, jacobian_iterations=30,
-            num_random=4, seed=0):
-    """Certified bound and empirical estimate of ``Lip(f)`` for every block of ``model``.
-
-    The certified bound of a block is the product of its per-layer bounds at
-    inference: each conv's operator norm (power iteration with ``iterations``
-    steps from the persistent vector, which does not modify the model), each
-    batch-norm layer's largest gain and the activation's Lipschitz constant
-    (twice each). The empirical estimate is the largest Jacobian norm of
-    ``f`` (`jacobian_norms`) over the probe points: the block's actual inputs on
-    ``inputs`` if given (via ``model.forward_intermediates``), otherwise
-    ``num_random`` standard-normal feature maps. Works on unconstrained models
-    too (then ``bound`` is None and the numbers show how far f is from any bound).
-
-    Power iteration converges from below, so the certified bound is accurate to
-    the power iteration's tolerance, not a rigorous upper bound in floating point.
+    Fresh He-normal kernels are far above the bound, and one power iteration per
+    training step would take many steps to catch up from a cold vector; this
+    starts training inside the constraint set as training measures it, with
+    warm vectors. Called by `IterativeResNet` at construction (not when a saved
+    model is loaded: its kernels and vectors are saved). Not certified: `enforce`
+    is, and runs at the end of ``fit``.
 
     Args:
         model: an `IterativeResNet`.
-        inputs: optional batch of images ``(N, H, W, C)`` in [0, 1].
-        iterations: int, power iterations per convolution. Default `CERTIFY_ITERATIONS`.
-        jacobian_iterations: int, power iterations on each Jacobian. Default 30.
-        num_random: int, random probe points per block when ``inputs`` is None.
-        seed: int, seed of random probes and start vectors.
+        iterations: int >= 1. Default `INIT_ITERATIONS`.
 
     Returns:
-        A JSON-ready dict: ``lipschitz`` (the model's c or None), ``iterations``,
-        ``max_certified``, ``max_empirical`` and ``blocks``, a list of dicts with
-        ``stage``, ``block``, ``name``, ``bound``, ``conv_norms``,
-        ``reshaped_kernel_norms``, ``norm_gains``, ``activation_lipschitz``,
-        ``certified`` and ``empirical``.
+        list of the estimates before projection, one per convolution.
     """
-    points = _block_inputs(model, inputs, num_random, seed)
-    reports = []
-    for s, blocks in enumerate(model.stages):
-        for t, block in enumerate(blocks):
-            reports.append(_certify_block(block, s, t, points[(s, t)], iterations, jacobian_iterations, seed))
-    return {
-        "lipschitz": getattr(model, "lipschitz", None),
-        "iterations": int(iterations),
-        "probe": "inputs" if inputs is not None else f"{num_random} random normal feature maps",
-        "max_certified": max(r["certified"] for r in reports),
-        "max_empirical": max(r["empirical"] for r in reports),
-        "blocks": reports,
-    }
-
-
-def _certify_block(block, s, t, x, iterations, jacobian_iterations, seed):
-    conv_norms = []
-    for conv in block.convolutions:
-        constraint = conv.kernel_constraint
-        if isinstance(constraint, ConvOperatorNormBound):
-            start = constraint.vector
-        else:
-            start = initial_vector(tuple(x.shape[1:3]) + (conv.kernel.shape[2],))
-        sigma, _ = converged_operator_norm(conv.kernel, start, iterations)
-        conv_norms.append(float(sigma))
-    gains = [_norm_gain(norm) for norm in block.normalizations]
-    act = activation_lipschitz(block.activation)
-    certified = float(np.prod(conv_norms) * np.prod(gains) * act ** len(conv_norms))
-    empirical = jacobian_norms(lambda h: block.residual(h, training=False), x, jacobian_iterations, seed)
-    return {
-        "stage": s,
-        "block": t,
-        "name": block.name,
-        "bound": block.lipschitz,
-        "conv_norms": conv_norms,
-        "reshaped_kernel_norms": [reshaped_kernel_norm(conv.kernel) for conv in block.convolutions],
-        "norm_gains": gains,
-        "activation_lipschitz": act,
-        "certified": certified,
-        "empirical": float(np.max(empirical)),
-    }
-
-
-def _norm_gain(layer):
-    """Largest per-channel inference gain of a normalisation layer inside f."""
-    if isinstance(layer, GainCappedBatchNormalization):
-        return float(np.max(layer.inference_gains()))
-    if isinstance(layer, keras.layers.BatchNormalization):
-        variance = np.asarray(layer.moving_variance, dtype=np.float64)
-        gamma = np.asarray(layer.gamma, dtype=np.float64) if layer.scale else np.ones_like(variance)
-        return float(np.max(np.abs(gamma) / np.sqrt(variance + layer.epsilon)))
-    return 1.0  # Identity (norm="none")
+    return [
+        conv.kernel_constraint.project_estimated(conv.kernel, iterations)
+        for _, _, block in constrained_blocks(model)
+        for conv in block.convolutions
+    ]

@@ -18,7 +18,7 @@ import tensorflow as tf
 from iterconv_keras.models import coupling as coupling_lib
 from iterconv_keras.models import lipschitz as lipschitz_lib
 from iterconv_keras.models._checks import positive_shape
-from iterconv_keras.models.blocks import ResidualBlock, make_norm
+from iterconv_keras.models.blocks import ResidualBlock, make_norm, validate_residual_form
 
 
 @keras.saving.register_keras_serializable(package="iterconv")
@@ -54,7 +54,14 @@ class IterativeResNet(keras.Model):
             normalisation of its convolutions and gain-capped batch norm
             (method.md section 4, ``docs/lipschitz.md``). Stem, transitions and
             head are never constrained. The kernels are projected with many
-            power iterations at construction and at the end of ``fit``.
+            power iterations at construction and by a certified bound at the end of
+            ``fit``.
+        residual_form: ``"plain"`` (``x + g(x)``, default) or ``"contractive"``
+            (``(1 - alpha) x + alpha g(x)``, needs ``lipschitz`` < 1: every block
+            map is a contraction with constant ``1 - alpha (1 - c)``; method.md
+            section 4b, ``docs/lipschitz.md``).
+        alpha: None or float in (0, 1], the contractive form's step (None: 0.5);
+            the plain form takes none. Default None.
         multi_label: bool, True for independent sigmoid outputs (Digitclutter).
         input_mean: float or per-channel tuple subtracted from the input.
         input_std: float or per-channel tuple the input is divided by.
@@ -85,6 +92,8 @@ class IterativeResNet(keras.Model):
         activation="relu",
         coupling=0.0,
         lipschitz=None,
+        residual_form="plain",
+        alpha=None,
         multi_label=False,
         input_mean=0.0,
         input_std=1.0,
@@ -107,6 +116,7 @@ class IterativeResNet(keras.Model):
         self.activation = activation
         self.coupling = coupling_lib.validate_strength(coupling)
         self.lipschitz = lipschitz_lib.validate_bound(lipschitz)
+        self.residual_form, self.alpha = validate_residual_form(residual_form, alpha, self.lipschitz)
         self.multi_label = bool(multi_label)
         self.input_mean = _per_channel("input_mean", input_mean, self.image_shape[-1])
         self.input_std = _per_channel("input_std", input_std, self.image_shape[-1])
@@ -126,7 +136,8 @@ class IterativeResNet(keras.Model):
             [
                 ResidualBlock(
                     width, kernel_size=kernel_size, norm=norm, activation=activation,
-                    lipschitz=self.lipschitz, name=f"stage{s}_block{t}",
+                    lipschitz=self.lipschitz, residual_form=self.residual_form, alpha=self.alpha,
+                    name=f"stage{s}_block{t}",
                 )
                 for t in range(count)
             ]
@@ -146,7 +157,7 @@ class IterativeResNet(keras.Model):
         # fresh He-normal kernels are far above the bound, and one power iteration
         # per step would take many steps to catch up from a cold vector.
         if self.lipschitz is not None:
-            lipschitz_lib.enforce(self, lipschitz_lib.INIT_ITERATIONS)
+            lipschitz_lib.initial_projection(self)
 
     def _outer_norm(self, name):
         # Stem, transitions and head always normalise (they are never iterated);
@@ -288,12 +299,12 @@ class IterativeResNet(keras.Model):
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
     def fit(self, *args, **kwargs):
-        """`keras.Model.fit`, then, when constrained, a many-iteration projection.
+        """`keras.Model.fit`, then, when constrained, the certified projection.
 
-        Training applies one power iteration per step, so the last steps can leave
-        a kernel marginally above its bound; `lipschitz.enforce` makes the trained
-        (and so the saved and exported) weights satisfy it to power-iteration
-        accuracy.
+        Training estimates each conv's norm with one power iteration per step
+        (from below), so kernels can sit above their bound; `lipschitz.enforce`
+        rescales them by a certified upper bound, so the trained (and so the
+        saved and exported) weights provably satisfy it.
         """
         history = super().fit(*args, **kwargs)
         if self.lipschitz is not None:
@@ -336,6 +347,8 @@ class IterativeResNet(keras.Model):
                 "activation": self.activation,
                 "coupling": self.coupling,
                 "lipschitz": self.lipschitz,
+                "residual_form": self.residual_form,
+                "alpha": self.alpha,
                 "multi_label": self.multi_label,
                 "input_mean": list(self.input_mean),
                 "input_std": list(self.input_std),

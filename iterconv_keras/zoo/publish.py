@@ -88,9 +88,9 @@ def projected_copy(model):
     An unconstrained model is exported as it is. A constrained one is copied
     (config and weights, including the power-iteration vectors) and the copy is
     projected with `iterconv_keras.models.lipschitz.enforce`, which weights
-    trained outside ``fit`` may need; the record holds the largest
-    convolution operator-norm estimate before and after (a second pass of the
-    same estimator), against the per-convolution bound.
+    trained outside ``fit`` may need; the record holds the largest certified
+    convolution operator norm (an upper bound, Sedghi et al. 2019) before and
+    after, against the per-convolution bound.
     """
     bound = getattr(model, "lipschitz", None)
     if bound is None:
@@ -105,7 +105,7 @@ def projected_copy(model):
         "per_conv_bound": lipschitz.per_conv_bound(bound, getattr(model, "activation", "relu")),
         "max_conv_norm_before": max(before, default=None),
         "max_conv_norm_after": max(after, default=None),
-        "iterations": lipschitz.ENFORCE_ITERATIONS,
+        "norm": "certified upper bound (Sedghi, Gupta & Long 2019)",
     }
     return copy, record
 
