@@ -1,0 +1,344 @@
+"""Figures and the claim-by-claim table of docs/results.md, from the sweep's summary.json.
+
+Reads ``GRID/summary.json`` (written by ``experiments/sweep.py`` after every run)
+and writes PNG figures to ``--figures`` and a Markdown report (tables of every
+condition with mean and spread over seeds, and one paired comparison per claim of
+the paper) to ``--out``. Works on a partial grid: a figure or claim with no data yet
+says so instead of failing.
+
+Usage:
+    python experiments/report.py --grid experiments/grid --figures docs/figures \\
+        --out experiments/grid/report.md
+
+Paired comparisons: for a claim "A versus B" the difference is taken per seed (the
+same seed trains both conditions on the same data order), then
+``mean +- t(0.975, n-1) * sd / sqrt(n)`` is its 95 % interval (Student's t, n pairs).
+With one pair there is no interval; the report says so.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+
+import numpy as np
+
+# Two-sided 95 % quantiles of Student's t, by degrees of freedom (no SciPy needed).
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+COUPLING_GRID = ("l0", "l0.5", "l0.9", "l0.99", "l1")
+LAMBDA = {"l0": 0.0, "l0.5": 0.5, "l0.9": 0.9, "l0.99": 0.99, "l1": 1.0, "sn-l0": 0.0, "sn-l1": 1.0,
+          "contractive-l0": 0.0, "contractive-l1": 1.0, "conventional": 0.0}
+FAMILIES = {  # series of the "versus lambda" figures: condition names in lambda order
+    "unconstrained": ("l0", "l0.5", "l0.9", "l0.99", "l1"),
+    "Lipschitz constraint (c = 0.9)": ("sn-l0", "sn-l1"),
+    "contractive (alpha 0.5, c 0.5)": ("contractive-l0", "contractive-l1"),
+    "conventional (independent init)": ("conventional",),
+}
+CORNERS = ("l0", "l1", "sn-l0", "sn-l1", "contractive-l0", "contractive-l1")
+DATASET_TITLES = {"digitclutter": "Digitclutter (3 digits)", "fashion_mnist": "Fashion-MNIST"}
+
+
+# ---------------------------------------------------------------------------- metrics of one run
+
+def accuracy(row):
+    return row["test"]["accuracy"]
+
+
+def recurrence(row):
+    return row["evaluation"]["indices"]["recurrence"]
+
+
+def divergence(row):
+    return row["evaluation"]["indices"]["divergence"]
+
+
+def log_rate(row):
+    """Mean over stages of log10 of the measured convergence rate (< 0: updates shrink)."""
+    rates = [s.get("convergence_rate") for s in row["evaluation"]["indices"]["per_stage"]]
+    rates = [r for r in rates if r is not None and r > 0]
+    return float(np.mean(np.log10(rates))) if rates else None
+
+
+def occlusion_auc(row):
+    return row["evaluation"]["occlusion"]["auc"]
+
+
+METRICS = {"test accuracy": accuracy, "recurrence index": recurrence, "divergence index": divergence,
+           "log10 convergence rate": log_rate, "occlusion AUC": occlusion_auc}
+
+
+# ---------------------------------------------------------------------------- statistics
+
+def paired_interval(a, b):
+    """Mean of the per-seed differences a - b with its 95 % t interval.
+
+    Args:
+        a, b: dicts seed -> value; only seeds present in both with non-None values pair up.
+
+    Returns:
+        ``{"n", "mean", "low", "high"}`` (``low``/``high`` None when n < 2), or None for n = 0.
+    """
+    seeds = sorted(s for s in a if s in b and a[s] is not None and b[s] is not None)
+    diffs = np.array([a[s] - b[s] for s in seeds], np.float64)
+    if diffs.size == 0:
+        return None
+    mean = float(diffs.mean())
+    if diffs.size < 2:
+        return {"n": 1, "mean": mean, "low": None, "high": None}
+    half = T975[diffs.size - 1] * float(diffs.std(ddof=1)) / math.sqrt(diffs.size)
+    return {"n": int(diffs.size), "mean": mean, "low": mean - half, "high": mean + half}
+
+
+def verdict(interval):
+    if interval is None:
+        return "no runs yet"
+    if interval["low"] is None:
+        return "one seed only: no interval"
+    if interval["low"] > 0:
+        return "A > B"
+    if interval["high"] < 0:
+        return "A < B"
+    return "no detectable difference"
+
+
+# ---------------------------------------------------------------------------- grouping
+
+def by_condition(rows, dataset):
+    """condition -> seed -> row, for one dataset."""
+    out = {}
+    for row in rows:
+        if row["dataset"] == dataset:
+            out.setdefault(row["condition"], {})[row["seed"]] = row
+    return out
+
+
+def values(runs, metric):
+    return {seed: METRICS[metric](row) for seed, row in runs.items()}
+
+
+def mean_sd(vals):
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return None, None, 0
+    return float(np.mean(vals)), (float(np.std(vals, ddof=1)) if len(vals) > 1 else None), len(vals)
+
+
+# ---------------------------------------------------------------------------- the report
+
+CLAIMS = [
+    ("Coupling makes networks iterative", "recurrence index", "l1", "l0"),
+    ("Coupling under the constraint", "recurrence index", "sn-l1", "sn-l0"),
+    ("The constraint makes networks convergent", "log10 convergence rate", "sn-l0", "l0"),
+    ("The contractive block makes networks convergent", "log10 convergence rate", "contractive-l0", "l0"),
+    ("Coupling does not help accuracy", "test accuracy", "l1", "l0"),
+    ("The constraint does not help accuracy", "test accuracy", "sn-l0", "l0"),
+    ("Convergence by construction does not help accuracy", "test accuracy", "contractive-l0", "l0"),
+    ("Coupling does not help occlusion robustness", "occlusion AUC", "l1", "l0"),
+    ("The constraint does not help occlusion robustness", "occlusion AUC", "sn-l0", "l0"),
+    ("Convergence by construction does not help occlusion robustness", "occlusion AUC", "contractive-l0", "l0"),
+    ("Tied initialisation is a head start towards recurrence", "recurrence index", "l0", "conventional"),
+    ("Tied versus conventional initialisation: accuracy", "test accuracy", "l0", "conventional"),
+]
+
+
+def _fmt(x, digits=3):
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def claims_table(rows, datasets):
+    lines = ["| claim | dataset | measure | A | B | n | mean A - B | 95 % interval | verdict |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for title, metric, a, b in CLAIMS:
+        for dataset in datasets:
+            runs = by_condition(rows, dataset)
+            interval = paired_interval(values(runs.get(a, {}), metric), values(runs.get(b, {}), metric))
+            n = interval["n"] if interval else 0
+            ci = (f"[{_fmt(interval['low'])}, {_fmt(interval['high'])}]"
+                  if interval and interval["low"] is not None else "-")
+            lines.append(f"| {title} | {dataset} | {metric} | {a} | {b} | {n} | "
+                         f"{_fmt(interval['mean'] if interval else None)} | {ci} | {verdict(interval)} |")
+    return "\n".join(lines) + "\n"
+
+
+def conditions_table(rows, dataset):
+    runs = by_condition(rows, dataset)
+    header = "| condition | seeds | " + " | ".join(METRICS) + " |"
+    lines = [header, "|" + "---|" * (len(METRICS) + 2)]
+    for condition in LAMBDA:
+        if condition not in runs:
+            continue
+        cells = []
+        for metric in METRICS:
+            mean, sd, n = mean_sd(values(runs[condition], metric).values())
+            cells.append(_fmt(mean) + (f" +- {_fmt(sd)}" if sd is not None else ""))
+        lines.append(f"| {condition} | {len(runs[condition])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------- figures
+
+def _figure(ncols, nrows=1, width=5.0, height=3.6):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False)
+    return plt, fig, axes
+
+
+def _save(plt, fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _lambda_position(condition):
+    # 0.9, 0.99 and 1 would overlap on a linear axis: categorical positions.
+    return {0.0: 0, 0.5: 1, 0.9: 2, 0.99: 3, 1.0: 4}[LAMBDA[condition]]
+
+
+def plot_versus_lambda(rows, datasets, metric, path, ylabel):
+    plt, fig, axes = _figure(len(datasets))
+    for ax, dataset in zip(axes[0], datasets, strict=True):
+        runs = by_condition(rows, dataset)
+        for offset, (family, names) in enumerate(FAMILIES.items()):
+            xs, ys, es = [], [], []
+            for name in names:
+                mean, sd, n = mean_sd(values(runs.get(name, {}), metric).values())
+                if mean is not None:
+                    xs.append(_lambda_position(name) + 0.06 * (offset - 1.5))
+                    ys.append(mean)
+                    es.append(sd or 0.0)
+            if xs:
+                ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=family)
+        ax.set_xticks(range(5), ["0", "0.5", "0.9", "0.99", "1"])
+        ax.set_xlabel("coupling lambda")
+        ax.set_ylabel(ylabel)
+        ax.set_title(DATASET_TITLES.get(dataset, dataset))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{ylabel}: mean over seeds, error bars 1 sd (none with one seed)", fontsize=9)
+    return _save(plt, fig, path)
+
+
+def plot_update_norms(rows, dataset, path):
+    runs = by_condition(rows, dataset)
+    present = [c for c in CORNERS if 0 in runs.get(c, {})]
+    if not present:
+        return None
+    plt, fig, axes = _figure(len(present), width=max(3.4, 6.0 / len(present)), height=3.2)
+    for ax, condition in zip(axes[0], present, strict=True):
+        stages = runs[condition][0]["evaluation"]["indices"]["per_stage"]
+        for stage in stages:
+            updates = stage["curves"]["update_norm"]
+            ax.semilogy(range(1, len(updates) + 1), updates, marker=".", label=f"stage {stage['stage']}")
+            ax.axvline(stage["blocks"] + 0.5, color="grey", lw=0.5)
+        ax.set_title(condition, fontsize=9)
+        ax.set_xlabel("block application (trained | extra)")
+        ax.set_ylabel("mean ||f(x_k)||")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{DATASET_TITLES.get(dataset, dataset)}: update size per block application, seed 0", fontsize=9)
+    return _save(plt, fig, path)
+
+
+def _mean_curve(runs, extract):
+    curves = [np.asarray(extract(row), np.float64) for row in runs.values()]
+    curves = [c for c in curves if c.size]
+    if not curves or len({c.size for c in curves}) != 1:
+        return None, None
+    stack = np.stack(curves)
+    return stack.mean(axis=0), (stack.std(axis=0, ddof=1) if len(curves) > 1 else None)
+
+
+def plot_curves(rows, datasets, path, extract, xs_of, xlabel, ylabel, title, dashed=None):
+    plt, fig, axes = _figure(len(datasets))
+    for ax, dataset in zip(axes[0], datasets, strict=True):
+        runs = by_condition(rows, dataset)
+        for condition in LAMBDA:
+            if condition not in runs:
+                continue
+            for style, fn in (("-", extract), ("--", dashed)):
+                if fn is None:
+                    continue
+                mean, sd = _mean_curve(runs[condition], fn)
+                if mean is None:
+                    continue
+                xs = xs_of(next(iter(runs[condition].values())))
+                line = ax.errorbar(xs, mean, yerr=sd, ls=style, marker=".", capsize=2,
+                                   label=condition if style == "-" else None)
+                if style == "--":
+                    line[0].set_color(ax.lines[-2].get_color() if len(ax.lines) > 1 else None)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(DATASET_TITLES.get(dataset, dataset))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    return _save(plt, fig, path)
+
+
+def make_figures(rows, datasets, folder):
+    os.makedirs(folder, exist_ok=True)
+    made = []
+    for metric, name in (("test accuracy", "accuracy_vs_lambda"), ("recurrence index", "recurrence_vs_lambda"),
+                         ("divergence index", "divergence_vs_lambda"),
+                         ("log10 convergence rate", "convergence_rate_vs_lambda"),
+                         ("occlusion AUC", "occlusion_auc_vs_lambda")):
+        made.append(plot_versus_lambda(rows, datasets, metric, os.path.join(folder, f"{name}.png"), metric))
+    for dataset in datasets:
+        made.append(plot_update_norms(rows, dataset, os.path.join(folder, f"update_norms_{dataset}.png")))
+    made.append(plot_curves(
+        rows, datasets, os.path.join(folder, "occlusion_curves.png"),
+        lambda r: r["evaluation"]["occlusion"]["accuracy"], lambda r: r["evaluation"]["occlusion"]["levels"],
+        "occluded fraction p", "test accuracy", "Accuracy under patch occlusion (mean over seeds, 1 sd)"))
+    made.append(plot_curves(
+        rows, datasets, os.path.join(folder, "iterations_under_occlusion.png"),
+        lambda r: r["evaluation"]["occlusion"]["iterations"]["clean"],
+        lambda r: r["evaluation"]["occlusion"]["iterations"]["extra_iterations"],
+        "extra iterations of every stage's last block", "test accuracy",
+        "Accuracy versus extra iterations: clean (solid) and 30 % occluded (dashed)",
+        dashed=lambda r: r["evaluation"]["occlusion"]["iterations"]["occluded"]))
+    made.append(plot_curves(
+        rows, [d for d in datasets if d == "digitclutter"], os.path.join(folder, "clutter_digits.png"),
+        lambda r: [r["evaluation"]["occlusion"]["clutter"][k] for k in ("2", "3", "4", "5")],
+        lambda r: [2, 3, 4, 5], "digits in the image (trained on 3)", "exact-set accuracy",
+        "Digitclutter: accuracy on 2-5 digit test sets"))
+    made.append(plot_curves(
+        rows, datasets, os.path.join(folder, "learning_curves.png"),
+        lambda r: [h["val_accuracy"] for h in r["history"]], lambda r: [h["epoch"] for h in r["history"]],
+        "epoch", "validation accuracy", "Learning curves (validation, mean over seeds)"))
+    return [m for m in made if m]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--grid", default="experiments/grid")
+    parser.add_argument("--figures", default="docs/figures")
+    parser.add_argument("--out", default=None, help="Markdown report (default: GRID/report.md)")
+    args = parser.parse_args(argv)
+    path = os.path.join(args.grid, "summary.json")
+    if not os.path.isfile(path):
+        print(f"report: no {path}; run experiments/sweep.py first", file=sys.stderr)
+        return 2
+    with open(path) as f:
+        summary = json.load(f)
+    rows = summary["runs"]
+    datasets = [d for d in DATASET_TITLES if any(r["dataset"] == d for r in rows)]
+    figures = make_figures(rows, datasets, args.figures)
+    cpu = summary.get("totals", {}).get("cpu_seconds", 0.0)
+    parts = [f"# Grid report ({len(rows)} finished runs; {cpu / 3600:.2f} CPU-hours recorded)\n"]
+    for dataset in datasets:
+        parts.append(f"## {DATASET_TITLES[dataset]}\n\n" + conditions_table(rows, dataset))
+    parts.append("## Claims, paired over seeds\n\n" + claims_table(rows, datasets))
+    out = args.out or os.path.join(args.grid, "report.md")
+    with open(out, "w") as f:
+        f.write("\n".join(parts))
+    print(f"report: {out}; figures: {', '.join(os.path.basename(p) for p in figures)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
