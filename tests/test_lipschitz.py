@@ -512,6 +512,38 @@ def test_config_and_keras_file_round_trip(trained, tmp_path):
     assert conv.kernel.constraint.vector is loaded.stages[1][1].power_vectors[1]
 
 
+def test_loading_a_constrained_model_runs_no_power_iteration(trained, tmp_path, monkeypatch):
+    # Review D10: construction projects with 200 power iterations per conv; a loaded model's
+    # weights replace that result at once, so loading must not pay for it.
+    calls = []
+    original = lipschitz.converged_operator_norm
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(lipschitz, "converged_operator_norm", counted)
+    trained.save(tmp_path / "model.keras")
+    loaded = keras.saving.load_model(tmp_path / "model.keras")
+    assert calls == []
+    for a, b in zip(loaded.weights, trained.weights):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=a.path)
+    loaded.load_weights(tmp_path / "model.keras")
+    assert calls == []
+    # A new model is still projected at construction, one estimate per conv ...
+    fresh = build_model("tiny", SHAPE, N_CLASSES, lipschitz=C)
+    assert len(calls) == 8
+    # ... and one built from a config alone (no weights loaded) is projected when fit starts.
+    calls.clear()
+    rebuilt = IterativeResNet.from_config(fresh.get_config())
+    assert calls == []
+    _train(rebuilt, keras.optimizers.SGD(0.01), steps=1)
+    assert len(calls) == 8
+    calls.clear()
+    _train(rebuilt, keras.optimizers.SGD(0.01), steps=1)  # once only
+    assert calls == []
+
+
 def test_constraint_config_is_complete():
     constraint = lipschitz.ConvOperatorNormBound(0.7, (4, 5, 3), iterations=2, name="v")
     restored = keras.constraints.deserialize(
