@@ -276,7 +276,8 @@ class IterativeResNet(keras.Model):
             stage_inputs.append(h)
             outputs = []
             for t in schedule[s]:
-                h = self.stages[s][t](h, training=training)
+                # The model's own run_stage, one block at a time: one forward loop to maintain.
+                h = self.run_stage(h, s, [t], training=training)
                 outputs.append(h)
             block_outputs.append(outputs)
         return {
