@@ -9,7 +9,7 @@ overhead of the fastest repetition of each model (the least disturbed by other
 processes on a shared machine; the headline) and the median over repetitions of
 the paired ratio on/off. The issue's goal is an overhead of at most 15%.
 
-``--certified`` instead times `lipschitz.certified_operator_norm` (the certified
+``--certified`` instead times `operator_norm.certified_operator_norm` (the certified
 upper bound, Sedghi et al. 2019) for every conv of ``small`` (goal: under a
 second), and with ``--model FILE.keras`` compares, per constrained conv of that
 model, the certified bound, the 1000-iteration power estimate and the exact
@@ -65,14 +65,14 @@ def _explicit_matrix(kernel, height, width):
 
 def certified_report(model_path):
     """Time of the certified bound on ``small``; per-conv gaps on a saved constrained model."""
-    from iterconv_keras.models import lipschitz
+    from iterconv_keras.models import lipschitz, operator_norm
 
     small = build_model("small", (32, 32, 1), 10)
     convs = [(np.asarray(c.kernel), b.feature_shape) for bs in small.stages for b in bs for c in b.convolutions]
-    lipschitz.certified_operator_norm(*convs[0])  # first-call overheads
+    operator_norm.certified_operator_norm(*convs[0])  # first-call overheads
     start = time.perf_counter()
     for kernel, shape in convs:
-        lipschitz.certified_operator_norm(kernel, shape)
+        operator_norm.certified_operator_norm(kernel, shape)
     result = {"convs_of_small": len(convs), "seconds_all_convs": round(time.perf_counter() - start, 4)}
     if model_path is None:
         return result
@@ -87,8 +87,8 @@ def certified_report(model_path):
                 kernel = np.asarray(conv.kernel, np.float64)
                 matrix = _explicit_matrix(kernel, *block.feature_shape[:2])
                 exact = float(np.sqrt(np.linalg.eigvalsh(matrix.T @ matrix)[-1]))
-                estimate = float(lipschitz.converged_operator_norm(conv.kernel, conv.kernel_constraint.vector)[0])
-                certified = lipschitz.certified_operator_norm(kernel, block.feature_shape)
+                estimate = float(operator_norm.converged_operator_norm(conv.kernel, conv.kernel_constraint.vector)[0])
+                certified = operator_norm.certified_operator_norm(kernel, block.feature_shape)
                 rows.append({"stage": s, "block": t, "conv": conv.name, "map": list(block.feature_shape),
                              "certified": certified, "estimate": estimate, "exact": exact})
     result["per_conv_bound"] = lipschitz.per_conv_bound(model.lipschitz, model.activation)
