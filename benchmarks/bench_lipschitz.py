@@ -9,7 +9,16 @@ overhead of the fastest repetition of each model (the least disturbed by other
 processes on a shared machine; the headline) and the median over repetitions of
 the paired ratio on/off. The issue's goal is an overhead of at most 15%.
 
+``--certified`` instead times `operator_norm.certified_operator_norm` (the certified
+upper bound, Sedghi et al. 2019) for every conv of ``small`` (goal: under a
+second), and with ``--model FILE.keras`` compares, per constrained conv of that
+model, the certified bound, the 1000-iteration power estimate and the exact
+norm (eigenvalues of the Gram matrix of the explicit zero-padded operator; slow,
+tens of seconds per 4096-dimensional map).
+
     python benchmarks/bench_lipschitz.py [--repeats 12] [--steps 5] [--jit] [--json]
+    python benchmarks/bench_lipschitz.py --certified \
+        [--model zoo/digitclutter-small-lipschitz/1/assets.extra/model.keras]
 """
 
 import argparse
@@ -43,6 +52,55 @@ def _seconds_per_step(model, x, y, steps):
     return (time.perf_counter() - start) / steps
 
 
+def _explicit_matrix(kernel, height, width):
+    """Dense matrix of the SAME, stride-1 zero-padded convolution: sum over taps of shift (x) shift (x) tap^T."""
+    kh, kw = kernel.shape[:2]
+    matrix = 0.0
+    for dy in range(kh):
+        for dx in range(kw):
+            shift = np.kron(np.eye(height, k=dy - kh // 2), np.eye(width, k=dx - kw // 2))
+            matrix = matrix + np.kron(shift, kernel[dy, dx].T)
+    return matrix
+
+
+def certified_report(model_path):
+    """Time of the certified bound on ``small``; per-conv gaps on a saved constrained model."""
+    from iterconv_keras.models import lipschitz, operator_norm
+
+    small = build_model("small", (32, 32, 1), 10)
+    convs = [(np.asarray(c.kernel), b.feature_shape) for bs in small.stages for b in bs for c in b.convolutions]
+    operator_norm.certified_operator_norm(*convs[0])  # first-call overheads
+    start = time.perf_counter()
+    for kernel, shape in convs:
+        operator_norm.certified_operator_norm(kernel, shape)
+    result = {"convs_of_small": len(convs), "seconds_all_convs": round(time.perf_counter() - start, 4)}
+    if model_path is None:
+        return result
+    import iterconv_keras.models.metrics  # noqa: F401  (registers ExactSetAccuracy)
+    import iterconv_keras.models.resnet  # noqa: F401  (registers the model classes)
+
+    model = keras.saving.load_model(model_path, compile=False)
+    rows = []
+    for s, blocks in enumerate(model.stages):
+        for t, block in enumerate(blocks):
+            for conv in block.convolutions:
+                kernel = np.asarray(conv.kernel, np.float64)
+                matrix = _explicit_matrix(kernel, *block.feature_shape[:2])
+                exact = float(np.sqrt(np.linalg.eigvalsh(matrix.T @ matrix)[-1]))
+                estimate = float(operator_norm.converged_operator_norm(conv.kernel, conv.kernel_constraint.vector)[0])
+                certified = operator_norm.certified_operator_norm(kernel, block.feature_shape)
+                rows.append({"stage": s, "block": t, "conv": conv.name, "map": list(block.feature_shape),
+                             "certified": certified, "estimate": estimate, "exact": exact})
+    result["per_conv_bound"] = lipschitz.per_conv_bound(model.lipschitz, model.activation)
+    result["convs"] = rows
+    for s in range(len(model.stages)):
+        ratios = [r["certified"] / r["exact"] for r in rows if r["stage"] == s]
+        estimates = [r["estimate"] / r["exact"] for r in rows if r["stage"] == s]
+        result[f"stage{s}_certified_over_exact"] = [round(min(ratios), 4), round(max(ratios), 4)]
+        result[f"stage{s}_estimate_over_exact"] = [round(min(estimates), 6), round(max(estimates), 6)]
+    return result
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lipschitz", type=float, default=0.9)
@@ -52,7 +110,12 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--jit", action="store_true", help="compile the train step with XLA")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--certified", action="store_true", help="time the certified bound instead (see above)")
+    parser.add_argument("--model", default=None, help="with --certified: a saved constrained model to compare on")
     args = parser.parse_args()
+    if args.certified:
+        print(json.dumps(certified_report(args.model), indent=2))
+        return
 
     rng = np.random.default_rng(0)
     x = rng.random((args.batch, 32, 32, 1), dtype=np.float32)

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from iterconv_keras.analysis import certify as certify_lib
-from iterconv_keras.models import lipschitz
+from iterconv_keras.models import lipschitz, operator_norm
 from iterconv_keras.models.blocks import ResidualBlock
 from iterconv_keras.models.normalization import GainCappedBatchNormalization
 from iterconv_keras.models.resnet import IterativeResNet
@@ -147,15 +147,15 @@ def test_operator_norm_matches_explicit_matrix():
     np.testing.assert_allclose(matrix.T @ v.ravel(), adjoint.ravel(), rtol=1e-4, atol=1e-5)
 
     exact = largest_singular_value(matrix)
-    start = lipschitz.initial_vector((6, 6, 2))
-    sigma, _ = lipschitz.converged_operator_norm(kernel, start, 500)
+    start = operator_norm.initial_vector((6, 6, 2))
+    sigma, _ = operator_norm.converged_operator_norm(kernel, start, 500)
     assert abs(float(sigma) - exact) <= REL_TOL * exact, (float(sigma), exact)
     # The per-step (Python loop) estimator is the same computation.
-    sigma_loop, _ = lipschitz.conv_operator_norm(kernel, start, 500)
+    sigma_loop, _ = operator_norm.conv_operator_norm(kernel, start, 500)
     np.testing.assert_allclose(float(sigma_loop), float(sigma), rtol=1e-5)
     # A power-iteration estimate is a lower bound at every iteration count.
     for n in (1, 3, 10):
-        assert float(lipschitz.conv_operator_norm(kernel, start, n)[0]) <= exact * (1 + 1e-6)
+        assert float(operator_norm.conv_operator_norm(kernel, start, n)[0]) <= exact * (1 + 1e-6)
 
 
 def test_operator_norm_exceeds_the_reshaped_kernel_norm():
@@ -163,9 +163,9 @@ def test_operator_norm_exceeds_the_reshaped_kernel_norm():
     # convolution sums 9 neighbours and has norm near 9 on a large map.
     kernel = np.ones((3, 3, 1, 1), np.float32)
     exact = largest_singular_value(explicit_conv_matrix(kernel.astype(np.float64), 6, 6))
-    sigma, _ = lipschitz.converged_operator_norm(kernel, lipschitz.initial_vector((6, 6, 1)), 500)
+    sigma, _ = operator_norm.converged_operator_norm(kernel, operator_norm.initial_vector((6, 6, 1)), 500)
     assert abs(float(sigma) - exact) <= REL_TOL * exact
-    reshaped = lipschitz.reshaped_kernel_norm(kernel)
+    reshaped = operator_norm.reshaped_kernel_norm(kernel)
     np.testing.assert_allclose(reshaped, 3.0, rtol=1e-6)
     assert float(sigma) > 2 * reshaped
     # So normalising the reshaped matrix (keras' SpectralNormalization) to 1 leaves
@@ -204,7 +204,7 @@ def test_zero_padded_conv_is_a_restriction_of_the_circular_conv(height, width, k
     # circular_size, the rows and columns of the map's pixels are the zero-padded conv.
     rng = np.random.default_rng(height * 10 + width)
     kernel = rng.standard_normal((k, k, 2, 3))
-    (n1, n2), (p1, p2) = lipschitz.circular_size((height, width), kernel.shape)
+    (n1, n2), (p1, p2) = operator_norm.circular_size((height, width), kernel.shape)
     assert n1 == height + min(k // 2, height - 1) and n2 == width + min(k // 2, width - 1)
     c1, c2 = k // 2, k // 2
     cropped = kernel[c1 - p1:c1 + p1 + 1, c2 - p2:c2 + p2 + 1]
@@ -225,9 +225,9 @@ def test_certified_bound_is_the_circular_norm():
     # The FFT route gives the exact norm of the circular conv (Sedghi et al. 2019)...
     rng = np.random.default_rng(7)
     kernel = rng.standard_normal((3, 3, 2, 3))
-    (n1, n2), _ = lipschitz.circular_size((5, 4), kernel.shape)
+    (n1, n2), _ = operator_norm.circular_size((5, 4), kernel.shape)
     circular = largest_singular_value(explicit_circular_matrix(kernel, n1, n2))
-    np.testing.assert_allclose(lipschitz.certified_operator_norm(kernel, (5, 4)), circular, rtol=1e-8)
+    np.testing.assert_allclose(operator_norm.certified_operator_norm(kernel, (5, 4)), circular, rtol=1e-8)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -245,9 +245,9 @@ def test_certified_bound_is_above_the_exact_norm_of_random_kernels(seed, height,
         kernel = kernel[..., :1] * rng.standard_normal(cout)
     kernel = kernel.astype(np.float32)
     exact = largest_singular_value(explicit_conv_matrix(kernel.astype(np.float64), height, width))
-    certified = lipschitz.certified_operator_norm(kernel, (height, width, cin))
+    certified = operator_norm.certified_operator_norm(kernel, (height, width, cin))
     assert certified >= exact, (certified, exact)
-    estimate, _ = lipschitz.converged_operator_norm(kernel, lipschitz.initial_vector((height, width, cin)), 300)
+    estimate, _ = operator_norm.converged_operator_norm(kernel, operator_norm.initial_vector((height, width, cin)), 300)
     # The float32 estimate is a lower bound of the exact norm up to float32 rounding.
     assert float(estimate) <= exact * (1 + 1e-6) and float(estimate) <= certified * (1 + 1e-6)
 
@@ -257,7 +257,7 @@ def test_certified_bound_known_answers():
     m = np.random.default_rng(0).standard_normal((2, 3))
     kernel = np.zeros((3, 3, 2, 3))
     kernel[0, 2] = m
-    np.testing.assert_allclose(lipschitz.certified_operator_norm(kernel, (6, 6)), largest_singular_value(m),
+    np.testing.assert_allclose(operator_norm.certified_operator_norm(kernel, (6, 6)), largest_singular_value(m),
                                rtol=1e-8)
     # All-ones 3x3: the zero-padded norm on an HxH map is (1 + 2 cos(pi/(H+1)))^2 (the
     # path graph's adjacency plus identity, in each axis); the bound is its limit, 9.
@@ -267,13 +267,13 @@ def test_certified_bound_known_answers():
         if size <= 12:
             np.testing.assert_allclose(largest_singular_value(explicit_conv_matrix(ones, size, size)), exact,
                                        rtol=1e-10)
-        np.testing.assert_allclose(lipschitz.certified_operator_norm(ones, (size, size)), 9.0, rtol=1e-8)
+        np.testing.assert_allclose(operator_norm.certified_operator_norm(ones, (size, size)), 9.0, rtol=1e-8)
         assert exact < 9.0
     # Tight: the relative gap closes as the map grows (1.1% at 24x24, 0.07% at 96x96).
     gaps = [9.0 / (1 + 2 * np.cos(np.pi / (size + 1))) ** 2 - 1 for size in (6, 24, 96)]
     assert gaps == sorted(gaps, reverse=True) and gaps[1] < 0.011 and gaps[2] < 0.0008
     with pytest.raises(ValueError, match="odd kernel"):
-        lipschitz.certified_operator_norm(np.ones((2, 2, 1, 1)), (4, 4))
+        operator_norm.certified_operator_norm(np.ones((2, 2, 1, 1)), (4, 4))
 
 
 def test_enforce_leaves_every_certified_norm_within_its_bound():
@@ -292,13 +292,13 @@ def test_enforce_leaves_every_certified_norm_within_its_bound():
     np.testing.assert_array_equal(np.asarray(convs[0].kernel), below)  # within the bound: bitwise unchanged
     for conv, shape in zip(convs, shapes):
         kernel = np.asarray(conv.kernel)
-        assert lipschitz.certified_operator_norm(kernel, shape) <= bound
+        assert operator_norm.certified_operator_norm(kernel, shape) <= bound
         # Oracle: the exact norm of the explicit matrix.
         exact = largest_singular_value(explicit_conv_matrix(kernel.astype(np.float64), shape[0], shape[1]))
         assert exact <= bound
     # Projected onto the bound itself (up to the float32 margin), not far below it.
     for conv, shape in zip(convs[1:], shapes[1:]):
-        certified = lipschitz.certified_operator_norm(np.asarray(conv.kernel), shape)
+        certified = operator_norm.certified_operator_norm(np.asarray(conv.kernel), shape)
         assert certified >= bound * (1 - 1e-5)
 
 
@@ -510,6 +510,38 @@ def test_config_and_keras_file_round_trip(trained, tmp_path):
     # The loaded constraints act on the loaded vectors.
     conv = loaded.stages[1][1].conv2
     assert conv.kernel.constraint.vector is loaded.stages[1][1].power_vectors[1]
+
+
+def test_loading_a_constrained_model_runs_no_power_iteration(trained, tmp_path, monkeypatch):
+    # Review D10: construction projects with 200 power iterations per conv; a loaded model's
+    # weights replace that result at once, so loading must not pay for it.
+    calls = []
+    original = operator_norm.converged_operator_norm
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(operator_norm, "converged_operator_norm", counted)
+    trained.save(tmp_path / "model.keras")
+    loaded = keras.saving.load_model(tmp_path / "model.keras")
+    assert calls == []
+    for a, b in zip(loaded.weights, trained.weights):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=a.path)
+    loaded.load_weights(tmp_path / "model.keras")
+    assert calls == []
+    # A new model is still projected at construction, one estimate per conv ...
+    fresh = build_model("tiny", SHAPE, N_CLASSES, lipschitz=C)
+    assert len(calls) == 8
+    # ... and one built from a config alone (no weights loaded) is projected when fit starts.
+    calls.clear()
+    rebuilt = IterativeResNet.from_config(fresh.get_config())
+    assert calls == []
+    _train(rebuilt, keras.optimizers.SGD(0.01), steps=1)
+    assert len(calls) == 8
+    calls.clear()
+    _train(rebuilt, keras.optimizers.SGD(0.01), steps=1)  # once only
+    assert calls == []
 
 
 def test_constraint_config_is_complete():

@@ -75,6 +75,20 @@ def test_forward_intermediates_are_the_block_outputs(model):
     assert out["stage_inputs"][1].shape == (2, 6, 6, 8)
 
 
+def test_forward_intermediates_runs_the_models_own_stage_loop(model, monkeypatch):
+    # Review D6: no second copy of call's loop; a change to run_stage reaches both.
+    calls = []
+    original = model.run_stage
+
+    def recorded(h, stage, order=None, training=None):
+        calls.append((stage, list(order)))
+        return original(h, stage, order, training=training)
+
+    monkeypatch.setattr(model, "run_stage", recorded)
+    model.forward_intermediates(random_images(1, SHAPE), schedule=[[0, 2], [1]])
+    assert calls == [(0, [0]), (0, [2]), (1, [1])]
+
+
 @pytest.mark.parametrize("schedule", [[[0]], [[0, 3], [0]], [[0, "1"], [0]], [[-1], [0]]])
 def test_bad_schedule_is_refused(model, schedule):
     with pytest.raises(ValueError, match="schedule"):
@@ -128,7 +142,7 @@ def test_model_arguments_are_validated(kwargs, message):
         IterativeResNet(**args)
 
 
-def test_transitions_only_where_the_width_changes():
+def test_stage_zero_has_no_transition_when_the_stem_sets_its_width_and_later_stages_always_stride():
     m = IterativeResNet(SHAPE, 3, stage_widths=(4, 4, 8), blocks_per_stage=1)
     assert m.transitions[0] is None
     assert [layer.strides for layer in m.transitions[1].layers if hasattr(layer, "strides")] == [(2, 2)]

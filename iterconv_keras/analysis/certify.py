@@ -4,7 +4,7 @@ For every block of an `IterativeResNet` (constrained or not), the residual
 function ``f = conv2 . act . norm2 . conv1 . act . norm1`` at inference has
 ``Lip(f) <= ||conv2|| * L_act * gain2 * ||conv1|| * L_act * gain1``.
 `block_certificate` evaluates this product with *certified* conv norms
-(`lipschitz.certified_operator_norm`: an upper bound by the circular
+(`operator_norm.certified_operator_norm`: an upper bound by the circular
 convolution's exact singular values, Sedghi, Gupta & Long, ICLR 2019) and the
 batch norms' inference gains: a bound that provably holds for every input of
 the block's shape. `certify` adds, for comparison, the same product with
@@ -21,9 +21,10 @@ import tensorflow as tf
 
 from iterconv_keras.models import blocks as blocks_lib
 from iterconv_keras.models import lipschitz as lipschitz_lib
+from iterconv_keras.models import operator_norm
 from iterconv_keras.models.normalization import inference_gains
 
-ESTIMATE_ITERATIONS = lipschitz_lib.ESTIMATE_ITERATIONS
+ESTIMATE_ITERATIONS = operator_norm.ESTIMATE_ITERATIONS
 """Power iterations per convolution for the estimated conv norms."""
 
 
@@ -108,7 +109,7 @@ def block_certificate(block):
         and ``contraction_bound`` (None for the plain form).
     """
     conv_norms = [
-        lipschitz_lib.certified_operator_norm(np.asarray(conv.kernel), block.feature_shape)
+        operator_norm.certified_operator_norm(np.asarray(conv.kernel), block.feature_shape)
         for conv in block.convolutions
     ]
     gains = [float(np.max(inference_gains(norm))) for norm in block.normalizations]
@@ -190,8 +191,8 @@ def _certify_block(block, s, t, x, iterations, jacobian_iterations, seed):
         if isinstance(constraint, lipschitz_lib.ConvOperatorNormBound):
             start = constraint.vector
         else:
-            start = lipschitz_lib.initial_vector(tuple(block.feature_shape[:2]) + (conv.kernel.shape[2],))
-        sigma, _ = lipschitz_lib.converged_operator_norm(conv.kernel, start, iterations)
+            start = operator_norm.initial_vector(tuple(block.feature_shape[:2]) + (conv.kernel.shape[2],))
+        sigma, _ = operator_norm.converged_operator_norm(conv.kernel, start, iterations)
         estimates.append(float(sigma))
     act = certificate["activation_lipschitz"]
     estimated = float(np.prod(estimates) * np.prod(certificate["norm_gains"]) * act ** len(estimates))
@@ -206,7 +207,7 @@ def _certify_block(block, s, t, x, iterations, jacobian_iterations, seed):
             block.lipschitz, block.activation),
         "conv_norms_certified": certificate["conv_norms_certified"],
         "conv_norms_estimated": estimates,
-        "reshaped_kernel_norms": [lipschitz_lib.reshaped_kernel_norm(conv.kernel) for conv in block.convolutions],
+        "reshaped_kernel_norms": [operator_norm.reshaped_kernel_norm(conv.kernel) for conv in block.convolutions],
         "norm_gains": certificate["norm_gains"],
         "activation_lipschitz": act,
         "certified": certificate["certified"],

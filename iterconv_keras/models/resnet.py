@@ -11,6 +11,8 @@ objectives that encourage iterative convergent computations? A case study of
 ResNets and object classification", PLoS One 19(3): e0293440, 2024.
 """
 
+import contextvars
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -19,6 +21,11 @@ from iterconv_keras.models import coupling as coupling_lib
 from iterconv_keras.models import lipschitz as lipschitz_lib
 from iterconv_keras.models._checks import positive_shape
 from iterconv_keras.models.blocks import ResidualBlock, make_norm, validate_residual_form
+
+
+# True while `IterativeResNet.from_config` builds a model whose weights are about to be
+# loaded (Keras' load path), so the constructor's initial projection is not run for nothing.
+_FROM_CONFIG = contextvars.ContextVar("iterconv_from_config", default=False)
 
 
 @keras.saving.register_keras_serializable(package="iterconv")
@@ -155,9 +162,41 @@ class IterativeResNet(keras.Model):
             coupling_lib.tie_blocks(self.stages)
         # Start inside the constraint set (after tying, so blocks stay identical):
         # fresh He-normal kernels are far above the bound, and one power iteration
-        # per step would take many steps to catch up from a cold vector.
-        if self.lipschitz is not None:
+        # per step would take many steps to catch up from a cold vector. A model
+        # built by from_config gets its weights loaded next: the projection waits
+        # for fit and is dropped when weights are loaded or set (review D10).
+        self._initial_projection_pending = self.lipschitz is not None
+        if not _FROM_CONFIG.get():
+            self._project_initially()
+
+    def _project_initially(self):
+        if self._initial_projection_pending:
             lipschitz_lib.initial_projection(self)
+            self._initial_projection_pending = False
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        """Build from `get_config` without the initial projection (its weights are loaded next).
+
+        Keras' ``load_model`` calls this and then loads the saved weights; the
+        projection a constrained model runs at construction would be overwritten
+        (it cost about a second per load of ``small``). If no weights are loaded
+        or set before ``fit``, ``fit`` runs it first.
+        """
+        token = _FROM_CONFIG.set(True)
+        try:
+            return super().from_config(config, custom_objects=custom_objects)
+        finally:
+            _FROM_CONFIG.reset(token)
+
+    def load_own_variables(self, store):
+        # Keras' loaders (load_model, load_weights) call this on the model itself.
+        super().load_own_variables(store)
+        self._initial_projection_pending = False
+
+    def set_weights(self, weights):
+        super().set_weights(weights)
+        self._initial_projection_pending = False
 
     def _outer_norm(self, name):
         # Stem, transitions and head always normalise (they are never iterated);
@@ -248,7 +287,8 @@ class IterativeResNet(keras.Model):
             stage_inputs.append(h)
             outputs = []
             for t in schedule[s]:
-                h = self.stages[s][t](h, training=training)
+                # The model's own run_stage, one block at a time: one forward loop to maintain.
+                h = self.run_stage(h, s, [t], training=training)
                 outputs.append(h)
             block_outputs.append(outputs)
         return {
@@ -306,6 +346,7 @@ class IterativeResNet(keras.Model):
         rescales them by a certified upper bound, so the trained (and so the
         saved and exported) weights provably satisfy it.
         """
+        self._project_initially()
         history = super().fit(*args, **kwargs)
         if self.lipschitz is not None:
             lipschitz_lib.enforce(self)
