@@ -9,7 +9,7 @@ reported). The suite is `indices.compute_indices`. Both run at the same batch
 size after a warm-up batch, so compilation is excluded. Goal (issue 5): <= 12x.
 
 Why the multiple cannot fall much below ~13.5x here: the floating-point work of
-the suite is fixed by the definitions (method.md section 5); the benchmark
+the suite is fixed by the definitions (docs/indices.md); the benchmark
 counts it in the compiled graphs (TensorFlow's own op statistics) and measures
 how fast each program turns FLOPs into results against a large float32 matmul,
 the machine's practical peak (`run_all.matmul_gflops`, best of numpy and TensorFlow).

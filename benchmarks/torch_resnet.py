@@ -9,12 +9,12 @@ in stage 0 when the stem already has its width), T pre-activation blocks
 defaults (epsilon 1e-3, moving-average momentum 0.9 = PyTorch momentum 0.1);
 Adam uses Keras' epsilon 1e-7. The training step does what ours does:
 
-- soft gradient coupling (method.md section 3) between ``backward`` and the
+- soft gradient coupling (docs/method.md, "Soft gradient coupling") between ``backward`` and the
   optimizer step, with ``torch._foreach`` ops (one fused kernel per list);
 - with ``lipschitz`` set, gain-capped batch norm inside the blocks and, after
   each optimizer step, one power iteration per block convolution (conv and
   transposed conv on the persistent vector) and the soft rescale
-  ``W <- W * min(1, c_l / sigma)`` (method.md section 4).
+  ``W <- W * min(1, c_l / sigma)`` (docs/lipschitz.md).
 
 It is a benchmark reference, not part of the package: ``torch`` is not a
 dependency. ``benchmarks/run_all.py`` drives it in a subprocess (``--serve``)

@@ -4,7 +4,7 @@ Conditions (rows of `CONDITIONS`, each a set of `TrainConfig` overrides) on
 Digitclutter (3 digits) and Fashion-MNIST with the ``small`` variant: the four
 corners, coupling lambda in {0, 1} x Lipschitz constraint off/on, 3 seeds each;
 lambda in {0.5, 0.9, 0.99}, one seed; a conventional ResNet (blocks initialised
-independently, lambda 0), 3 seeds; the contractive block (method.md section 4b)
+independently, lambda 0), 3 seeds; the contractive block (docs/lipschitz.md, "A block that converges by construction")
 at lambda 0 and 1, 3 seeds on Digitclutter and one on Fashion-MNIST. A condition
 whose settings `TrainConfig` does not know yet is skipped with a message, so it
 runs once they exist. Seed 0 of every condition on both datasets runs first (the

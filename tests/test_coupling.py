@@ -1,4 +1,4 @@
-"""Soft gradient coupling (method.md section 3): invariants and equivalences."""
+"""Soft gradient coupling (docs/method.md, "Soft gradient coupling"): invariants and equivalences."""
 
 import keras
 import numpy as np
@@ -96,7 +96,7 @@ def test_between_block_distance_decreases_monotonically_with_lambda():
 
 
 def test_sgd_coupling_scales_between_block_step_by_one_minus_lambda():
-    # Oracle (method.md section 3): for plain SGD, coupling leaves the stage-mean
+    # Oracle (docs/method.md, "Soft gradient coupling"): for plain SGD, coupling leaves the stage-mean
     # update unchanged and multiplies each block's deviation from the mean update
     # by (1 - lambda). Compare one step at lambda against the uncoupled step.
     lam = 0.7

@@ -47,3 +47,15 @@ def test_relative_links_resolve(page):
         elif anchor and file.suffix == ".md" and anchor not in anchors(file):
             broken.append(f"{target}: no heading #{anchor} in {file.relative_to(REPO)}")
     assert not broken, broken
+
+
+def test_no_references_to_files_outside_the_repository():
+    # The specs the project was built from are not shipped; the docs are what users read.
+    stale = re.compile(r"interfaces\.md|method\.md section|\.\./shared/")
+    found = []
+    for path in [*PAGES, *REPO.glob("iterconv_keras/**/*.py"), *REPO.glob("cli/*.py"), *REPO.glob("tests/*.py")]:
+        if path.name == "test_docs_links.py":
+            continue
+        found += [f"{path.relative_to(REPO)}:{i}" for i, line in enumerate(path.read_text().splitlines(), 1)
+                  if stale.search(line)]
+    assert not found, found

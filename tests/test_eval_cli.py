@@ -1,4 +1,4 @@
-"""``iterconv eval`` in-process: the JSON document of interfaces.md, --limit, --plots, --out, errors."""
+"""``iterconv eval`` in-process: the JSON document of docs/indices.md, --limit, --plots, --out, errors."""
 
 import json
 import os
@@ -60,7 +60,7 @@ def test_json_document_follows_interfaces(run_dir, tmp_path):
     assert occluded["accuracy"][0] == pytest.approx(document["accuracy"])
     # The clutter sweep's 3-digit set is the evaluated test set itself.
     assert occluded["clutter"]["3"] == pytest.approx(document["accuracy"])
-    # An untrained network's blocks are tied at initialisation (method.md section 3):
+    # An untrained network's blocks are tied at initialisation (docs/method.md, "Soft gradient coupling"):
     # rho = 0, one block's worth of parameters per stage.
     model = keras.saving.load_model(os.path.join(run_dir, "model.keras"), compile=False)
     per_block = [sum(int(np.prod(v.shape)) for v in blocks[0].trainable_variables) for blocks in model.stages]

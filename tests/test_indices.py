@@ -1,4 +1,4 @@
-"""Indices of iterative convergence (method.md section 5) on networks with known answers.
+"""Indices of iterative convergence (docs/indices.md) on networks with known answers.
 
 The known-answer networks are built by hand: four-channel 8x8 images whose
 class c lights channel c; stem, head and blocks get identity-like weights so
@@ -455,7 +455,7 @@ def test_lipschitz_constraint_lowers_divergence():
 
 def test_coupling_one_with_batch_norm_is_recurrent_up_to_its_per_block_statistics():
     # Review T6: at lambda = 1 with batch norm the trainable weights stay identical but the
-    # moving statistics are per block (method.md section 3), so RI is not 1 (0.84 on the
+    # moving statistics are per block (docs/method.md, "Soft gradient coupling"), so RI is not 1 (0.84 on the
     # zoo's recurrent model, 1.16 here). Oracle: give every block block 0's statistics and
     # RI is 1, so the statistics are the whole difference.
     recurrent, x, y = _trained(1.0, norm="batch")

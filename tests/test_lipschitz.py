@@ -1,4 +1,4 @@
-"""Lipschitz constraint (method.md section 4): closed forms, explicit matrices, invariants."""
+"""Lipschitz constraint (docs/lipschitz.md): closed forms, explicit matrices, invariants."""
 
 import functools
 import json
@@ -406,7 +406,7 @@ def test_trained_model_satisfies_the_bound_for_every_block(trained, tmp_path):
 
 def test_trained_contractive_blocks_are_contractions():
     # x <- (1 - alpha) x + alpha g(x) with Lip(g) <= c: the block map's Lipschitz constant is at
-    # most 1 - alpha (1 - c) (method.md 4b). Oracle: the exact Jacobian of the block map.
+    # most 1 - alpha (1 - c) (docs/lipschitz.md, "A block that converges by construction"). Oracle: the exact Jacobian of the block map.
     keras.utils.set_random_seed(8)
     model = build_model("tiny", SHAPE, N_CLASSES, lipschitz=0.5, residual_form="contractive", alpha=0.5)
     _train(model, keras.optimizers.Adam(2e-2), steps=12)

@@ -1,4 +1,4 @@
-"""Occlusion robustness (method.md section 7): masks, sweeps and the model/dataset check."""
+"""Occlusion robustness (docs/indices.md, "Occlusion robustness"): masks, sweeps and the model/dataset check."""
 
 import numpy as np
 import pytest

@@ -7,7 +7,7 @@ The Python API behind ``iterconv eval`` (notebooks get the same document):
     >>> report = evaluation.evaluate(model, splits, limit=1000)
     >>> report["indices"]["recurrence"], report["occlusion"]["auc"]
 
-The returned dict is the ``iterconv eval --json`` document of interfaces.md
+The returned dict is the ``iterconv eval --json`` document described in docs/indices.md
 (``split``, ``examples``, ``accuracy``, ``loss``, ``indices``, ``occlusion``;
 ``model`` and ``dataset`` when given), with NaN (undefined) values as None.
 See ``docs/indices.md`` for every number's definition (Lippl, Peters &
@@ -135,7 +135,7 @@ def evaluate(
         model_reference: optional string stored under ``"model"``.
 
     Returns:
-        dict following interfaces.md; absent sections were not requested.
+        dict described in docs/indices.md; absent sections were not requested.
 
     Raises:
         ValueError: the model and the data do not fit (shape, classes, labels),

@@ -1,6 +1,6 @@
 """Indices of iterative convergence: recurrence, divergence, convergence, effective parameters.
 
-This is iterconv's operationalisation (``docs/indices.md``, method.md section 5)
+This is iterconv's operationalisation (``docs/indices.md``, docs/indices.md)
 of the three indices of Lippl, Peters & Kriegeskorte, "Iterative convergent
 computation is not a useful inductive bias for ResNets" (ICLR 2021 submission)
 and "Can neural networks benefit from objectives that encourage iterative
@@ -147,7 +147,7 @@ def chance_loss(labels, num_classes, multi_label):
 
 
 def effective_parameters(model):
-    """Effective number of parameters under coupling (method.md section 5, item 4).
+    """Effective number of parameters under coupling (docs/indices.md, item 4).
 
     For each coupled group (one parameter position, e.g. ``conv1.kernel``, in the
     T blocks of a stage) with copies theta_t and mean theta_bar:
@@ -349,7 +349,7 @@ def compute_indices(
 
     Returns:
         dict: ``{"accuracy", "loss", "indices"}`` where ``indices`` follows the
-        ``iterconv eval --json`` document of interfaces.md (``recurrence``,
+        ``iterconv eval --json`` document described in docs/indices.md (``recurrence``,
         ``divergence``, ``convergence``, ``convergence_rate``,
         ``effective_parameters``, ``parameters``, ``per_stage`` with
         ``contraction_bound``, ``lipschitz``, ``curves``) plus the accuracy/loss

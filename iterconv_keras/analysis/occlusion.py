@@ -1,6 +1,6 @@
 """Occlusion robustness: seeded patch occlusion, clutter digit counts, iterations under occlusion.
 
-method.md section 7. Recurrence was expected to help recognition under
+docs/indices.md, "Occlusion robustness". Recurrence was expected to help recognition under
 occlusion (Spoerer, McClure & Kriegeskorte 2017, Front. Psychol. 8:1551); these
 evaluators measure it for a trained model:
 

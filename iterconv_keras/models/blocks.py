@@ -2,7 +2,7 @@
 
 Because nothing follows the addition, applying a block twice is exactly two
 iterations of the map ``x -> x + f(x)``; this is what lets a schedule repeat,
-drop or extend blocks (method.md section 2).
+drop or extend blocks (docs/method.md, "Architecture").
 
 Two residual forms share that shape (an injected choice, not two classes):
 
@@ -108,7 +108,7 @@ class ResidualBlock(keras.layers.Layer):
         kernel_initializer: initializer of both kernels. Default ``"he_normal"``.
         lipschitz: None (unconstrained, default) or float c > 0: constrain the
             branch ``g`` (``f`` itself for the plain form) at inference to
-            ``Lip(g) <= c`` (method.md section 4). Each conv
+            ``Lip(g) <= c`` (docs/lipschitz.md). Each conv
             kernel gets a `lipschitz.ConvOperatorNormBound` of
             ``sqrt(c) / L_act`` (applied after every optimizer step) and batch
             normalisation becomes `normalization.GainCappedBatchNormalization` with
@@ -117,7 +117,7 @@ class ResidualBlock(keras.layers.Layer):
             (Behrmann et al. 2019; Gouk et al. 2018).
         residual_form: ``"plain"`` (``f = g``, default) or ``"contractive"``
             (``f = alpha (g - id)``, needs ``lipschitz`` < 1; the block map is then a
-            contraction with constant ``1 - alpha (1 - c)``; method.md section 4b).
+            contraction with constant ``1 - alpha (1 - c)``; docs/lipschitz.md, "A block that converges by construction").
         alpha: None or float in (0, 1], the step of the contractive form
             (None: `DEFAULT_ALPHA`); the plain form takes none. Default None.
         **kwargs: standard layer arguments (``name``, ``dtype``).

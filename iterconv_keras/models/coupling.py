@@ -109,7 +109,7 @@ def group_rho(copies):
     """The normalised between-block spread rho of one coupled parameter, in [0, 1].
 
     ``rho = (T / (T - 1)) * sum_t ||theta_t - theta_bar||^2 / sum_t ||theta_t||^2``,
-    clipped to [0, 1] (method.md section 5, item 4): 0 for identical copies (and
+    clipped to [0, 1] (docs/indices.md, item 4): 0 for identical copies (and
     for all-zero copies), about 1 for independent copies of mean zero. The
     effective-parameter count (`iterconv_keras.analysis.indices.effective_parameters`)
     applies it per coupled group.

@@ -99,7 +99,7 @@ class GainCappedBatchNormalization(keras.layers.BatchNormalization):
     At inference the layer is affine with Lipschitz constant ``<= max_gain`` by
     construction, whatever the moving statistics are; ``gamma`` itself is not
     modified, so coupled blocks keep identical trainable weights while their
-    moving statistics differ (method.md section 3). Where the cap binds, the
+    moving statistics differ (docs/method.md, "Soft gradient coupling"). Where the cap binds, the
     layer no longer amplifies small activations to unit variance.
 
     Args:

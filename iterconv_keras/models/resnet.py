@@ -32,7 +32,7 @@ _FROM_CONFIG = contextvars.ContextVar("iterconv_from_config", default=False)
 class IterativeResNet(keras.Model):
     """ResNet whose blocks within a stage can be softly coupled.
 
-    Architecture (method.md section 2): normalisation of the [0, 1] input ->
+    Architecture (docs/method.md, "Architecture"): normalisation of the [0, 1] input ->
     stem ``Conv3x3 -> BN -> ReLU`` -> S stages -> head ``BN -> ReLU -> global
     average pooling -> Dense`` (logits). Stage s > 0 begins with an uncoupled
     transition ``BN -> ReLU -> Conv3x3/stride 2`` to its width; stage 0 has none
@@ -59,7 +59,7 @@ class IterativeResNet(keras.Model):
         lipschitz: None (unconstrained, default) or float c > 0: constrain every
             residual function to ``Lip(f) <= c`` at inference by soft spectral
             normalisation of its convolutions and gain-capped batch norm
-            (method.md section 4, ``docs/lipschitz.md``). Stem, transitions and
+            (docs/lipschitz.md, ``docs/lipschitz.md``). Stem, transitions and
             head are never constrained. The kernels are projected with many
             power iterations at construction and by a certified bound at the end of
             ``fit``.
@@ -74,7 +74,7 @@ class IterativeResNet(keras.Model):
         input_std: float or per-channel tuple the input is divided by.
         block_init: ``"tied"`` (default) copies block 0's initial weights into the
             other blocks of each stage, so every coupling strength starts from
-            identical blocks (method.md section 3); ``"independent"`` keeps each
+            identical blocks (docs/method.md, "Soft gradient coupling"); ``"independent"`` keeps each
             block's own random initialisation: a conventional ResNet, the baseline
             of the paper's claim about conventionally trained ResNets. Models saved
             before this argument existed load as ``"tied"``.
@@ -156,7 +156,7 @@ class IterativeResNet(keras.Model):
 
         self.build((None, *self.image_shape))
         # Every lambda starts from identical blocks, so lambda is the only difference
-        # between conditions (method.md section 3). Loading a saved model overwrites
+        # between conditions (docs/method.md, "Soft gradient coupling"). Loading a saved model overwrites
         # these values with the saved ones. A conventional ResNet opts out.
         if self.block_init == "tied":
             coupling_lib.tie_blocks(self.stages)

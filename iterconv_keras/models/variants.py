@@ -8,7 +8,7 @@ choice (the paper's exact architectures were not available to us; see
 ``docs/method.md``).
 
 ``small_contractive`` is ``small`` with the contractive residual form of
-method.md section 4b (beyond the paper): ``alpha = 0.5``, ``c = 0.5``, so every
+docs/lipschitz.md, "A block that converges by construction" (beyond the paper): ``alpha = 0.5``, ``c = 0.5``, so every
 block map has Lipschitz constant ``L = 1 - 0.5 * (1 - 0.5) = 0.75`` and 16 extra
 iterations shrink the update to at most ``0.75^16 = 1.0%`` (CI >= 0.99). A
 larger c (0.9: L = 0.95, 0.95^16 = 44%) would guarantee little within the

@@ -1,6 +1,6 @@
 """Where the zoo is and what it holds: root, names, ``MANIFEST.json``, lock, checksums.
 
-The zoo layout (interfaces.md, "The zoo")::
+The zoo layout (docs/serving.md)::
 
     <root>/MANIFEST.json     models, versions, default version, sha256 of every file
     <root>/models.config     TF Serving model_config_list (`iterconv_keras.zoo.serving`)

@@ -1,6 +1,6 @@
 """The zoo version format: a plain SavedModel that TensorFlow Serving loads, plus extras.
 
-A version directory (interfaces.md, "The zoo"; the names are defined only here):
+A version directory (docs/serving.md; the names are defined only here):
 
     saved_model.pb, variables/, fingerprint.pb
     assets.extra/model.keras      the full Keras model (for the indices)
