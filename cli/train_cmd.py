@@ -1,18 +1,11 @@
 """``iterconv train``: train one model into a run directory."""
 
 import click
+
 from iterconv_cli._common import emit_json, progress_to_stderr, report_errors
 
 DATASETS = ("digitclutter", "digitdebris", "mnist", "fashion_mnist", "cifar10", "cifar100")
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
-
-# Options whose explicit use together with --resume must agree with the run's config.
-_RESUMABLE_SETTINGS = (
-    "dataset", "variant", "coupling", "spectral_norm", "lipschitz", "epochs", "batch_size", "lr",
-    "optimizer", "weight_decay", "schedule", "train_size", "validation_size", "test_size", "clutter_digits",
-    "debris_fragments", "fresh_data", "augment", "block_init", "seed", "data_dir", "jit_compile",
-    "residual_form", "alpha",
-)
 
 
 @click.command("train")
@@ -112,20 +105,16 @@ def _check_constraint_options(ctx, settings):
 
 
 def _check_resume_options(ctx, config):
-    """Refuse explicitly given options that contradict the stored run config."""
+    """Refuse options given on the command line that contradict the stored run config."""
+    from iterconv_keras import runs
     from iterconv_keras.errors import UsageError
-    from iterconv_keras.training import load_run_config
 
     if config.out is None:
         raise UsageError("--resume needs --out RUN_DIR")
-    stored = load_run_config(config.out)
-    for param in ctx.command.params:
-        if param.name not in _RESUMABLE_SETTINGS:
-            continue
-        given, kept = getattr(config, param.name), getattr(stored, param.name)
-        if ctx.get_parameter_source(param.name) == click.core.ParameterSource.COMMANDLINE and given != kept:
-            raise UsageError(
-                f"--resume: {param.opts[0]} {given!r} differs from the run's {kept!r}; "
-                "a resumed run keeps its settings"
-            )
+    given = [p.name for p in ctx.command.params
+             if ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE]
+    runs.check_resume(config, runs.load_run_config(config.out), given,
+                      spell={p.name: p.opts[0] for p in ctx.command.params})
+
+
 COMMAND = train
