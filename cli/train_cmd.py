@@ -33,8 +33,8 @@ OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adam", show_default=True)
 @click.option("--weight-decay", type=float, default=0.0, show_default=True,
               help="Decoupled weight decay; 0 with --optimizer adamw means 1e-4.")
-@click.option("--schedule", type=click.Choice(("cosine", "constant")), default="cosine", show_default=True,
-              help="Learning-rate schedule.")
+@click.option("--lr-schedule", type=click.Choice(("cosine", "constant")), default="cosine", show_default=True,
+              help="Learning-rate schedule (cosine decays to 0 over the run).")
 @click.option("--train-size", type=int, default=None, help="Training images (default: the dataset's).")
 @click.option("--validation-size", type=int, default=None,
               help="Validation images (default: the dataset's).")

@@ -23,6 +23,9 @@ BLOCK_INITS = ("tied", "independent")  # IterativeResNet's block_init
 # Settings added after 0.1, with the value that reproduces what a config.json written
 # before them meant (fixed data, no augmentation, tied blocks).
 _PRE_0_2_VALUES = {"fresh_data": False, "augment": False, "block_init": "tied"}
+# Settings renamed since, old name -> new: configs and zoo card recipes written before
+# carry the old key (the learning-rate ``schedule`` collided with block schedules, issue 12).
+RENAMED_SETTINGS = {"schedule": "lr_schedule"}
 
 
 @dataclasses.dataclass
@@ -50,8 +53,9 @@ class TrainConfig:
         optimizer: one of `OPTIMIZERS` (``momentum`` is SGD with momentum 0.9).
         weight_decay: decoupled weight decay (>= 0); 0 with ``optimizer="adamw"``
             means AdamW's customary 1e-4 (0 for the other optimizers means none).
-        schedule: learning-rate schedule, ``cosine`` (decays to 0 over the run)
-            or ``constant``.
+        lr_schedule: learning-rate schedule, one of `LR_SCHEDULES`: ``cosine``
+            (decays to 0 over the run) or ``constant``. Called ``schedule`` before
+            0.2 (`from_dict` still reads that key).
         train_size: training images (None: the dataset's default).
         validation_size: validation images (None: the dataset's default).
         test_size: test images for the final evaluation (None: the whole test set,
@@ -90,7 +94,7 @@ class TrainConfig:
     lr: float = 0.002
     optimizer: str = "adam"
     weight_decay: float = 0.0
-    schedule: str = "cosine"
+    lr_schedule: str = "cosine"
     train_size: int | None = None
     validation_size: int | None = None
     test_size: int | None = None
@@ -127,7 +131,8 @@ class TrainConfig:
         _require(self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         _require(isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0,
                  f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        _require(self.schedule in LR_SCHEDULES, f"schedule must be one of {LR_SCHEDULES}, got {self.schedule!r}")
+        _require(self.lr_schedule in LR_SCHEDULES,
+                 f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         _require(self.train_size is None or (_is_int(self.train_size) and self.train_size > 0),
                  f"train_size must be an integer > 0, got {self.train_size!r}")
         _require(self.validation_size is None or (_is_int(self.validation_size) and self.validation_size >= 0),
@@ -191,6 +196,20 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values):
+        """The config stored as ``values`` (a ``config.json`` document), old keys included.
+
+        Keys renamed since (`RENAMED_SETTINGS`) are read under their new name, and
+        settings added since take the value that reproduces what an old config meant.
+
+        Raises:
+            UsageError: an unknown key, or a setting given under both its old and new name.
+        """
+        values = dict(values)
+        for old, new in RENAMED_SETTINGS.items():
+            if old in values:
+                if new in values:
+                    raise UsageError(f"config has both {old!r} and its new name {new!r}; keep {new!r}")
+                values[new] = values.pop(old)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

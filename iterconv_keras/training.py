@@ -65,7 +65,7 @@ def build_and_compile(config, splits, steps_per_epoch):
 
 def make_optimizer(config, steps_per_epoch):
     lr = config.lr
-    if config.schedule == "cosine":
+    if config.lr_schedule == "cosine":
         lr = keras.optimizers.schedules.CosineDecay(config.lr, decay_steps=config.epochs * steps_per_epoch)
     wd = config.weight_decay or None
     if config.optimizer == "sgd":

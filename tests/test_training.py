@@ -163,7 +163,7 @@ def test_non_finite_loss_stops_with_epoch_and_step(tmp_path):
     with pytest.raises(training.TrainingDiverged, match=r"epoch 1, step \d+"):
         # lr near float32's maximum overflows the weights themselves: fused batch norm
         # keeps a merely huge network's loss finite (it did at lr=1e30).
-        _train(tmp_path, "nan", lr=3e38, optimizer="sgd", schedule="constant", epochs=1)
+        _train(tmp_path, "nan", lr=3e38, optimizer="sgd", lr_schedule="constant", epochs=1)
     assert runs.checkpoint_epochs(str(tmp_path / "nan")) == []
 
 
