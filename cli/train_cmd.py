@@ -56,6 +56,10 @@ OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds initialisation and data order.")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
               help="Folder searched first for dataset files.")
+@click.option("--data-file", type=click.Path(dir_okay=False), default=None,
+              help="digitclutter or digitdebris: a set written by `iterconv data` to use instead of generating "
+                   "(first 20%% test, next 10%% validation, the rest training, or --test-size/--validation-size/"
+                   "--train-size); `iterconv eval RUN` then tests on the same images.")
 @click.option("--xla/--no-xla", "jit_compile", default=False, show_default=True,
               help="Compile the train step with XLA.")
 @click.option("--out", type=click.Path(), default=None,

@@ -12,6 +12,7 @@ read the tables without TensorFlow.
 
 import dataclasses
 import math
+import os
 
 from iterconv_keras.errors import UsageError
 
@@ -78,6 +79,9 @@ class TrainConfig:
             ``"independent"`` (a conventional ResNet), see `IterativeResNet`.
         seed: seeds initialisation and data order (and fresh data, augmentation).
         data_dir: folder searched first for dataset files.
+        data_file: generated datasets only: a set written by ``iterconv data`` to train,
+            validate and test on instead of generating (stored as an absolute path; see
+            `iterconv_keras.data.datasets.load` for how it is split). Implies fixed data.
         jit_compile: compile the train step with XLA.
         out: the run directory.
     """
@@ -105,6 +109,7 @@ class TrainConfig:
     block_init: str = "tied"
     seed: int = 0
     data_dir: str | None = None
+    data_file: str | None = None
     jit_compile: bool = False
     out: str | None = None
 
@@ -150,6 +155,13 @@ class TrainConfig:
     def _resolve_data_options(self, datasets):
         generated = self.dataset in datasets.GENERATED_NAMES
         augmentable = self.dataset in datasets.AUGMENT_PADS
+        if self.data_file is not None:
+            _require(isinstance(self.data_file, str) and generated,
+                     f"data_file holds a generated set ({', '.join(datasets.GENERATED_NAMES)}); "
+                     f"got data_file {self.data_file!r} for dataset {self.dataset!r}")
+            _require(not self.fresh_data, "fresh_data draws new images every epoch; a data_file is one fixed set")
+            self.data_file = os.path.abspath(self.data_file)
+            self.fresh_data = False
         if self.fresh_data is None:
             self.fresh_data = generated
         if self.augment is None:

@@ -139,7 +139,7 @@ def train(config, *, resume=False, log=None):
         config.dataset, data_dir=config.data_dir, train_size=config.train_size,
         validation_size=config.validation_size, test_size=config.test_size,
         seed=config.seed, clutter_digits=config.clutter_digits, debris_fragments=config.debris_fragments,
-        fresh_data=config.fresh_data,
+        fresh_data=config.fresh_data, data_file=config.data_file,
     )
     # Also before the run directory: a run that cannot take one step must not leave
     # a config.json that neither a new run nor --resume can get past.
