@@ -3,9 +3,9 @@
 import click
 
 from iterconv_cli._common import emit_json, progress_to_stderr, report_errors
+from iterconv_keras.config import BLOCK_INITS, LR_SCHEDULES, OPTIMIZERS  # stdlib only: --help stays instant
 
 DATASETS = ("digitclutter", "digitdebris", "mnist", "fashion_mnist", "cifar10", "cifar100")
-OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 
 
 @click.command("train")
@@ -31,9 +31,9 @@ OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--lr", type=float, default=0.002, show_default=True, help="Peak learning rate.")
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adam", show_default=True)
-@click.option("--weight-decay", type=float, default=0.0, show_default=True,
-              help="Decoupled weight decay; 0 with --optimizer adamw means 1e-4.")
-@click.option("--lr-schedule", type=click.Choice(("cosine", "constant")), default="cosine", show_default=True,
+@click.option("--weight-decay", type=float, default=None,
+              help="Decoupled weight decay; 0 switches it off [default: 1e-4 for adamw, none otherwise].")
+@click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES), default="cosine", show_default=True,
               help="Learning-rate schedule (cosine decays to 0 over the run).")
 @click.option("--train-size", type=int, default=None, help="Training images (default: the dataset's).")
 @click.option("--validation-size", type=int, default=None,
@@ -50,7 +50,7 @@ OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 @click.option("--augment/--no-augment", default=None,
               help="Random translation (pad and crop) and horizontal flip of training images "
                    "[default: on for fashion_mnist, cifar10, cifar100; refused for the others].")
-@click.option("--block-init", type=click.Choice(("tied", "independent")), default="tied", show_default=True,
+@click.option("--block-init", type=click.Choice(BLOCK_INITS), default="tied", show_default=True,
               help="Blocks of a stage start identical (tied) or from their own initialisation "
                    "(independent: a conventional ResNet).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds initialisation and data order.")

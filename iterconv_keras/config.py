@@ -20,6 +20,9 @@ OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 DEFAULT_LIPSCHITZ = 0.9
 DEFAULT_CONTRACTIVE_LIPSCHITZ = 0.5
 LR_SCHEDULES = ("constant", "cosine")
+# AdamW's customary decoupled weight decay in iterconv (since 0.1), the
+# default when none is given; an explicit 0 switches decay off (review U4).
+ADAMW_WEIGHT_DECAY = 1e-4
 BLOCK_INITS = ("tied", "independent")  # IterativeResNet's block_init
 # Settings added after 0.1, with the value that reproduces what a config.json written
 # before them meant (fixed data, no augmentation, tied blocks).
@@ -52,8 +55,9 @@ class TrainConfig:
         batch_size: images per step (> 0).
         lr: peak learning rate (> 0).
         optimizer: one of `OPTIMIZERS` (``momentum`` is SGD with momentum 0.9).
-        weight_decay: decoupled weight decay (>= 0); 0 with ``optimizer="adamw"``
-            means AdamW's customary 1e-4 (0 for the other optimizers means none).
+        weight_decay: decoupled weight decay (>= 0; 0 means none, for every optimizer),
+            or None (default): `ADAMW_WEIGHT_DECAY` for ``adamw``, none for the others.
+            Resolved by `validate`, so ``config.json`` records the decay applied.
         lr_schedule: learning-rate schedule, one of `LR_SCHEDULES`: ``cosine``
             (decays to 0 over the run) or ``constant``. Called ``schedule`` before
             0.2 (`from_dict` still reads that key).
@@ -97,7 +101,7 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 0.002
     optimizer: str = "adam"
-    weight_decay: float = 0.0
+    weight_decay: float | None = None
     lr_schedule: str = "cosine"
     train_size: int | None = None
     validation_size: int | None = None
@@ -134,8 +138,11 @@ class TrainConfig:
         _require(isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0,
                  f"lr must be a number > 0, got {self.lr!r}")
         _require(self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        _require(isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0,
-                 f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.weight_decay is None:
+            self.weight_decay = ADAMW_WEIGHT_DECAY if self.optimizer == "adamw" else 0.0
+        _require(isinstance(self.weight_decay, (int, float)) and not isinstance(self.weight_decay, bool)
+                 and math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+                 f"weight_decay must be a number >= 0, got {self.weight_decay!r}")
         _require(self.lr_schedule in LR_SCHEDULES,
                  f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         _require(self.train_size is None or (_is_int(self.train_size) and self.train_size > 0),
@@ -217,6 +224,9 @@ class TrainConfig:
             UsageError: an unknown key, or a setting given under both its old and new name.
         """
         values = dict(values)
+        if "schedule" in values and values.get("optimizer") == "adamw" and not values.get("weight_decay"):
+            # Before lr_schedule was named (0.2), weight_decay 0 with AdamW meant 1e-4.
+            values["weight_decay"] = ADAMW_WEIGHT_DECAY
         for old, new in RENAMED_SETTINGS.items():
             if old in values:
                 if new in values:

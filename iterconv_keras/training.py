@@ -67,6 +67,7 @@ def make_optimizer(config, steps_per_epoch):
     lr = config.lr
     if config.lr_schedule == "cosine":
         lr = keras.optimizers.schedules.CosineDecay(config.lr, decay_steps=config.epochs * steps_per_epoch)
+    # The config is validated: weight_decay is a number, 0 meaning none (Keras: None).
     wd = config.weight_decay or None
     if config.optimizer == "sgd":
         return keras.optimizers.SGD(lr, weight_decay=wd)
@@ -74,7 +75,8 @@ def make_optimizer(config, steps_per_epoch):
         return keras.optimizers.SGD(lr, momentum=0.9, weight_decay=wd)
     if config.optimizer == "adam":
         return keras.optimizers.Adam(lr, weight_decay=wd)
-    return keras.optimizers.AdamW(lr, weight_decay=config.weight_decay or 1e-4)
+    # Keras' AdamW needs a float; 0.0 decays by nothing.
+    return keras.optimizers.AdamW(lr, weight_decay=float(config.weight_decay))
 
 
 def make_loss(multi_label):
