@@ -15,7 +15,7 @@ import time
 import keras
 
 from iterconv_keras import runs
-from iterconv_keras.config import OPTIMIZERS, TrainConfig
+from iterconv_keras.config import ADAMW_WEIGHT_DECAY, OPTIMIZERS, TrainConfig
 from iterconv_keras.errors import IntegrityError, IterconvError, UsageError
 from iterconv_keras.fsutil import read_json_if_present
 from iterconv_keras.runs import CHECKPOINT_DIR, CONFIG_FILE, HISTORY_FILE, METRICS_FILE, MODEL_FILE
@@ -75,8 +75,10 @@ def make_optimizer(config, steps_per_epoch):
         return keras.optimizers.SGD(lr, momentum=0.9, weight_decay=wd)
     if config.optimizer == "adam":
         return keras.optimizers.Adam(lr, weight_decay=wd)
-    # Keras' AdamW needs a float; 0.0 decays by nothing.
-    return keras.optimizers.AdamW(lr, weight_decay=float(config.weight_decay))
+    # Keras' AdamW needs a float; 0.0 decays by nothing. None (an unvalidated config, as the
+    # benchmarks build) is what validate would resolve it to.
+    decay = ADAMW_WEIGHT_DECAY if config.weight_decay is None else config.weight_decay
+    return keras.optimizers.AdamW(lr, weight_decay=float(decay))
 
 
 def make_loss(multi_label):

@@ -24,6 +24,11 @@ def test_default_weight_decay_is_resolved_and_recorded(optimizer, expected):
     assert _decay(optimizer=optimizer) == (pytest.approx(expected) if expected else None)
 
 
+def test_an_unvalidated_adamw_config_gets_the_default_decay():
+    # The benchmarks build optimizers from configs they never validate.
+    assert training.make_optimizer(TrainConfig(optimizer="adamw"), 10).weight_decay == pytest.approx(ADAMW_WEIGHT_DECAY)
+
+
 def test_old_adamw_configs_keep_their_1e4():
     old = TrainConfig(optimizer="adamw", weight_decay=0.0).to_dict()
     old["schedule"] = old.pop("lr_schedule")  # written before the rename: 0 meant 1e-4
