@@ -34,16 +34,17 @@ def digitclutter_command(n_digits, count, seed, out, json_output):
     The file holds ``images`` uint8 [N,32,32,1], ``labels`` float32 [N,10]
     (multi-hot), ``order`` int8 [N,n] (drawing order, last is front-most) and
     ``info`` (a JSON string: font, sha256, recipe, seed). It is written to a
-    temporary file and renamed, so a reader never sees half a file.
+    temporary file and renamed, so a reader never sees half a file. Train on it
+    with ``iterconv train --data-file OUT``.
     """
     from iterconv_keras.data import digitclutter
 
     # Validate before the (possibly long) generation, with the generator's messages.
-    digitclutter._validate(n_digits, count, 32, seed)
+    digitclutter.validate(n_digits, count, 32, seed)
     _check_output(count, out)
     clutter = _with_progress(lambda progress: digitclutter.generate(n_digits, count, seed, progress=progress), count)
-    _write(out, {"images": clutter.images, "labels": clutter.labels, "order": clutter.order}, clutter.info,
-           {"n_digits": n_digits}, json_output, f"wrote {count} images with {n_digits} digits (seed {seed}) to {out}")
+    _write(out, clutter, {"n_digits": n_digits}, json_output,
+           f"wrote {count} images with {n_digits} digits (seed {seed}) to {out}")
 
 
 @COMMAND.command("debris")
@@ -56,7 +57,8 @@ def debris_command(fragments, count, seed, out, json_output):
     The file holds ``images`` uint8 [N,32,32,1], ``labels`` int64 [N] (the target
     digit) and ``info`` (a JSON string: font, sha256, recipe, seed). The recipe is
     iterconv's operationalisation (docs/datasets.md). It is written to a temporary
-    file and renamed, so a reader never sees half a file.
+    file and renamed, so a reader never sees half a file. Train on it with
+    ``iterconv train --dataset digitdebris --debris-fragments N --data-file OUT``.
     """
     from iterconv_keras.data import debris
     from iterconv_keras.data import digitclutter as dc
@@ -65,8 +67,8 @@ def debris_command(fragments, count, seed, out, json_output):
     dc.validate_generation(count, 32, seed)
     _check_output(count, out)
     generated = _with_progress(lambda progress: debris.generate(fragments, count, seed, progress=progress), count)
-    _write(out, {"images": generated.images, "labels": generated.labels}, generated.info,
-           {"fragments": fragments}, json_output, f"wrote {count} images with {fragments} fragments (seed {seed}) to {out}")
+    _write(out, generated, {"fragments": fragments}, json_output,
+           f"wrote {count} images with {fragments} fragments (seed {seed}) to {out}")
 
 
 def _check_output(count, out):
@@ -92,18 +94,14 @@ def _with_progress(generate, count):
         return generate(progress)
 
 
-def _write(out, arrays, info, settings, json_output, message):
-    """Write ``arrays`` and ``info`` atomically to ``out``; report as JSON or one line."""
-    import json
+def _write(out, generated, settings, json_output, message):
+    """Write the set atomically to ``out`` (`setfile.save_npz`); report as JSON or one line."""
+    from iterconv_keras.data import setfile
 
-    import numpy as np
-
-    from iterconv_keras import fsutil
-
-    with fsutil.atomic_file(out, "wb", suffix=".npz") as stream:
-        np.savez_compressed(stream, **arrays, info=np.array(json.dumps(info)))
-    count = len(arrays["images"])
-    summary = {"path": os.path.abspath(out), "count": count, **settings, "seed": info["seed"], "info": info}
+    setfile.save_npz(out, generated)
+    info = generated.info
+    summary = {"path": os.path.abspath(out), "count": len(generated.images), **settings, "seed": info["seed"],
+               "info": info}
     if json_output:
         emit_json(summary)
     else:

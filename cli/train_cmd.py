@@ -1,18 +1,11 @@
 """``iterconv train``: train one model into a run directory."""
 
 import click
+
 from iterconv_cli._common import emit_json, progress_to_stderr, report_errors
+from iterconv_keras.config import BLOCK_INITS, LR_SCHEDULES, OPTIMIZERS  # stdlib only: --help stays instant
 
 DATASETS = ("digitclutter", "digitdebris", "mnist", "fashion_mnist", "cifar10", "cifar100")
-OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
-
-# Options whose explicit use together with --resume must agree with the run's config.
-_RESUMABLE_SETTINGS = (
-    "dataset", "variant", "coupling", "spectral_norm", "lipschitz", "epochs", "batch_size", "lr",
-    "optimizer", "weight_decay", "schedule", "train_size", "validation_size", "test_size", "clutter_digits",
-    "debris_fragments", "fresh_data", "augment", "block_init", "seed", "data_dir", "jit_compile",
-    "residual_form", "alpha",
-)
 
 
 @click.command("train")
@@ -38,10 +31,10 @@ _RESUMABLE_SETTINGS = (
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--lr", type=float, default=0.002, show_default=True, help="Peak learning rate.")
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adam", show_default=True)
-@click.option("--weight-decay", type=float, default=0.0, show_default=True,
-              help="Decoupled weight decay; 0 with --optimizer adamw means 1e-4.")
-@click.option("--schedule", type=click.Choice(("cosine", "constant")), default="cosine", show_default=True,
-              help="Learning-rate schedule.")
+@click.option("--weight-decay", type=float, default=None,
+              help="Decoupled weight decay; 0 switches it off [default: 1e-4 for adamw, none otherwise].")
+@click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES), default="cosine", show_default=True,
+              help="Learning-rate schedule (cosine decays to 0 over the run).")
 @click.option("--train-size", type=int, default=None, help="Training images (default: the dataset's).")
 @click.option("--validation-size", type=int, default=None,
               help="Validation images (default: the dataset's).")
@@ -57,12 +50,16 @@ _RESUMABLE_SETTINGS = (
 @click.option("--augment/--no-augment", default=None,
               help="Random translation (pad and crop) and horizontal flip of training images "
                    "[default: on for fashion_mnist, cifar10, cifar100; refused for the others].")
-@click.option("--block-init", type=click.Choice(("tied", "independent")), default="tied", show_default=True,
+@click.option("--block-init", type=click.Choice(BLOCK_INITS), default="tied", show_default=True,
               help="Blocks of a stage start identical (tied) or from their own initialisation "
                    "(independent: a conventional ResNet).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds initialisation and data order.")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
               help="Folder searched first for dataset files.")
+@click.option("--data-file", type=click.Path(dir_okay=False), default=None,
+              help="digitclutter or digitdebris: a set written by `iterconv data` to use instead of generating "
+                   "(first 20%% test, next 10%% validation, the rest training, or --test-size/--validation-size/"
+                   "--train-size); `iterconv eval RUN` then tests on the same images.")
 @click.option("--xla/--no-xla", "jit_compile", default=False, show_default=True,
               help="Compile the train step with XLA.")
 @click.option("--out", type=click.Path(), default=None,
@@ -112,20 +109,16 @@ def _check_constraint_options(ctx, settings):
 
 
 def _check_resume_options(ctx, config):
-    """Refuse explicitly given options that contradict the stored run config."""
+    """Refuse options given on the command line that contradict the stored run config."""
+    from iterconv_keras import runs
     from iterconv_keras.errors import UsageError
-    from iterconv_keras.training import load_run_config
 
     if config.out is None:
         raise UsageError("--resume needs --out RUN_DIR")
-    stored = load_run_config(config.out)
-    for param in ctx.command.params:
-        if param.name not in _RESUMABLE_SETTINGS:
-            continue
-        given, kept = getattr(config, param.name), getattr(stored, param.name)
-        if ctx.get_parameter_source(param.name) == click.core.ParameterSource.COMMANDLINE and given != kept:
-            raise UsageError(
-                f"--resume: {param.opts[0]} {given!r} differs from the run's {kept!r}; "
-                "a resumed run keeps its settings"
-            )
+    given = [p.name for p in ctx.command.params
+             if ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE]
+    runs.check_resume(config, runs.load_run_config(config.out), given,
+                      spell={p.name: p.opts[0] for p in ctx.command.params})
+
+
 COMMAND = train

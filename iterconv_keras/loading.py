@@ -27,7 +27,7 @@ import os
 from iterconv_keras import zoo as zoo_lib
 from iterconv_keras.errors import ModelNotFound, UsageError
 from iterconv_keras.models.saving import load_keras
-from iterconv_keras.training import MODEL_FILE as RUN_MODEL_FILE
+from iterconv_keras.runs import MODEL_FILE as RUN_MODEL_FILE
 from iterconv_keras.zoo.card import ModelCard
 from iterconv_keras.zoo.savedmodel import METADATA_FILE as ZOO_METADATA_FILE
 from iterconv_keras.zoo.savedmodel import MODEL_FILE as ZOO_MODEL_FILE

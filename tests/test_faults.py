@@ -3,7 +3,8 @@
 Each trial starts ``iterconv train`` in a subprocess, kills it with SIGKILL,
 resumes it with ``--resume`` and compares the final weights bitwise with an
 uninterrupted run of the same command (also a subprocess, so both use the same
-process-level TensorFlow configuration).
+process-level TensorFlow configuration). Kills at an exact point go through the
+test-only runner ``tests/_fault_injection.py``; the library has no fault hook.
 """
 
 import json
@@ -16,16 +17,20 @@ import time
 import numpy as np
 import pytest
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAULT_RUNNER = os.path.join(REPO, "tests", "_fault_injection.py")
+
 ARGS = ["--variant", "tiny", "--epochs", "2", "--batch-size", "32", "--train-size", "256",
         "--validation-size", "32", "--test-size", "32", "--lr", "0.01", "--seed", "5"]
 
 
-def _command(out, *extra):
-    return [sys.executable, "-m", "iterconv_cli.main", "train", *ARGS, "--out", str(out), *extra]
+def _command(out, *extra, inject=False):
+    entry = [FAULT_RUNNER] if inject else ["-m", "iterconv_cli.main"]
+    return [sys.executable, *entry, "train", *ARGS, "--out", str(out), *extra]
 
 
-def _run(out, *extra, env=None):
-    return subprocess.run(_command(out, *extra), capture_output=True, text=True, timeout=300,
+def _run(out, *extra, env=None, inject=False):
+    return subprocess.run(_command(out, *extra, inject=inject), capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, **(env or {})))
 
 
@@ -36,11 +41,27 @@ def _weights(run_dir):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def plain_run(tmp_path_factory):
+    """The plain ``iterconv train`` run, with the fault variable set as the injected runs set it."""
     out = tmp_path_factory.mktemp("faults") / "uninterrupted"
-    result = _run(out)
+    return out, _run(out, env={"ITERCONV_FAULT": "checkpoint:2"})
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(plain_run):
+    out, result = plain_run
     assert result.returncode == 0, result.stderr
     return _weights(out)
+
+
+def test_the_fault_variable_does_nothing_outside_the_tests(plain_run):
+    # Review D4: a production run must not react to a test's fault variable.
+    out, result = plain_run
+    assert result.returncode == 0, result.stderr
+    assert (out / "model.keras").is_file() and (out / "checkpoints" / "epoch-0002").is_dir()
+    sources = [os.path.join(base, name) for folder in ("iterconv_keras", "cli")
+               for base, _, names in os.walk(os.path.join(REPO, folder)) for name in names if name.endswith(".py")]
+    assert not [path for path in sources if "ITERCONV_FAULT" in open(path).read()]
 
 
 def _resume_and_compare(out, uninterrupted):
@@ -57,7 +78,7 @@ def _resume_and_compare(out, uninterrupted):
 @pytest.mark.parametrize("epoch", [pytest.param(1, marks=pytest.mark.slow), 2])
 def test_kill_while_a_checkpoint_is_written(tmp_path, uninterrupted, epoch):
     out = tmp_path / "run"
-    result = _run(out, env={"ITERCONV_FAULT": f"checkpoint:{epoch}"})
+    result = _run(out, env={"ITERCONV_FAULT": f"checkpoint:{epoch}"}, inject=True)
     assert result.returncode == -signal.SIGKILL
     # The half-written checkpoint is not visible as a checkpoint.
     complete = sorted(n for n in os.listdir(out / "checkpoints") if n.startswith("epoch-"))

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from conftest import exact_set_accuracy
 
-from iterconv_keras import training
+from iterconv_keras import runs, training
 from iterconv_keras.errors import UsageError
+from iterconv_keras.fsutil import write_json_atomic
 from iterconv_keras.training import TrainConfig
 
 FAST = {"variant": "tiny", "epochs": 2, "batch_size": 64, "train_size": 256, "validation_size": 64, "test_size": 128,
@@ -49,7 +50,7 @@ def test_run_directory_contents(reference_run):
         history = json.load(f)
     assert [h["epoch"] for h in history] == [1, 2]
     assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(history[0])
-    assert training.checkpoint_epochs(run) == [1, 2]
+    assert runs.checkpoint_epochs(run) == [1, 2]
     assert not [n for n in os.listdir(run) if n.startswith(".tmp-")]
     # metrics.json agrees with an independent evaluation of the saved model.
     with open(os.path.join(run, "metrics.json")) as f:
@@ -132,7 +133,7 @@ def test_resume_without_checkpoint_starts_over(tmp_path):
     run = tmp_path / "fresh"
     run.mkdir()
     config = TrainConfig(**dict(FAST, epochs=1, out=str(run)))
-    training.write_json_atomic(str(run / "config.json"), config.to_dict())
+    write_json_atomic(str(run / "config.json"), config.to_dict())
     summary = training.train(TrainConfig(out=str(run)), resume=True, log=lambda line: None)
     assert summary["epochs_completed"] == 1
 
@@ -162,8 +163,8 @@ def test_non_finite_loss_stops_with_epoch_and_step(tmp_path):
     with pytest.raises(training.TrainingDiverged, match=r"epoch 1, step \d+"):
         # lr near float32's maximum overflows the weights themselves: fused batch norm
         # keeps a merely huge network's loss finite (it did at lr=1e30).
-        _train(tmp_path, "nan", lr=3e38, optimizer="sgd", schedule="constant", epochs=1)
-    assert training.checkpoint_epochs(str(tmp_path / "nan")) == []
+        _train(tmp_path, "nan", lr=3e38, optimizer="sgd", lr_schedule="constant", epochs=1)
+    assert runs.checkpoint_epochs(str(tmp_path / "nan")) == []
 
 
 @pytest.mark.parametrize(

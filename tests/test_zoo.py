@@ -393,12 +393,12 @@ _OWNED_NAMES = {
     "metadata.json": ["iterconv_keras/zoo/savedmodel.py"],
     "MANIFEST.json": ["iterconv_keras/zoo/manifest.py"],
     "models.config": ["iterconv_keras/zoo/serving.py"],
-    "config.json": ["iterconv_keras/training.py"],
-    "metrics.json": ["iterconv_keras/training.py"],
-    "history.json": ["iterconv_keras/training.py"],
-    "eval.json": ["iterconv_keras/zoo/card.py"],
+    "config.json": ["iterconv_keras/runs.py"],
+    "metrics.json": ["iterconv_keras/runs.py"],
+    "history.json": ["iterconv_keras/runs.py"],
+    "eval.json": ["iterconv_keras/runs.py"],
     # a run's model.keras and a zoo version's assets.extra/model.keras
-    "model.keras": ["iterconv_keras/training.py", "iterconv_keras/zoo/savedmodel.py"],
+    "model.keras": ["iterconv_keras/runs.py", "iterconv_keras/zoo/savedmodel.py"],
 }
 
 

@@ -269,6 +269,12 @@ def load_for_model(model, metadata, *, dataset=None, data_dir=None, limit=None):
         # the metadata.
         digits = _setting(metadata, "clutter_digits") or metadata.get("n_digits") or 3
         fragments = _setting(metadata, "debris_fragments") or datasets.DEFAULT_DEBRIS_FRAGMENTS
+        data_file = _setting(metadata, "data_file")
+        if data_file is not None:
+            # A run trained on a data file is tested on that file's test split, carved as in training.
+            sizes = {key: _setting(metadata, key) for key in ("train_size", "validation_size", "test_size")}
+            return datasets.load(name, clutter_digits=int(digits), debris_fragments=int(fragments),
+                                 data_file=data_file, **sizes)
         return datasets.load(name, clutter_digits=int(digits), debris_fragments=int(fragments),
                              validation_size=0, test_size=limit)
     return datasets.load(name, data_dir=data_dir)

@@ -639,6 +639,43 @@ def _generated(name, clutter_digits, debris_fragments, train_size, validation_si
     return arrays, 10, multi_label, source, info, stream
 
 
+def file_split_sizes(count, train_size=None, validation_size=None, test_size=None):
+    """``{"test", "validation", "train"}`` image counts carved from a data file of ``count`` images.
+
+    The test images come first, then validation, then train: generated sets are
+    prefix-stable, so the test split of a file is the generator's first images
+    for the file's seed. Defaults: test 20 % and validation 10 % of the file,
+    train the rest.
+
+    Raises:
+        ValueError: the sizes need more images than the file holds, or leave no training image.
+    """
+    test = count // 5 if test_size is None else test_size
+    validation = count // 10 if validation_size is None else validation_size
+    rest = count - test - validation
+    train = rest if train_size is None else train_size
+    if test < 1 or train < 1 or train > rest:
+        raise ValueError(
+            f"a data file of {count} images cannot give {test} test, {validation} validation and "
+            f"{train if train_size is not None else 'at least 1'} training images; pass smaller sizes or a larger file"
+        )
+    return {"test": test, "validation": validation, "train": train}
+
+
+def _from_file(name, data_file, level, train_size, validation_size, test_size):
+    """Arrays, classes, provenance of a generated set read from ``data_file`` (see `load`)."""
+    from iterconv_keras.data import setfile
+
+    read = setfile.load_npz(data_file, dataset=name, level=level)
+    sizes = file_split_sizes(len(read.images), train_size, validation_size, test_size)
+    bounds = np.cumsum([0, sizes["test"], sizes["validation"], sizes["train"]])
+    parts = [(read.images[a:b], read.labels[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    (x_test, y_test), (x_val, y_val), (x_train, y_train) = parts
+    info = {"data_file": os.path.abspath(data_file), "recipe": read.info, "sizes": sizes}
+    source = f"file {data_file}: {name}, seed {read.info.get('seed')}"
+    return (x_train, y_train, x_val, y_val, x_test, y_test), 10, name == "digitclutter", source, info
+
+
 def load(
     name,
     *,
@@ -650,6 +687,7 @@ def load(
     clutter_digits=3,
     debris_fragments=DEFAULT_DEBRIS_FRAGMENTS,
     fresh_data=False,
+    data_file=None,
 ):
     """Load a dataset offline, with a validation split carved deterministically from train.
 
@@ -672,6 +710,12 @@ def load(
         fresh_data: bool, generated sets only: draw ``train_size`` new training images
             every epoch from `fresh_train_seed` (seed, epoch); ``x_train`` holds epoch
             0's and ``train_stream(epoch)`` yields any epoch's. Default False.
+        data_file: generated sets only: a file written by ``iterconv data`` (see
+            `iterconv_keras.data.setfile`) to read instead of generating. Its first
+            ``test_size`` images are the test split, the next ``validation_size`` the
+            validation split, then ``train_size`` training images (`file_split_sizes`).
+            The file must hold ``name``'s set with ``clutter_digits`` digits or
+            ``debris_fragments`` fragments.
 
     Returns:
         `DatasetSplits`.
@@ -680,6 +724,7 @@ def load(
         ValueError: unknown name, bad sizes, or ``fresh_data`` for a file dataset.
         DatasetNotAvailable: files missing (the message lists every place looked and
             how to obtain them) or unreadable.
+        IntegrityError: ``data_file`` is malformed or holds another set.
 
     Reference for Digitclutter and its debris variant: Spoerer, McClure &
     Kriegeskorte (2017), Front. Psychol. 8:1551.
@@ -692,7 +737,16 @@ def load(
     stream = None
     if fresh_data and name not in GENERATED_NAMES:
         raise ValueError(f"fresh_data needs a generated dataset ({', '.join(GENERATED_NAMES)}), got {name!r}")
-    if name in GENERATED_NAMES:
+    if data_file is not None:
+        if name not in GENERATED_NAMES or fresh_data:
+            raise ValueError(f"data_file holds a generated set ({', '.join(GENERATED_NAMES)}) and gives a fixed "
+                             f"training set; got dataset {name!r}{' with fresh_data' if fresh_data else ''}")
+        level = clutter_digits if name == "digitclutter" else debris_fragments
+        arrays, num_classes, multi_label, source, info = _from_file(
+            name, data_file, level, train_size, validation_size, test_size
+        )
+        x_train, y_train, x_val, y_val, x_test, y_test = arrays
+    elif name in GENERATED_NAMES:
         fresh = {"seed": _check_size("seed", seed)} if fresh_data else None
         arrays, num_classes, multi_label, source, info, stream = _generated(
             name, clutter_digits, debris_fragments, train_size, validation_size, test_size, fresh

@@ -113,7 +113,12 @@ def font_sha256():
         return hashlib.sha256(handle.read()).hexdigest()
 
 
-def _validate(n_digits, count, image_size, seed=0):
+def validate(n_digits, count, image_size, seed=0):
+    """Raise ``ValueError`` echoing a bad digit count, image count, image size or seed.
+
+    Public so that a caller can refuse bad settings before a long generation
+    (``iterconv data digitclutter`` does).
+    """
     if isinstance(n_digits, bool) or not isinstance(n_digits, (int, np.integer)):
         raise ValueError(f"n_digits must be an integer in {MIN_DIGITS}..{MAX_DIGITS}, got {n_digits!r}")
     if not MIN_DIGITS <= n_digits <= MAX_DIGITS:
@@ -420,7 +425,7 @@ def generate(n_digits, count, seed, *, image_size=32, progress=None):
 
     Reference: Spoerer, McClure & Kriegeskorte (2017), Front. Psychol. 8:1551.
     """
-    _validate(n_digits, count, image_size, seed)
+    validate(n_digits, count, image_size, seed)
     images = np.empty((count, image_size, image_size, 1), np.uint8)
     digits = np.empty((count, n_digits), np.int64)
     # Each block of images has its own stream, default_rng([seed, block]), so a
@@ -455,7 +460,7 @@ def generate_blocks(n_digits, count, seed, *, image_size=32):
         ``(images uint8 [b, S, S, 1], labels float32 [b, 10])``; concatenated they
         equal ``generate(n_digits, count, seed).images`` and ``.labels``.
     """
-    _validate(n_digits, count, image_size, seed)
+    validate(n_digits, count, image_size, seed)
     for block, start in enumerate(range(0, count, _SEED_BLOCK)):
         params = sample_params(
             n_digits, min(_SEED_BLOCK, count - start), np.random.default_rng([seed, block]), image_size

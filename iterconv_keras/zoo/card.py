@@ -18,13 +18,10 @@ from typing import Any
 from iterconv_keras.data.classes import class_names_for
 from iterconv_keras.errors import IntegrityError
 from iterconv_keras.fsutil import read_json_if_present
+from iterconv_keras.runs import CONFIG_FILE, EVAL_FILE, METRICS_FILE, MODEL_FILE
 from iterconv_keras.zoo import savedmodel
 
 CARD_SCHEMA = 1
-# The run-directory file the evaluation document is saved as (``iterconv eval
-# --out RUN/eval.json``); it joins the other run-directory names in
-# iterconv_keras.runs when that module exists.
-EVAL_FILE = "eval.json"
 # The index numbers a card keeps; the curves are bulky and stay in the eval document.
 _INDEX_KEYS = ("recurrence", "divergence", "convergence", "effective_parameters", "parameters", "per_stage")
 
@@ -173,10 +170,6 @@ class ModelCard:
             ModelNotFound: the run has no ``model.keras`` (and no ``model`` was given).
             IntegrityError: one of the JSON files exists but cannot be read.
         """
-        # training (soon runs) owns the run-directory names; imported here, not at
-        # module level, because it imports Keras and `zoo show` must not.
-        from iterconv_keras.training import CONFIG_FILE, METRICS_FILE, MODEL_FILE
-
         if model is None:
             from iterconv_keras.models.saving import load_keras
 
