@@ -1,6 +1,6 @@
 """Benchmark: training throughput of the plain, the constrained and the contractive block.
 
-Trains `variants.build_model("small", (32, 32, 1), 10)` three ways on random
+Trains `variants.create_model("small", (32, 32, 1), 10)` three ways on random
 data, batch 128, SGD with momentum:
 
 - ``plain``: ``x + g(x)``, unconstrained;
@@ -29,7 +29,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import iterconv_keras  # noqa: F401  (environment defaults before TensorFlow loads)
-from iterconv_keras.models.variants import build_model  # noqa: E402
+from iterconv_keras.models.variants import create_model  # noqa: E402
 
 FORMS = {
     "plain": {},
@@ -40,7 +40,7 @@ FORMS = {
 
 def _model(overrides, jit_compile):
     keras.utils.set_random_seed(0)
-    model = build_model("small", (32, 32, 1), 10, **overrides)
+    model = create_model("small", (32, 32, 1), 10, **overrides)
     model.compile(
         optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),

@@ -43,7 +43,7 @@ def main():
     from iterconv_keras.models import variants
 
     keras.utils.set_random_seed(0)
-    model = variants.build_model("small", (32, 32, 1), 10)
+    model = variants.create_model("small", (32, 32, 1), 10)
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, size=(args.examples, 32, 32, 1), dtype=np.uint8)
     y = rng.integers(0, 10, size=args.examples)

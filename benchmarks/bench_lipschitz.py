@@ -1,6 +1,6 @@
 """Benchmark: per-step cost of the Lipschitz constraint on the `small` variant.
 
-Trains `variants.build_model("small", (32, 32, 1), 10)` with ``lipschitz=None``
+Trains `variants.create_model("small", (32, 32, 1), 10)` with ``lipschitz=None``
 and with ``lipschitz=C`` (one power iteration per step and gain-capped batch
 norm) on random data, batch 128, SGD with momentum. After warm-up (tracing and
 a few steps each), repetitions of ``--steps`` steps alternate between the two
@@ -30,12 +30,12 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import iterconv_keras  # noqa: F401  (environment defaults before TensorFlow loads)
-from iterconv_keras.models.variants import build_model  # noqa: E402
+from iterconv_keras.models.variants import create_model  # noqa: E402
 
 
 def _model(lipschitz, jit_compile):
     keras.utils.set_random_seed(0)
-    model = build_model("small", (32, 32, 1), 10, lipschitz=lipschitz)
+    model = create_model("small", (32, 32, 1), 10, lipschitz=lipschitz)
     model.compile(
         optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -67,7 +67,7 @@ def certified_report(model_path):
     """Time of the certified bound on ``small``; per-conv gaps on a saved constrained model."""
     from iterconv_keras.models import lipschitz, operator_norm
 
-    small = build_model("small", (32, 32, 1), 10)
+    small = create_model("small", (32, 32, 1), 10)
     convs = [(np.asarray(c.kernel), b.feature_shape) for bs in small.stages for b in bs for c in b.convolutions]
     operator_norm.certified_operator_norm(*convs[0])  # first-call overheads
     start = time.perf_counter()

@@ -295,7 +295,7 @@ def inference_case(quick, log):
     from iterconv_keras.models import variants
     from iterconv_keras.zoo import savedmodel as export
 
-    model = variants.build_model("small", (32, 32, 1), NUM_CLASSES)
+    model = variants.create_model("small", (32, 32, 1), NUM_CLASSES)
     model.compile(loss="sparse_categorical_crossentropy")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -39,7 +39,7 @@ _EXPORTS = {
     "ResidualBlock": ("iterconv_keras.models.blocks", "ResidualBlock"),
     "list_pretrained": ("iterconv_keras.zoo", "list_pretrained"),
     "load_model": ("iterconv_keras.loading", "load_model"),
-    "TrainConfig": ("iterconv_keras.training", "TrainConfig"),
+    "TrainConfig": ("iterconv_keras.config", "TrainConfig"),
     "train": ("iterconv_keras.training", "train"),
     "evaluate": ("iterconv_keras.analysis.evaluation", "evaluate"),
 }

@@ -53,7 +53,7 @@ def build_and_compile(config, splits, steps_per_epoch):
         overrides["lipschitz"] = config.lipschitz
     if config.residual_form is not None:
         overrides.update(residual_form=config.residual_form, alpha=config.alpha)
-    model = variants.build_model(config.variant, splits.input_shape, splits.num_classes, **overrides)
+    model = variants.create_model(config.variant, splits.input_shape, splits.num_classes, **overrides)
     model.compile(
         optimizer=make_optimizer(config, steps_per_epoch),
         loss=make_loss(splits.multi_label),
@@ -120,6 +120,11 @@ def train(config, *, resume=False, log=None):
     Raises:
         UsageError: bad settings, an occupied ``out``, or a resume that changes a setting.
         DatasetNotAvailable, TrainingDiverged.
+
+    Example:
+        >>> import iterconv_keras as ick
+        >>> summary = ick.train(ick.TrainConfig(coupling=1.0, epochs=10, train_size=100_000, out="runs/rec"))
+        >>> summary["test"]["accuracy"]
     """
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     started = (time.perf_counter(), time.process_time())

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from iterconv_cli.main import cli
 
 from iterconv_keras import zoo
-from iterconv_keras.models.variants import build_model
+from iterconv_keras.models.variants import create_model
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def env(tmp_path_factory):
     """Files the bad inputs refer to: a clutter model, a zoo, corrupt files."""
     root = tmp_path_factory.mktemp("bad")
     keras.utils.set_random_seed(0)
-    model = build_model("tiny", (32, 32, 1), 10, multi_label=True)
+    model = create_model("tiny", (32, 32, 1), 10, multi_label=True)
     model.save(root / "clutter.keras")
     (root / "garbage.keras").write_bytes(b"this is not a zip archive")
     (root / "a_file").write_text("x")

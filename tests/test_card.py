@@ -9,7 +9,7 @@ import keras
 import pytest
 
 from iterconv_keras.errors import IntegrityError
-from iterconv_keras.models.variants import build_model
+from iterconv_keras.models.variants import create_model
 from iterconv_keras.zoo.card import ModelCard
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,7 +73,7 @@ def run_dir(tmp_path_factory):
     """A finished run as the runner leaves it, with an eval document that has a Lipschitz summary."""
     run = tmp_path_factory.mktemp("run")
     keras.utils.set_random_seed(5)
-    build_model("tiny", SHAPE, 10, lipschitz=0.9).save(run / "model.keras")
+    create_model("tiny", SHAPE, 10, lipschitz=0.9).save(run / "model.keras")
     config = {"dataset": "mnist", "variant": "tiny", "coupling": 0.0, "lipschitz": 0.9, "spectral_norm": True,
               "epochs": 1, "seed": 5, "schedule": "cosine", "data_dir": "/data"}
     (run / "config.json").write_text(json.dumps(config))
@@ -107,7 +107,7 @@ def test_from_run_dir_reads_the_three_files(run_dir):
 
 def test_from_run_dir_without_eval_or_metrics(tmp_path):
     keras.utils.set_random_seed(6)
-    build_model("tiny", SHAPE, 10).save(tmp_path / "model.keras")
+    create_model("tiny", SHAPE, 10).save(tmp_path / "model.keras")
     card = ModelCard.from_run_dir(str(tmp_path))
     assert card.recipe is None and card.metrics == {} and card.indices is None and card.lipschitz is None
     assert card.dataset is None and card.class_names == [str(k) for k in range(10)]
@@ -116,10 +116,10 @@ def test_from_run_dir_without_eval_or_metrics(tmp_path):
 def test_constraint_is_the_models_setting_with_the_runs_flag():
     # Review T2: literal expectations, and the fallback branch exercised.
     keras.utils.set_random_seed(7)
-    constrained = ModelCard.from_model(build_model("tiny", SHAPE, 10, lipschitz=0.9), recipe={"spectral_norm": True})
+    constrained = ModelCard.from_model(create_model("tiny", SHAPE, 10, lipschitz=0.9), recipe={"spectral_norm": True})
     assert constrained.constraint == {"lipschitz": 0.9, "spectral_norm": True}
     # --lipschitz 0.9 recorded without the constraint on: the model has no bound, and the card says so.
-    plain = ModelCard.from_model(build_model("tiny", SHAPE, 10), recipe={"lipschitz": 0.9, "spectral_norm": False})
+    plain = ModelCard.from_model(create_model("tiny", SHAPE, 10), recipe={"lipschitz": 0.9, "spectral_norm": False})
     assert plain.constraint == {"lipschitz": None, "spectral_norm": False}
 
     class OldModel:

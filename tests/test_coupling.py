@@ -6,7 +6,7 @@ import pytest
 
 from iterconv_keras.models import coupling
 from iterconv_keras.models.resnet import IterativeResNet
-from iterconv_keras.models.variants import build_model
+from iterconv_keras.models.variants import create_model
 
 SHAPE = (12, 12, 1)
 N_CLASSES = 4
@@ -154,4 +154,4 @@ def test_mirrored_strategy_lambda_one_stays_identical(mirrored_strategy):
 @pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), "x", None])
 def test_coupling_strength_is_validated(bad):
     with pytest.raises(ValueError, match="coupling"):
-        build_model("tiny", SHAPE, N_CLASSES, coupling=bad)
+        create_model("tiny", SHAPE, N_CLASSES, coupling=bad)

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from conftest import exact_set_accuracy
 from iterconv_cli.main import cli
 
-from iterconv_keras.models.variants import build_model
+from iterconv_keras.models.variants import create_model
 
 LIMIT = 24
 
@@ -20,7 +20,7 @@ def run_dir(tmp_path_factory):
     """A run directory of an (untrained) tiny Digitclutter model."""
     keras.utils.set_random_seed(0)
     folder = tmp_path_factory.mktemp("run")
-    model = build_model("tiny", (32, 32, 1), 10, multi_label=True)
+    model = create_model("tiny", (32, 32, 1), 10, multi_label=True)
     model.save(os.path.join(folder, "model.keras"))
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump({"dataset": "digitclutter", "clutter_digits": 3}, f)
@@ -113,7 +113,7 @@ def test_missing_model_exits_4(tmp_path):
 def test_mismatched_dataset_is_a_usage_error(run_dir, tmp_path):
     # A bare .keras file of a 28x28 single-label model evaluated on Digitclutter.
     path = tmp_path / "mnist_like.keras"
-    build_model("tiny", (28, 28, 1), 10).save(path)
+    create_model("tiny", (28, 28, 1), 10).save(path)
     result = _invoke(["eval", str(path), "--dataset", "digitclutter", "--limit", "4"])
     assert result.exit_code == 2
     assert "(28, 28, 1)" in result.stderr and "(32, 32, 1)" in result.stderr
@@ -127,7 +127,7 @@ def contractive_run(tmp_path_factory):
     """A run directory of an (untrained) tiny Digitclutter model with contractive blocks."""
     keras.utils.set_random_seed(1)
     folder = tmp_path_factory.mktemp("contractive")
-    model = build_model("tiny", (32, 32, 1), 10, multi_label=True, lipschitz=0.5, residual_form="contractive",
+    model = create_model("tiny", (32, 32, 1), 10, multi_label=True, lipschitz=0.5, residual_form="contractive",
                         alpha=0.5)
     model.save(os.path.join(folder, "model.keras"))
     with open(os.path.join(folder, "config.json"), "w") as f:

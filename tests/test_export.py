@@ -14,7 +14,7 @@ import tensorflow as tf
 from conftest import random_images
 
 from iterconv_keras import loading, zoo
-from iterconv_keras.models.variants import build_model
+from iterconv_keras.models.variants import create_model
 from iterconv_keras.zoo import savedmodel as export
 from iterconv_keras.zoo.card import ModelCard
 
@@ -28,7 +28,7 @@ PROB_ATOL = 1e-6
 def tiny_trained_model(image_shape=SHAPE, multi_label=False, seed=3):
     """A tiny model after two optimizer steps (BN statistics and weights off their init)."""
     keras.utils.set_random_seed(seed)
-    model = build_model("tiny", image_shape, 10, multi_label=multi_label)
+    model = create_model("tiny", image_shape, 10, multi_label=multi_label)
     if multi_label:
         loss, labels = keras.losses.BinaryCrossentropy(from_logits=True), np.eye(10, dtype="float32")[np.arange(8) % 10]
     else:
@@ -306,7 +306,7 @@ def test_export_projects_a_copy_of_a_constrained_model_and_says_so(tmp_path):
     from iterconv_keras.models import lipschitz
 
     keras.utils.set_random_seed(3)
-    model = build_model("tiny", SHAPE, 10, lipschitz=0.9)
+    model = create_model("tiny", SHAPE, 10, lipschitz=0.9)
     convs = [conv for _, _, block in lipschitz.constrained_blocks(model) for conv in block.convolutions]
     # Push every constrained kernel far above its bound, as training outside fit could.
     for conv in convs:
@@ -329,7 +329,7 @@ def test_export_projects_a_copy_of_a_constrained_model_and_says_so(tmp_path):
     exact_after = [_exact_conv_norm(c.kernel, c.kernel_constraint.input_shape) for c in exported_convs]
     assert max(exact_after) <= projection["max_conv_norm_after"] <= per_conv
     # An unconstrained model is exported as it is, with no projection on its card.
-    plain = build_model("tiny", SHAPE, 10)
+    plain = create_model("tiny", SHAPE, 10)
     assert loading.load(zoo.export_version(plain, "plain", root=str(tmp_path))[2]).card.projection is None
 
 

@@ -11,7 +11,7 @@ from conftest import exact_set_accuracy
 
 import iterconv_keras
 from iterconv_keras.models.metrics import ExactSetAccuracy
-from iterconv_keras.models.variants import build_model
+from iterconv_keras.models.variants import create_model
 
 
 def _run(code, *args):
@@ -47,7 +47,7 @@ def test_public_names_are_listed_and_unknown_names_raise():
 def compiled_run_model(tmp_path_factory):
     """A compiled multi-label model as `iterconv train` saves it (exact-set metric included)."""
     keras.utils.set_random_seed(3)
-    model = build_model("tiny", (8, 8, 1), 10, multi_label=True)
+    model = create_model("tiny", (8, 8, 1), 10, multi_label=True)
     model.compile(optimizer="adam", loss=keras.losses.BinaryCrossentropy(from_logits=True),
                   metrics=[ExactSetAccuracy(name="accuracy")])
     rng = np.random.default_rng(0)
@@ -87,3 +87,13 @@ def test_keras_load_model_works_after_importing_the_package(compiled_run_model, 
     np.testing.assert_allclose(document["logits"], logits, rtol=1e-5, atol=1e-6)
     # The restored compiled metric agrees with an independent exact-set computation.
     assert document["accuracy"] == pytest.approx(accuracy)
+
+
+def test_every_front_door_name_is_the_library_object_it_names():
+    import importlib
+
+    for name, (module, attribute) in iterconv_keras._EXPORTS.items():
+        assert getattr(iterconv_keras, name) is getattr(importlib.import_module(module), attribute), name
+    assert iterconv_keras.list_variants()[:2] == ["tiny", "small"]
+    model = iterconv_keras.create_model("tiny", (8, 8, 1), 3)
+    assert isinstance(model, iterconv_keras.IterativeResNet) and model.num_classes == 3

@@ -87,3 +87,13 @@ def test_every_subpackage_is_installed():
     listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     on_disk = {".".join(p.parent.relative_to(REPO).parts) for p in PACKAGE.rglob("__init__.py")}
     assert on_disk <= listed
+
+
+def test_config_imports_only_the_standard_library_at_import():
+    # cli/ builds its option tables from config, and --help must stay instant.
+    import sys
+
+    names = _imports(PACKAGE / "config.py", module_level_only=True)
+    third_party = [n for n in names if n.split(".")[0] not in sys.stdlib_module_names
+                   and not n.startswith(("iterconv_keras.errors", "iterconv_keras.fsutil"))]
+    assert not third_party, third_party

@@ -14,7 +14,7 @@ from iterconv_keras.models import lipschitz, operator_norm
 from iterconv_keras.models.blocks import ResidualBlock
 from iterconv_keras.models.normalization import GainCappedBatchNormalization
 from iterconv_keras.models.resnet import IterativeResNet
-from iterconv_keras.models.variants import build_model
+from iterconv_keras.models.variants import create_model
 
 SHAPE = (12, 12, 1)
 N_CLASSES = 4
@@ -278,7 +278,7 @@ def test_certified_bound_known_answers():
 
 def test_enforce_leaves_every_certified_norm_within_its_bound():
     keras.utils.set_random_seed(3)
-    model = build_model("tiny", SHAPE, N_CLASSES, lipschitz=C)
+    model = create_model("tiny", SHAPE, N_CLASSES, lipschitz=C)
     bound = lipschitz.per_conv_bound(C)
     convs = [conv for _, _, block in lipschitz.constrained_blocks(model) for conv in block.convolutions]
     shapes = [block.feature_shape for _, _, block in lipschitz.constrained_blocks(model) for _ in range(2)]
@@ -347,7 +347,7 @@ def _train(model, optimizer, steps, seed=0, batch=16, use_fit=True, jit_compile=
 def trained():
     """A tiny constrained, partly coupled model after 30 Adam steps (shared: tracing is slow)."""
     keras.utils.set_random_seed(5)
-    model = build_model("tiny", SHAPE, N_CLASSES, lipschitz=C, coupling=0.5)
+    model = create_model("tiny", SHAPE, N_CLASSES, lipschitz=C, coupling=0.5)
     return _train(model, keras.optimizers.Adam(2e-2), steps=30)
 
 
@@ -408,7 +408,7 @@ def test_trained_contractive_blocks_are_contractions():
     # x <- (1 - alpha) x + alpha g(x) with Lip(g) <= c: the block map's Lipschitz constant is at
     # most 1 - alpha (1 - c) (docs/lipschitz.md, "A block that converges by construction"). Oracle: the exact Jacobian of the block map.
     keras.utils.set_random_seed(8)
-    model = build_model("tiny", SHAPE, N_CLASSES, lipschitz=0.5, residual_form="contractive", alpha=0.5)
+    model = create_model("tiny", SHAPE, N_CLASSES, lipschitz=0.5, residual_form="contractive", alpha=0.5)
     _train(model, keras.optimizers.Adam(2e-2), steps=12)
     report = certify_lib.certify(model, iterations=200, jacobian_iterations=10, num_random=2)
     for block_report in report["blocks"]:
@@ -424,7 +424,7 @@ def test_trained_contractive_blocks_are_contractions():
 
 def _constrained_sync_model():
     keras.utils.set_random_seed(5)
-    model = build_model("tiny", SHAPE, N_CLASSES, lipschitz=C, coupling=0.5, norm="sync_batch")
+    model = create_model("tiny", SHAPE, N_CLASSES, lipschitz=C, coupling=0.5, norm="sync_batch")
     # SGD: Adam would magnify the replicas' different rounding of near-zero gradients.
     model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
@@ -468,7 +468,7 @@ def test_lambda_one_keeps_blocks_bitwise_identical_with_and_without_xla():
     runs = {}
     for jit in (False, True):
         keras.utils.set_random_seed(6)
-        model = build_model("tiny", SHAPE, N_CLASSES, lipschitz=C, coupling=1.0)
+        model = create_model("tiny", SHAPE, N_CLASSES, lipschitz=C, coupling=1.0)
         start = model.stages[1][0].power_vectors[0].numpy()
         _train(model, keras.optimizers.SGD(0.2, momentum=0.9), steps=8, use_fit=False, jit_compile=jit)
         assert model.jit_compile is jit
@@ -531,7 +531,7 @@ def test_loading_a_constrained_model_runs_no_power_iteration(trained, tmp_path, 
     loaded.load_weights(tmp_path / "model.keras")
     assert calls == []
     # A new model is still projected at construction, one estimate per conv ...
-    fresh = build_model("tiny", SHAPE, N_CLASSES, lipschitz=C)
+    fresh = create_model("tiny", SHAPE, N_CLASSES, lipschitz=C)
     assert len(calls) == 8
     # ... and one built from a config alone (no weights loaded) is projected when fit starts.
     calls.clear()
@@ -555,7 +555,7 @@ def test_constraint_config_is_complete():
 
 
 def test_unconstrained_model_is_unchanged():
-    model = build_model("tiny", SHAPE, N_CLASSES)
+    model = create_model("tiny", SHAPE, N_CLASSES)
     assert model.lipschitz is None and model.get_config()["lipschitz"] is None
     block = model.stages[0][0]
     assert isinstance(block.norm1, keras.layers.BatchNormalization)
@@ -579,6 +579,6 @@ def test_constrained_block_needs_static_spatial_shape():
 @pytest.mark.parametrize("bad", [0, -0.5, float("nan"), float("inf"), "x", True, [0.9]])
 def test_invalid_lipschitz_raises_and_echoes(bad):
     with pytest.raises(ValueError, match="lipschitz.*" + re.escape(repr(bad))):
-        build_model("tiny", SHAPE, N_CLASSES, lipschitz=bad)
+        create_model("tiny", SHAPE, N_CLASSES, lipschitz=bad)
     with pytest.raises(ValueError, match=re.escape(repr(bad))):
         ResidualBlock(4, lipschitz=bad)

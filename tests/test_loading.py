@@ -12,7 +12,7 @@ from conftest import random_images
 from iterconv_keras import loading, zoo
 from iterconv_keras.errors import IntegrityError, ModelNotFound, UsageError
 from iterconv_keras.models.saving import load_keras
-from iterconv_keras.models.variants import build_model
+from iterconv_keras.models.variants import create_model
 
 SHAPE = (16, 16, 1)
 
@@ -22,7 +22,7 @@ def files(tmp_path_factory):
     """A run directory, a bare .keras file and a zoo holding `digits` (from the run) and `other`."""
     base = tmp_path_factory.mktemp("loading")
     keras.utils.set_random_seed(11)
-    run_model, other = build_model("tiny", SHAPE, 10), build_model("tiny", SHAPE, 10)
+    run_model, other = create_model("tiny", SHAPE, 10), create_model("tiny", SHAPE, 10)
     run = base / "run"
     run.mkdir()
     run_model.save(run / "model.keras")

@@ -151,12 +151,12 @@ def test_stage_zero_has_no_transition_when_the_stem_sets_its_width_and_later_sta
 
 
 def test_variant_registry():
-    assert {"tiny", "small", "paper_mnist", "paper_cifar"} <= set(variants.variant_names())
+    assert {"tiny", "small", "paper_mnist", "paper_cifar"} <= set(variants.list_variants())
     with pytest.raises(ValueError, match="already registered"):
         variants.register_variant("tiny", "again", stage_widths=(1,))
     with pytest.raises(ValueError, match="unknown variant 'huge'"):
-        variants.build_model("huge", SHAPE, 3)
-    small = variants.build_model("small", (32, 32, 1), 10, coupling=0.5)
+        variants.create_model("huge", SHAPE, 3)
+    small = variants.create_model("small", (32, 32, 1), 10, coupling=0.5)
     assert small.coupling == 0.5 and small.stem_stride == 2
     assert [len(b) for b in small.stages] == [4, 4, 4]
     assert small(np.zeros((1, 32, 32, 1), np.float32)).shape == (1, 10)
@@ -202,7 +202,7 @@ def test_residual_form_arguments_are_validated(kwargs, message):
 
 def test_contractive_model_config_round_trips_through_json_and_keras_file(tmp_path):
     keras.utils.set_random_seed(2)
-    model = variants.build_model("tiny", SHAPE, 5, residual_form="contractive", lipschitz=0.6)
+    model = variants.create_model("tiny", SHAPE, 5, residual_form="contractive", lipschitz=0.6)
     assert model.alpha == 0.5  # the default step, resolved and recorded
     config = json.loads(json.dumps(model.get_config()))
     assert (config["residual_form"], config["alpha"], config["lipschitz"]) == ("contractive", 0.5, 0.6)
@@ -227,6 +227,6 @@ def test_plain_configs_without_the_new_keys_still_load():
 
 
 def test_small_contractive_variant():
-    model = variants.build_model("small_contractive", (32, 32, 1), 10)
+    model = variants.create_model("small_contractive", (32, 32, 1), 10)
     assert (model.residual_form, model.alpha, model.lipschitz) == ("contractive", 0.5, 0.5)
     assert {b.contraction_bound for bs in model.stages for b in bs} == {0.75}

@@ -95,7 +95,7 @@ def test_files_saved_with_keras_batch_norm_still_load(tmp_path):
     from iterconv_keras.loading import load_model
     from iterconv_keras.models import blocks
     from iterconv_keras.models import resnet as model_module
-    from iterconv_keras.models.variants import build_model
+    from iterconv_keras.models.variants import create_model
 
     def keras_norm(norm, momentum, name, max_gain=None):
         return keras.layers.BatchNormalization(momentum=momentum, name=name)
@@ -104,7 +104,7 @@ def test_files_saved_with_keras_batch_norm_still_load(tmp_path):
     original = blocks.make_norm
     blocks.make_norm = model_module.make_norm = keras_norm
     try:
-        old = build_model("tiny", (12, 12, 1), 5)
+        old = create_model("tiny", (12, 12, 1), 5)
     finally:
         blocks.make_norm = model_module.make_norm = original
     assert type(old.stem_norm) is keras.layers.BatchNormalization

@@ -5,7 +5,7 @@ import pytest
 from conftest import exact_set_accuracy
 
 from iterconv_keras.analysis import evaluation, occlusion
-from iterconv_keras.models.variants import build_model
+from iterconv_keras.models.variants import create_model
 
 
 @pytest.mark.parametrize("level", [0.1, 0.2, 0.3, 0.4, 0.5])
@@ -64,7 +64,7 @@ def test_auc_is_mean_accuracy_over_clean_accuracy():
 def test_sweeps_on_a_constant_model():
     # A model whose logits ignore the input (zero head kernel, bias on class 2):
     # every level, every iteration count and every digit count score the same.
-    model = build_model("tiny", (12, 12, 1), 4)
+    model = create_model("tiny", (12, 12, 1), 4)
     kernel, bias = model.head_dense.get_weights()
     model.head_dense.set_weights([np.zeros_like(kernel), np.eye(4)[2].astype(np.float32)])
     rng = np.random.default_rng(0)
@@ -95,7 +95,7 @@ def test_clutter_sweep_scores_every_digit_count():
 
 
 def test_mismatched_model_and_dataset_is_a_clear_error():
-    model = build_model("tiny", (32, 32, 1), 10, multi_label=True)
+    model = create_model("tiny", (32, 32, 1), 10, multi_label=True)
     x = np.zeros((4, 28, 28, 1), np.uint8)
     with pytest.raises(ValueError) as info:
         evaluation.evaluate(model, (x, np.arange(4)), indices=False, occlusion=False)

@@ -254,7 +254,7 @@ def test_batch_larger_than_the_training_set_leaves_no_run_directory(tmp_path):
 def _tiny_model(**overrides):
     from iterconv_keras.models import variants
 
-    return variants.build_model("tiny", (16, 16, 1), 10, **overrides)
+    return variants.create_model("tiny", (16, 16, 1), 10, **overrides)
 
 
 def _block_weights(model):

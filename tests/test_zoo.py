@@ -17,7 +17,7 @@ from conftest import random_images
 
 from iterconv_keras import loading, zoo
 from iterconv_keras.errors import IntegrityError, ModelNotFound
-from iterconv_keras.models.variants import build_model
+from iterconv_keras.models.variants import create_model
 from iterconv_keras.zoo import manifest, publish, savedmodel
 
 SHAPE = (16, 16, 1)
@@ -26,7 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def tiny_model(seed):
     keras.utils.set_random_seed(seed)
-    return build_model("tiny", SHAPE, 10)
+    return create_model("tiny", SHAPE, 10)
 
 
 @pytest.fixture(scope="module")

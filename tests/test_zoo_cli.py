@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from iterconv_keras import zoo
-from iterconv_keras.models.variants import build_model
+from iterconv_keras.models.variants import create_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,7 +31,7 @@ def run_dir(tmp_path_factory):
     """A finished training run as the runner leaves it, with a saved eval document."""
     run = tmp_path_factory.mktemp("run")
     keras.utils.set_random_seed(5)
-    build_model("tiny", (16, 16, 1), 10).save(run / "model.keras")
+    create_model("tiny", (16, 16, 1), 10).save(run / "model.keras")
     config = {"dataset": "mnist", "variant": "tiny", "coupling": 0.0, "lipschitz": None, "epochs": 1, "seed": 5}
     (run / "config.json").write_text(json.dumps(config))
     (run / "metrics.json").write_text(json.dumps({"accuracy": 0.91, "loss": 0.3, "dataset": "mnist"}))

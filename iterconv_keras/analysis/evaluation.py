@@ -137,6 +137,13 @@ def evaluate(
     Returns:
         dict described in docs/indices.md; absent sections were not requested.
 
+    Example:
+        >>> import iterconv_keras as ick
+        >>> from iterconv_keras.data import datasets
+        >>> model = ick.load_model("digitclutter-small")
+        >>> report = ick.evaluate(model, datasets.load("digitclutter"), limit=1000)
+        >>> report["indices"]["recurrence"], report["occlusion"]["auc"]
+
     Raises:
         ValueError: the model and the data do not fit (shape, classes, labels),
             or bad arguments.

@@ -31,8 +31,14 @@ def register_variant(name, description, **kwargs):
     _REGISTRY[name] = {"description": description, "kwargs": dict(kwargs)}
 
 
-def variant_names():
-    """Names of all registered variants, in registration order."""
+def list_variants():
+    """Names of all registered variants, in registration order.
+
+    Example:
+        >>> import iterconv_keras as ick
+        >>> ick.list_variants()[:2]
+        ['tiny', 'small']
+    """
     return list(_REGISTRY)
 
 
@@ -43,7 +49,7 @@ def variant_kwargs(name):
     return dict(_REGISTRY[name]["kwargs"])
 
 
-def build_model(variant, image_shape, num_classes, **overrides):
+def create_model(variant, image_shape, num_classes, **overrides):
     """Build an `IterativeResNet` from a named variant.
 
     Args:
@@ -52,6 +58,10 @@ def build_model(variant, image_shape, num_classes, **overrides):
         num_classes: number of outputs.
         **overrides: any `IterativeResNet` argument (``coupling``,
             ``multi_label``, ``input_mean``, ...) added to or replacing the row.
+
+    Example:
+        >>> import iterconv_keras as ick
+        >>> model = ick.create_model("small", (32, 32, 1), 10, coupling=0.9, multi_label=True)
     """
     from iterconv_keras.models.resnet import IterativeResNet
 
