@@ -149,3 +149,25 @@ def test_every_zoo_model_loads_with_plain_keras_after_importing_the_package():
         shape = zoo.show(name, ROOT)["card"].image_shape
         expected = loading.load_model(name, zoo=ROOT)(np.zeros((1, *shape), "float32"), training=False)
         np.testing.assert_allclose(outputs[path], np.asarray(expected), rtol=1e-5, atol=1e-5)
+
+
+def _readme_zoo_rows():
+    text = open(os.path.join(os.path.dirname(ROOT), "README.md")).read()
+    start = text.index("| name | version |")
+    lines = text[start:].split("\n\n", 1)[0].splitlines()[2:]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+
+
+def test_readme_zoo_table_matches_the_cards():
+    rows = _readme_zoo_rows()
+    assert len(rows) == len(zoo.list_pretrained(ROOT))
+    for name, version, _, coupling, bound, accuracy, ri, di, rates, auc in rows:
+        card = zoo.show(f"{name.strip('`')}@{version}", ROOT)["card"].to_json()
+        indices = card["indices"]
+        assert float(coupling) == card["coupling"], name
+        assert bound == ("-" if card["constraint"]["lipschitz"] is None else f"{card['constraint']['lipschitz']:g}")
+        assert accuracy == f"{card['metrics']['accuracy']:.3f}", name
+        assert (ri, di) == (f"{indices['recurrence']:.2f}", f"{indices['divergence']:.2f}"), name
+        measured = [s.get("convergence_rate") for s in indices["per_stage"]]
+        assert rates == ("-" if None in measured else " / ".join(f"{r:.2f}" for r in measured)), name
+        assert auc == f"{card['occlusion_auc']:.2f}", name
