@@ -90,7 +90,8 @@ def main():
         "forms": {name: {k: v for k, v in overrides.items()} for name, overrides in FORMS.items()},
         "images_per_second": {name: round(args.batch / min(t), 1) for name, t in times.items()},
         "median_time_ratio_to_plain": {
-            name: round(statistics.median(b / a for a, b in zip(times["plain"], t)), 3) for name, t in times.items()
+            name: round(statistics.median(b / a for a, b in zip(times["plain"], t, strict=True)), 3)
+            for name, t in times.items()
         },
         "repeats_ms": {name: [round(1000 * v, 2) for v in t] for name, t in times.items()},
     }

@@ -39,7 +39,9 @@ def main():
         module, amount, what = digitclutter, args.n_digits, {"n_digits": args.n_digits}
         label = f"{args.n_digits} digits"
     else:
-        module, amount, what = debris, args.debris_fragments, {"generator": "debris", "n_fragments": args.debris_fragments}
+        module, amount, what = (
+            debris, args.debris_fragments, {"generator": "debris", "n_fragments": args.debris_fragments}
+        )
         label = f"1 digit, {args.debris_fragments} fragments"
 
     start = time.perf_counter()

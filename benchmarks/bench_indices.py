@@ -70,7 +70,9 @@ def main():
         plain_times.append(_timed(plain))
         suite_times.append(_timed(suite))
     plain_times.append(_timed(plain))
-    ratios = [s / ((a + b) / 2) for s, a, b in zip(suite_times, plain_times, plain_times[1:])]
+    # strict=False: plain_times has one entry more than suite_times (it brackets every suite run);
+    # plain_times[1:] is the one after.
+    ratios = [s / ((a + b) / 2) for s, a, b in zip(suite_times, plain_times, plain_times[1:], strict=False)]
     plain_s, suite_s = float(np.median(plain_times)), float(np.median(suite_times))
 
     batch = next(schedules.padded_batches(x, y, args.batch_size))

@@ -130,7 +130,7 @@ def main():
         for name, model in models.items():
             times[name].append(_seconds_per_step(model, x, y, args.steps))
     off, on = min(times["off"]), min(times["on"])
-    paired = statistics.median(b / a for a, b in zip(times["off"], times["on"]))
+    paired = statistics.median(b / a for a, b in zip(times["off"], times["on"], strict=True))
     result = {
         "variant": "small",
         "batch": args.batch,

@@ -281,7 +281,7 @@ def summarise_training(variant, case, steps, repeats, times, setup, train_flops,
 
 def _median_ratio(numerators, denominators):
     """Median over repetitions of numerator / denominator (times: >1 means the denominator is faster)."""
-    return statistics.median(a / b for a, b in zip(numerators, denominators))
+    return statistics.median(a / b for a, b in zip(numerators, denominators, strict=True))
 
 
 # -- inference ------------------------------------------------------------------------
@@ -307,11 +307,12 @@ def inference_case(quick, log):
             x = rng.random((batch, 32, 32, 1), dtype=np.float32)
             many = np.concatenate([x] * calls)
 
-            def saved():
+            # Both closures run only inside this iteration (warm-up and timing); bind its values.
+            def saved(calls=calls, x=x):
                 for _ in range(calls):
                     serve(images=tf.constant(x))["logits"].numpy()
 
-            def predict():
+            def predict(batch=batch, calls=calls, x=x, many=many):
                 if batch == 1:  # a user predicting one image at a time
                     for _ in range(calls):
                         model.predict(x, verbose=0)

@@ -143,7 +143,7 @@ class Coupler:
         for s in range(len(model.stages)):
             per_block = [list(b.parameters()) for b in model.blocks(s)]
             if len(per_block) > 1:
-                self.groups.extend(zip(*per_block))
+                self.groups.extend(zip(*per_block, strict=True))
 
     @torch.no_grad()
     def __call__(self):

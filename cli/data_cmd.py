@@ -3,6 +3,7 @@
 import os
 
 import click
+
 from iterconv_cli._common import emit_json, report_errors
 
 
@@ -15,7 +16,9 @@ def _set_options(command):
     """The options every generator command shares: --count, --seed, --out, --json."""
     options = [
         click.option("--count", type=int, default=10_000, show_default=True, help="Number of images."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed; the same seed gives the same bytes."),
+        click.option(
+            "--seed", type=int, default=0, show_default=True, help="Seed; the same seed gives the same bytes."
+        ),
         click.option("--out", "out", type=click.Path(dir_okay=False), required=True, help="Output .npz file."),
         click.option("--json", "json_output", is_flag=True, help="Print a JSON summary on stdout."),
     ]

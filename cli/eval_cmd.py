@@ -3,6 +3,7 @@
 import os
 
 import click
+
 from iterconv_cli._common import emit_json, report_errors
 
 DATASETS = ("digitclutter", "digitdebris", "mnist", "fashion_mnist", "cifar10", "cifar100")
@@ -22,7 +23,9 @@ DATASETS = ("digitclutter", "digitdebris", "mnist", "fashion_mnist", "cifar10", 
               help="Write PNG figures (index curves, update sizes, occlusion) into this folder.")
 @click.option("--json", "json_output", is_flag=True, help="Print one JSON document on stdout.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the JSON document to FILE.")
-@click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Folder searched first for dataset files.")
+@click.option(
+    "--data-dir", type=click.Path(file_okay=False), default=None, help="Folder searched first for dataset files."
+)
 @click.option("--zoo", "zoo_root", type=click.Path(file_okay=False), default=None,
               help="Zoo folder for NAME[@VERSION] references.")
 @report_errors
@@ -118,7 +121,7 @@ def format_table(document):
         ]
         certified = (ind.get("lipschitz") or {}).get("certified") or [[] for _ in ind["per_stage"]]
         mean_row = dict(ind, stage="mean", rho=None, contraction_bound=None)
-        for row, lip in zip(ind["per_stage"] + [mean_row], certified + [[]]):
+        for row, lip in zip(ind["per_stage"] + [mean_row], certified + [[]], strict=True):
             lines.append(
                 f"{row['stage']!s:<8}{_fmt(row['recurrence']):>8}{_fmt(row['recurrence_accuracy']):>9}"
                 f"{row['recurrence_skipped']:>9}{_fmt(row['divergence']):>8}{_fmt(row['divergence_loss']):>10}"

@@ -1,6 +1,7 @@
 """``iterconv export``: write a model as the next version of a zoo name."""
 
 import click
+
 from iterconv_cli._common import emit_json, report_errors
 
 

@@ -5,6 +5,7 @@ no TensorFlow.
 """
 
 import click
+
 from iterconv_cli._common import emit_json, report_errors
 
 _ZOO_OPTION = click.option(

@@ -9,8 +9,8 @@ import os
 import keras
 import pytest
 from click.testing import CliRunner
-from iterconv_cli.main import cli
 
+from iterconv_cli.main import cli
 from iterconv_keras import zoo
 from iterconv_keras.models.variants import create_model
 
@@ -48,25 +48,34 @@ def _p(env, name):
 CASES = [
     # train
     ("train-coupling-range", ["train", "--coupling", "1.5", "--out", "{out}"], 2, "coupling", ["{out}"]),
-    ("train-coupling-type", ["train", "--coupling", "strong", "--out", "{out}"], 2, "'strong' is not a valid float", ["{out}"]),
+    ("train-coupling-type", ["train", "--coupling", "strong", "--out", "{out}"],
+     2, "'strong' is not a valid float", ["{out}"]),
     ("train-epochs-zero", ["train", "--epochs", "0", "--out", "{out}"], 2, "epochs", ["{out}"]),
-    ("train-lipschitz-negative", ["train", "--spectral-norm", "--lipschitz", "-1", "--out", "{out}"], 2, "lipschitz", ["{out}"]),
+    ("train-lipschitz-negative", ["train", "--spectral-norm", "--lipschitz", "-1", "--out", "{out}"],
+     2, "lipschitz", ["{out}"]),
     ("train-unknown-variant", ["train", "--variant", "resnet9000", "--out", "{out}"], 2, "resnet9000", ["{out}"]),
     ("train-unknown-dataset", ["train", "--dataset", "imagenet", "--out", "{out}"], 2, "imagenet", ["{out}"]),
-    ("train-debris-fragments", ["train", "--dataset", "digitdebris", "--debris-fragments", "20", "--out", "{out}"], 2, "got 20", ["{out}"]),
+    ("train-debris-fragments", ["train", "--dataset", "digitdebris", "--debris-fragments", "20", "--out", "{out}"],
+     2, "got 20", ["{out}"]),
     ("train-train-size-zero", ["train", "--train-size", "0", "--out", "{out}"], 2, "train_size", ["{out}"]),
     ("train-existing-output", ["train", "--out", "{full}"], 2, "already exists", []),
     ("train-resume-not-a-run", ["train", "--resume", "--out", "{not_a_run}"], 2, "not a run directory", []),
-    ("train-missing-dataset", ["train", "--dataset", "cifar10", "--data-dir", "{empty_data}", "--out", "{out}"], 3, "cifar10", ["{out}"]),
-    ("train-unwritable-output", ["train", "--variant", "tiny", "--train-size", "64", "--out", "/proc/iterconv-run"], 2, "/proc", ["/proc/iterconv-run"]),
-    ("train-output-under-a-file", ["train", "--variant", "tiny", "--train-size", "64", "--out", "{a_file}/run"], 2, "a_file", []),
+    ("train-missing-dataset", ["train", "--dataset", "cifar10", "--data-dir", "{empty_data}", "--out", "{out}"],
+     3, "cifar10", ["{out}"]),
+    ("train-unwritable-output", ["train", "--variant", "tiny", "--train-size", "64", "--out", "/proc/iterconv-run"],
+     2, "/proc", ["/proc/iterconv-run"]),
+    ("train-output-under-a-file", ["train", "--variant", "tiny", "--train-size", "64", "--out", "{a_file}/run"],
+     2, "a_file", []),
     # eval
     ("eval-missing-model", ["eval", "{root}/nope.keras"], 4, "nope.keras", []),
     ("eval-unknown-zoo-name", ["eval", "nosuchmodel", "--zoo", "{zoo}"], 4, "nosuchmodel", []),
     ("eval-unknown-zoo-version", ["eval", "clutter@7", "--zoo", "{zoo}"], 4, "no version 7", []),
     ("eval-corrupt-model", ["eval", "{garbage}"], 5, "garbage.keras", []),
-    ("eval-wrong-dataset", ["eval", "{clutter}", "--dataset", "fashion_mnist", "--limit", "8", "--out", "{out}.json"], 2, "(28, 28, 1)", ["{out}.json"]),
-    ("eval-clutter-model-on-debris", ["eval", "{clutter}", "--dataset", "digitdebris", "--limit", "8", "--out", "{out}.json"], 2, "single-label", ["{out}.json"]),
+    ("eval-wrong-dataset", ["eval", "{clutter}", "--dataset", "fashion_mnist", "--limit", "8", "--out", "{out}.json"],
+     2, "(28, 28, 1)", ["{out}.json"]),
+    ("eval-clutter-model-on-debris",
+     ["eval", "{clutter}", "--dataset", "digitdebris", "--limit", "8", "--out", "{out}.json"],
+     2, "single-label", ["{out}.json"]),
     ("eval-limit-zero", ["eval", "{clutter}", "--limit", "0"], 2, "--limit", []),
     ("eval-dir-not-a-model", ["eval", "{not_a_run}"], 4, "not_a_run", []),
     ("eval-plots-is-a-file", ["eval", "{clutter}", "--limit", "8", "--plots", "{a_file}"], 2, "a_file", []),
@@ -81,18 +90,25 @@ CASES = [
     ("zoo-show-bad-reference", ["zoo", "show", "clutter@x", "--zoo", "{zoo}"], 2, "clutter@x", []),
     ("zoo-verify-flipped-byte", ["zoo", "verify", "--zoo", "{badzoo}"], 5, "variables.data", []),
     ("zoo-list-missing-zoo", ["zoo", "list", "--zoo", "{root}/no-zoo-here"], 4, "no-zoo-here", ["{root}/no-zoo-here"]),
-    ("zoo-serving-config-unwritable", ["zoo", "serving-config", "--zoo", "{zoo}", "--out", "/proc/models.config"], 2, "/proc", []),
+    ("zoo-serving-config-unwritable", ["zoo", "serving-config", "--zoo", "{zoo}", "--out", "/proc/models.config"],
+     2, "/proc", []),
     # data
-    ("data-too-many-digits", ["data", "digitclutter", "--n-digits", "7", "--count", "4", "--out", "{out}.npz"], 2, "7", ["{out}.npz"]),
+    ("data-too-many-digits", ["data", "digitclutter", "--n-digits", "7", "--count", "4", "--out", "{out}.npz"],
+     2, "7", ["{out}.npz"]),
     ("data-count-zero", ["data", "digitclutter", "--count", "0", "--out", "{out}.npz"], 2, "count", ["{out}.npz"]),
-    ("data-count-type", ["data", "digitclutter", "--count", "many", "--out", "{out}.npz"], 2, "'many' is not a valid integer", ["{out}.npz"]),
-    ("data-unwritable-output", ["data", "digitclutter", "--count", "4", "--out", "/proc/clutter.npz"], 2, "/proc", ["/proc/clutter.npz"]),
+    ("data-count-type", ["data", "digitclutter", "--count", "many", "--out", "{out}.npz"],
+     2, "'many' is not a valid integer", ["{out}.npz"]),
+    ("data-unwritable-output", ["data", "digitclutter", "--count", "4", "--out", "/proc/clutter.npz"],
+     2, "/proc", ["/proc/clutter.npz"]),
     ("data-output-under-a-file", ["data", "digitclutter", "--count", "4", "--out", "{a_file}/c.npz"], 2, "a_file", []),
-    ("data-debris-fragments", ["data", "debris", "--fragments", "40", "--count", "4", "--out", "{out}.npz"], 2, "got 40", ["{out}.npz"]),
-    ("data-debris-fragments-type", ["data", "debris", "--fragments", "lots", "--out", "{out}.npz"], 2, "'lots' is not a valid integer", ["{out}.npz"]),
+    ("data-debris-fragments", ["data", "debris", "--fragments", "40", "--count", "4", "--out", "{out}.npz"],
+     2, "got 40", ["{out}.npz"]),
+    ("data-debris-fragments-type", ["data", "debris", "--fragments", "lots", "--out", "{out}.npz"],
+     2, "'lots' is not a valid integer", ["{out}.npz"]),
     ("data-debris-count-zero", ["data", "debris", "--count", "0", "--out", "{out}.npz"], 2, "count", ["{out}.npz"]),
     ("data-debris-not-npz", ["data", "debris", "--count", "4", "--out", "{out}.txt"], 2, "{out}.txt", ["{out}.txt"]),
-    ("data-debris-unwritable-output", ["data", "debris", "--count", "4", "--out", "/proc/debris.npz"], 2, "/proc", ["/proc/debris.npz"]),
+    ("data-debris-unwritable-output", ["data", "debris", "--count", "4", "--out", "/proc/debris.npz"],
+     2, "/proc", ["/proc/debris.npz"]),
 ]
 
 

@@ -11,8 +11,8 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from iterconv_cli.main import cli
 
+from iterconv_cli.main import cli
 from iterconv_keras.training import TrainConfig
 
 FAST = ["--variant", "tiny", "--epochs", "1", "--batch-size", "32", "--train-size", "64",

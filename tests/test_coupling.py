@@ -51,7 +51,7 @@ def test_blocks_start_identical_for_every_lambda():
         model = _model(strength)
         for blocks in model.stages:
             for block in blocks[1:]:
-                for a, b in zip(block.weights, blocks[0].weights):
+                for a, b in zip(block.weights, blocks[0].weights, strict=True):
                     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -61,12 +61,12 @@ def test_lambda_one_keeps_blocks_bitwise_identical(optimizer):
     for s in range(model.num_stages):
         weights = _trainable_of_stage(model, s)
         for t in range(1, len(weights)):
-            for a, b in zip(weights[t], weights[0]):
+            for a, b in zip(weights[t], weights[0], strict=True):
                 np.testing.assert_array_equal(a, b)
     # The step did train: block weights moved away from their initial values.
     fresh = _model(1.0, optimizer=optimizer)
     moved = [np.abs(np.asarray(a) - np.asarray(b)).max()
-             for a, b in zip(model.trainable_variables, fresh.trainable_variables)]
+             for a, b in zip(model.trainable_variables, fresh.trainable_variables, strict=True)]
     assert max(moved) > 1e-4
 
 
@@ -80,7 +80,7 @@ class KerasBuiltinStepResNet(IterativeResNet):
 def test_lambda_zero_is_bitwise_keras_training(optimizer):
     ours = _fit(_model(0.0, optimizer=optimizer))
     reference = _fit(_model(0.0, optimizer=optimizer, cls=KerasBuiltinStepResNet))
-    for a, b in zip(ours.weights, reference.weights):
+    for a, b in zip(ours.weights, reference.weights, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=a.path)
     # And lambda = 0 actually lets blocks drift apart.
     assert coupling.between_block_distance(ours.stages) > 0
@@ -91,7 +91,8 @@ def test_between_block_distance_decreases_monotonically_with_lambda():
         coupling.between_block_distance(_fit(_model(lam, optimizer="momentum")).stages)
         for lam in (0.0, 0.5, 0.9, 0.99)
     ]
-    assert all(a > b for a, b in zip(distances, distances[1:])), distances
+    # strict=False: consecutive pairs, distances[1:] is one shorter by design.
+    assert all(a > b for a, b in zip(distances, distances[1:], strict=False)), distances
     assert distances[-1] > 0
 
 
@@ -107,7 +108,7 @@ def test_sgd_coupling_scales_between_block_step_by_one_minus_lambda():
         before = _trainable_of_stage(model, 1)
         model.train_on_batch(x, y)
         after = _trainable_of_stage(model, 1)
-        deltas[strength] = [[a - b for a, b in zip(wa, wb)] for wa, wb in zip(after, before)]
+        deltas[strength] = [[a - b for a, b in zip(wa, wb, strict=True)] for wa, wb in zip(after, before, strict=True)]
     for p in range(len(deltas[0.0][0])):
         plain = np.stack([d[p] for d in deltas[0.0]])
         coupled = np.stack([d[p] for d in deltas[lam]])
@@ -122,7 +123,7 @@ def test_coupled_step_compiles_with_xla():
     xla = _model(0.9, jit_compile=True)
     assert xla.jit_compile
     _fit(xla, steps=4)
-    for a, b in zip(xla.trainable_variables, eager_like.trainable_variables):
+    for a, b in zip(xla.trainable_variables, eager_like.trainable_variables, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
@@ -135,7 +136,7 @@ def test_mirrored_strategy_matches_one_device(mirrored_strategy):
     with strategy.scope():
         mirrored = _model(0.9, norm="sync_batch")
     _fit(mirrored, steps=6)
-    for a, b in zip(mirrored.weights, one.weights):
+    for a, b in zip(mirrored.weights, one.weights, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5, err_msg=a.path)
 
 
@@ -147,7 +148,7 @@ def test_mirrored_strategy_lambda_one_stays_identical(mirrored_strategy):
     for s in range(model.num_stages):
         weights = _trainable_of_stage(model, s)
         for t in range(1, len(weights)):
-            for a, b in zip(weights[t], weights[0]):
+            for a, b in zip(weights[t], weights[0], strict=True):
                 np.testing.assert_array_equal(a, b)
 
 

@@ -26,7 +26,9 @@ def runner(tmp_path, monkeypatch):
 
 def test_digitclutter_writes_the_generated_set(cli, runner, tmp_path):
     out = tmp_path / "sub" / "clutter.npz"
-    result = runner.invoke(cli, ["data", "digitclutter", "--n-digits", "4", "--count", "300", "--seed", "5", "--out", str(out), "--json"])
+    result = runner.invoke(
+        cli, ["data", "digitclutter", "--n-digits", "4", "--count", "300", "--seed", "5", "--out", str(out), "--json"]
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["count"] == 300 and summary["path"] == str(out)

@@ -86,8 +86,11 @@ def test_idx_gz_loads_with_deterministic_validation_split(tmp_path):
     # Train and validation partition the written train set, with labels attached.
     x_all = np.concatenate([split.x_train, split.x_val])[..., 0]
     assert _same_rows(x_all, written["train-images-idx3-ubyte"])
-    lookup = {bytes(x): y for x, y in zip(written["train-images-idx3-ubyte"], written["train-labels-idx1-ubyte"])}
-    assert all(lookup[bytes(x[..., 0])] == y for x, y in zip(split.x_train, split.y_train))
+    lookup = {
+        bytes(x): y
+        for x, y in zip(written["train-images-idx3-ubyte"], written["train-labels-idx1-ubyte"], strict=True)
+    }
+    assert all(lookup[bytes(x[..., 0])] == y for x, y in zip(split.x_train, split.y_train, strict=True))
     np.testing.assert_array_equal(split.x_test[..., 0], written["t10k-images-idx3-ubyte"])
     again = datasets.load("mnist", data_dir=tmp_path, seed=3)
     np.testing.assert_array_equal(again.x_val, split.x_val)
@@ -195,7 +198,10 @@ def test_prepared_tfds_dir(tmp_path, monkeypatch):
     assert datasets._tfds_prepared(str(tmp_path), "mnist") is False
 
 
-@pytest.mark.skipif(not os.path.isdir(FASHION_DIR), reason=f"real Fashion-MNIST not installed at {FASHION_DIR} (apt install dataset-fashion-mnist)")
+@pytest.mark.skipif(
+    not os.path.isdir(FASHION_DIR),
+    reason=f"real Fashion-MNIST not installed at {FASHION_DIR} (apt install dataset-fashion-mnist)",
+)
 def test_real_fashion_mnist():
     split = datasets.load("fashion_mnist", validation_size=0)
     assert split.source == FASHION_DIR
@@ -260,7 +266,11 @@ def test_corrupt_and_hostile_cifar_pickles(tmp_path):
 
 
 def test_npz_wrong_shape_and_missing_keys(tmp_path):
-    np.savez(tmp_path / "mnist.npz", x_train=np.zeros((4, 32, 32), np.uint8), y_train=np.zeros(4), x_test=np.zeros((2, 28, 28), np.uint8), y_test=np.zeros(2))
+    np.savez(
+        tmp_path / "mnist.npz",
+        x_train=np.zeros((4, 32, 32), np.uint8), y_train=np.zeros(4),
+        x_test=np.zeros((2, 28, 28), np.uint8), y_test=np.zeros(2),
+    )
     with pytest.raises(errors.DatasetNotAvailable, match=r"expected \[N, 28, 28, 1\]"):
         datasets.load("mnist", data_dir=tmp_path)
     np.savez(tmp_path / "mnist.npz", x_train=np.zeros((4, 28, 28), np.uint8))
@@ -269,7 +279,9 @@ def test_npz_wrong_shape_and_missing_keys(tmp_path):
 
 
 def test_unknown_name_lists_valid_names():
-    with pytest.raises(ValueError, match="'imagenet'.*digitclutter, digitdebris, mnist, fashion_mnist, cifar10, cifar100"):
+    with pytest.raises(
+        ValueError, match="'imagenet'.*digitclutter, digitdebris, mnist, fashion_mnist, cifar10, cifar100"
+    ):
         datasets.load("imagenet")
 
 
@@ -279,7 +291,10 @@ def test_missing_dataset_says_where_it_looked_and_how_to_get_it(tmp_path, monkey
         datasets.load("cifar10", data_dir=tmp_path / "given")
     message = str(caught.value)
     assert caught.value.exit_code == 3
-    for place in (tmp_path / "given", tmp_path / "envdir", isolated_home / ".keras" / "datasets", isolated_home / "tensorflow_datasets"):
+    for place in (
+        tmp_path / "given", tmp_path / "envdir",
+        isolated_home / ".keras" / "datasets", isolated_home / "tensorflow_datasets",
+    ):
         assert str(place) in message
     assert "cifar-10-python.tar.gz" in message and "nothing is downloaded" in message
 

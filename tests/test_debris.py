@@ -52,7 +52,11 @@ def _fragment_masks(params, i):
 @pytest.mark.parametrize(
     "args, kwargs, echoed",
     [((bad, 10, 0), {}, f"10, 30, 50.*got {bad!r}") for bad in (20, 0, 100, 10.0, True, "30")]
-    + [((10, -1, 0), {}, "count.*got -1"), ((10, 10, -5), {}, "seed.*got -5"), ((10, 10, 0), {"image_size": 4}, "got 4")],
+    + [
+        ((10, -1, 0), {}, "count.*got -1"),
+        ((10, 10, -5), {}, "seed.*got -5"),
+        ((10, 10, 0), {"image_size": 4}, "got 4"),
+    ],
 )
 def test_invalid_arguments_echo_the_value(args, kwargs, echoed):
     with pytest.raises(ValueError, match=echoed):
@@ -148,7 +152,9 @@ def test_fragment_geometry_and_coverage_statistics():
     assert 0.45 < visible[0] < 0.66 and 0.12 < visible[1] < 0.27 and 0.03 < visible[2] < 0.13, visible
 
 
-@pytest.mark.parametrize("n_fragments, count, image_size", [(10, 40, 32), (30, 40, 32), (50, 40, 32), (10, 4, 16), (30, 2, 64)])
+@pytest.mark.parametrize(
+    "n_fragments, count, image_size", [(10, 40, 32), (30, 40, 32), (50, 40, 32), (10, 4, 16), (30, 2, 64)]
+)
 def test_fidelity_against_full_size_pil_render(n_fragments, count, image_size):
     """Fast compositing vs drawing everything with PIL on the full hi-res canvas.
 

@@ -10,9 +10,9 @@ import keras
 import numpy as np
 import pytest
 from click.testing import CliRunner
+
 from iterconv_cli import eval_cmd, train_cmd
 from iterconv_cli.main import cli
-
 from iterconv_keras.analysis import evaluation
 from iterconv_keras.data import datasets, debris
 
@@ -41,7 +41,9 @@ def run_dir(tmp_path_factory):
 
 def test_data_debris_writes_the_generated_set(tmp_path):
     out = tmp_path / "sub" / "debris.npz"
-    result = _invoke(["data", "debris", "--fragments", "50", "--count", "300", "--seed", "5", "--out", str(out), "--json"])
+    result = _invoke(
+        ["data", "debris", "--fragments", "50", "--count", "300", "--seed", "5", "--out", str(out), "--json"]
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert (summary["path"], summary["count"], summary["fragments"], summary["seed"]) == (str(out), 300, 50, 5)
@@ -56,7 +58,8 @@ def test_data_debris_writes_the_generated_set(tmp_path):
     # Atomic write: no temporary file is left next to the output.
     assert os.listdir(out.parent) == ["debris.npz"]
     plain = _invoke(["data", "debris", "--count", "20", "--out", str(tmp_path / "d.npz")])
-    assert plain.exit_code == 0 and plain.stdout.strip() == f"wrote 20 images with 10 fragments (seed 0) to {tmp_path / 'd.npz'}"
+    assert plain.exit_code == 0
+    assert plain.stdout.strip() == f"wrote 20 images with 10 fragments (seed 0) to {tmp_path / 'd.npz'}"
 
 
 def test_command_line_dataset_choices_match_the_library():
@@ -121,7 +124,6 @@ def test_load_for_model_reads_the_fragment_count_from_run_or_zoo_metadata(monkey
 def test_command_line_defaults_match_the_library():
     # The commands keep literal defaults (for a fast --help); the library decides them.
     from iterconv_cli import data_cmd
-
     from iterconv_keras.training import TrainConfig
 
     train = {p.name: p.default for p in train_cmd.COMMAND.params}

@@ -33,7 +33,12 @@ def _cells(alpha, size):
 
 def _alone(params, i, k):
     """The fast renderer's image of digit k of image i drawn alone."""
-    one = dc.Params(params.digits[i : i + 1, k : k + 1], params.top[i : i + 1, k : k + 1], params.left[i : i + 1, k : k + 1], params.image_size)
+    one = dc.Params(
+        params.digits[i : i + 1, k : k + 1],
+        params.top[i : i + 1, k : k + 1],
+        params.left[i : i + 1, k : k + 1],
+        params.image_size,
+    )
     return dc.render(one)[0]
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import exact_set_accuracy
-from iterconv_cli.main import cli
 
+from iterconv_cli.main import cli
 from iterconv_keras.models.variants import create_model
 
 LIMIT = 24
@@ -64,7 +64,7 @@ def test_json_document_follows_interfaces(run_dir, tmp_path):
     # rho = 0, one block's worth of parameters per stage.
     model = keras.saving.load_model(os.path.join(run_dir, "model.keras"), compile=False)
     per_block = [sum(int(np.prod(v.shape)) for v in blocks[0].trainable_variables) for blocks in model.stages]
-    tied = sum((len(blocks) - 1) * p for blocks, p in zip(model.stages, per_block))
+    tied = sum((len(blocks) - 1) * p for blocks, p in zip(model.stages, per_block, strict=True))
     assert indices["parameters"] == sum(int(np.prod(v.shape)) for v in model.trainable_variables)
     assert indices["effective_parameters"] == pytest.approx(indices["parameters"] - tied)
     # --out holds the same document, written atomically (no temporary left behind).

@@ -228,7 +228,7 @@ def test_between_block_distance_is_rho_of_whole_blocks():
     # 0.5 ||theta||^2, scale 5 ||theta||^2, rho = T/(T-1) * 0.1 = 0.2.
     model = _hand_model(blocks=2)
     first, second = model.stages[0]
-    for source, target in zip(first.trainable_variables, second.trainable_variables):
+    for source, target in zip(first.trainable_variables, second.trainable_variables, strict=True):
         target.assign(2.0 * np.asarray(source))
     assert coupling.between_block_distance(model.stages) == pytest.approx(0.2)
     assert indices.group_rho is coupling.group_rho
@@ -461,18 +461,18 @@ def test_coupling_one_with_batch_norm_is_recurrent_up_to_its_per_block_statistic
     recurrent, x, y = _trained(1.0, norm="batch")
     blocks = recurrent.stages[0]
     for block in blocks[1:]:
-        for a, b in zip(block.trainable_variables, blocks[0].trainable_variables):
+        for a, b in zip(block.trainable_variables, blocks[0].trainable_variables, strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     ri = _indices(recurrent, x, y)["recurrence"]
     saved = [[np.asarray(v) for v in block.non_trainable_variables] for block in blocks]
     try:
         for block in blocks[1:]:
-            for target, source in zip(block.non_trainable_variables, blocks[0].non_trainable_variables):
+            for target, source in zip(block.non_trainable_variables, blocks[0].non_trainable_variables, strict=True):
                 target.assign(source)
         ri_shared = _indices(recurrent, x, y)["recurrence"]
     finally:
-        for block, values in zip(blocks, saved):
-            for target, value in zip(block.non_trainable_variables, values):
+        for block, values in zip(blocks, saved, strict=True):
+            for target, value in zip(block.non_trainable_variables, values, strict=True):
                 target.assign(value)
     print(f"RI lambda=1 with batch norm: {ri:.3f}; with shared statistics: {ri_shared:.4f}")
     assert ri_shared == pytest.approx(1.0, abs=1e-3)

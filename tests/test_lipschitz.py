@@ -290,14 +290,14 @@ def test_enforce_leaves_every_certified_norm_within_its_bound():
     before = lipschitz.enforce(model)
     assert min(before[1:]) > bound
     np.testing.assert_array_equal(np.asarray(convs[0].kernel), below)  # within the bound: bitwise unchanged
-    for conv, shape in zip(convs, shapes):
+    for conv, shape in zip(convs, shapes, strict=True):
         kernel = np.asarray(conv.kernel)
         assert operator_norm.certified_operator_norm(kernel, shape) <= bound
         # Oracle: the exact norm of the explicit matrix.
         exact = largest_singular_value(explicit_conv_matrix(kernel.astype(np.float64), shape[0], shape[1]))
         assert exact <= bound
     # Projected onto the bound itself (up to the float32 margin), not far below it.
-    for conv, shape in zip(convs[1:], shapes[1:]):
+    for conv, shape in zip(convs[1:], shapes[1:], strict=True):
         certified = operator_norm.certified_operator_norm(np.asarray(conv.kernel), shape)
         assert certified >= bound * (1 - 1e-5)
 
@@ -322,7 +322,7 @@ def test_gain_capped_batch_norm_caps_the_inference_gain():
     reference = keras.layers.BatchNormalization()
     reference.build((None, 3))
     layer.gamma.assign([0.5, 0.25, -1.0])
-    for a, b in zip(reference.weights, layer.weights):
+    for a, b in zip(reference.weights, layer.weights, strict=True):
         a.assign(b)
     np.testing.assert_array_equal(layer(x, training=False).numpy(), reference(x, training=False).numpy())
     np.testing.assert_array_equal(layer(x, training=True).numpy(), reference(x, training=True).numpy())
@@ -386,7 +386,7 @@ def test_trained_model_satisfies_the_bound_for_every_block(trained, tmp_path):
         assert block_report["certified"] <= C, block_report
         assert block_report["certified"] >= exact_bound
         for certified, exact, estimated in zip(block_report["conv_norms_certified"], exact_norms,
-                                               block_report["conv_norms_estimated"]):
+                                               block_report["conv_norms_estimated"], strict=True):
             assert estimated <= exact * (1 + 1e-5) <= certified * (1 + 1e-5)
         assert max(block_report["norm_gains"]) <= 1.0 + 1e-6
         binding += sum(n >= bound * (1 - 1e-5) for n in block_report["conv_norms_certified"])
@@ -406,7 +406,8 @@ def test_trained_model_satisfies_the_bound_for_every_block(trained, tmp_path):
 
 def test_trained_contractive_blocks_are_contractions():
     # x <- (1 - alpha) x + alpha g(x) with Lip(g) <= c: the block map's Lipschitz constant is at
-    # most 1 - alpha (1 - c) (docs/lipschitz.md, "A block that converges by construction"). Oracle: the exact Jacobian of the block map.
+    # most 1 - alpha (1 - c) (docs/lipschitz.md, "A block that converges by construction").
+    # Oracle: the exact Jacobian of the block map.
     keras.utils.set_random_seed(8)
     model = create_model("tiny", SHAPE, N_CLASSES, lipschitz=0.5, residual_form="contractive", alpha=0.5)
     _train(model, keras.optimizers.Adam(2e-2), steps=12)
@@ -448,7 +449,7 @@ def test_mirrored_strategy_training_keeps_the_bound_and_matches_one_device(mirro
     assert any(n >= bound * (1 - 1e-5) for b in report["blocks"] for n in b["conv_norms_certified"])
     # ... and, with synchronised batch norm, training is the one-device training up to
     # the order of floating-point reductions.
-    for a, b in zip(mirrored.weights, one.weights):
+    for a, b in zip(mirrored.weights, one.weights, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5, err_msg=a.path)
 
 
@@ -460,7 +461,7 @@ def _assert_blocks_identical(model):
         first = blocks[0]
         for block in blocks[1:]:
             for a, b in zip(block.trainable_variables + block.power_vectors,
-                            first.trainable_variables + first.power_vectors):
+                            first.trainable_variables + first.power_vectors, strict=True):
                 np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=a.path)
 
 
@@ -476,7 +477,7 @@ def test_lambda_one_keeps_blocks_bitwise_identical_with_and_without_xla():
         # The persistent vectors evolved and the constraint bound during training.
         assert np.abs(model.stages[1][0].power_vectors[0].numpy() - start).max() > 1e-3
         runs[jit] = model
-    for a, b in zip(runs[True].weights, runs[False].weights):
+    for a, b in zip(runs[True].weights, runs[False].weights, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5, err_msg=a.path)
     # One power iteration per step already keeps the conv norms within 1% of the bound.
     report = certify_lib.certify(runs[True], iterations=500, jacobian_iterations=3, num_random=1)
@@ -504,7 +505,7 @@ def test_config_and_keras_file_round_trip(trained, tmp_path):
     model.save(path)
     loaded = keras.saving.load_model(path)
     assert loaded.lipschitz == C
-    for a, b in zip(loaded.weights, model.weights):
+    for a, b in zip(loaded.weights, model.weights, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=a.path)
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
     # The loaded constraints act on the loaded vectors.
@@ -529,7 +530,7 @@ def test_loading_a_constrained_model_runs_no_power_iteration(trained, tmp_path, 
     trained.save(tmp_path / "model.keras")
     loaded = keras.saving.load_model(tmp_path / "model.keras")
     assert calls == []
-    for a, b in zip(loaded.weights, trained.weights):
+    for a, b in zip(loaded.weights, trained.weights, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=a.path)
     loaded.load_weights(tmp_path / "model.keras")
     assert calls == []

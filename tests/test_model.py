@@ -162,7 +162,7 @@ def test_variant_registry():
     assert small(np.zeros((1, 32, 32, 1), np.float32)).shape == (1, 10)
 
 
-# -- the contractive residual form (docs/lipschitz.md, "A block that converges by construction") ------------------------------
+# -- the contractive residual form (docs/lipschitz.md, "A block that converges by construction") -----------------
 
 
 def test_contractive_block_is_the_relaxed_iteration_of_its_branch(seed):

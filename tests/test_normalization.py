@@ -29,7 +29,7 @@ def test_training_output_gradients_and_moving_statistics_match_keras():
             loss = tf.reduce_sum(y * tf.sin(y))  # a non-trivial upstream gradient
         grads = tape.gradient(loss, [x, layer.gamma, layer.beta])
         results.append([y, *grads, layer.moving_mean, layer.moving_variance])
-    for a, b in zip(*results):
+    for a, b in zip(*results, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
     # Training output really is batch-normalised: per channel mean beta, std |gamma|.
     y = results[1][0].numpy()
@@ -82,7 +82,7 @@ def test_gain_capped_fused_training_path_has_the_capped_function_and_its_gradien
             loss = tf.reduce_sum(y * tf.sin(y))
         grads = tape.gradient(loss, [x, layer.gamma, layer.beta])
         results.append([y, *grads, layer.moving_mean, layer.moving_variance])
-    for a, b in zip(*results):
+    for a, b in zip(*results, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
     # Where the cap binds the output's std is exactly max_gain times the input's.
     y = results[0][0].numpy()

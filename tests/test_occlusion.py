@@ -79,10 +79,9 @@ def test_sweeps_on_a_constant_model():
 
 
 def test_clutter_sweep_scores_every_digit_count():
-    from iterconv_keras.loading import load_model
-
     # The repository's trained Digitclutter model: accuracies well away from 0 and 1.
     from iterconv_keras.data import datasets
+    from iterconv_keras.loading import load_model
     model = load_model("digitclutter-small")
     result = occlusion.clutter_sweep(model, 64, batch_size=32)
     assert sorted(result) == ["2", "3", "4", "5"]

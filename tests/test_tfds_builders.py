@@ -62,7 +62,10 @@ def test_configs_cover_the_counts_with_iterconvs_default_sizes():
     "make, kwargs, echoed",
     [(DigitclutterConfig, {"n_digits": bad}, f"n_digits.*2..5.*got {bad!r}") for bad in (1, 6, 3.0, True, "3")]
     + [(DigitdebrisConfig, {"n_fragments": bad}, f"10, 30, 50.*got {bad!r}") for bad in (20, 0, 10.0)]
-    + [(DigitclutterConfig, {"test_size": bad}, f"test_size must be a positive integer, got {bad!r}") for bad in (0, -1, 2.5)]
+    + [
+        (DigitclutterConfig, {"test_size": bad}, f"test_size must be a positive integer, got {bad!r}")
+        for bad in (0, -1, 2.5)
+    ]
     + [(DigitdebrisConfig, {"train_size": 0}, "train_size must be a positive integer, got 0")]
     # A name that does not describe the data is refused, not silently kept or replaced.
     + [(DigitclutterConfig, {"name": "3digits", "test_size": 16}, "'3digits' does not describe.*3digits_train20000")]
@@ -94,7 +97,9 @@ def test_load_yields_iterconvs_clutter_sets_bitwise(clutter_dir):
     np.testing.assert_array_equal(got["test"]["order"], direct.order)
     # Oracle 2: the arrays `iterconv train --dataset digitclutter` trains and evaluates on.
     ref = datasets.load("digitclutter", clutter_digits=3, train_size=8, validation_size=4, test_size=16)
-    for split, x, y in (("train", ref.x_train, ref.y_train), ("validation", ref.x_val, ref.y_val), ("test", ref.x_test, ref.y_test)):
+    for split, x, y in (
+        ("train", ref.x_train, ref.y_train), ("validation", ref.x_val, ref.y_val), ("test", ref.x_test, ref.y_test)
+    ):
         assert got[split]["image"].tobytes() == x.tobytes(), split
         assert got[split]["labels"].tobytes() == y.tobytes(), split
 
@@ -114,7 +119,9 @@ def test_prepared_info_carries_citation_version_and_provenance(clutter_dir):
     assert metadata["seeds"] == {split: datasets.clutter_seed(split, 3) for split in SPLITS}
     assert metadata["sizes"] == config.sizes
     assert metadata["recipe"]["font_sha256"] == digitclutter.font_sha256()
-    image, labels = next(iter(tfds.load(f"digitclutter/{config.name}", split="test", data_dir=clutter_dir, as_supervised=True)))
+    image, labels = next(
+        iter(tfds.load(f"digitclutter/{config.name}", split="test", data_dir=clutter_dir, as_supervised=True))
+    )
     assert image.shape == (32, 32, 1) and labels.shape == (10,)
 
 
@@ -194,6 +201,8 @@ def test_full_size_configs_are_the_sets_iterconv_train_uses(tmp_path, name, data
     tfds.builder(name, data_dir=data_dir).download_and_prepare()
     ref = datasets.load(dataset, **kwargs)
     label = "labels" if dataset == "digitclutter" else "label"
-    for split, x, y in (("train", ref.x_train, ref.y_train), ("validation", ref.x_val, ref.y_val), ("test", ref.x_test, ref.y_test)):
+    for split, x, y in (
+        ("train", ref.x_train, ref.y_train), ("validation", ref.x_val, ref.y_val), ("test", ref.x_test, ref.y_test)
+    ):
         got = _read(name, split, data_dir, ("image", label))
         assert _digest(got["image"], got[label].astype(y.dtype)) == _digest(x, y), split

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 from click.testing import CliRunner
+
 from iterconv_cli.main import cli
 
 FAST = ["--variant", "tiny", "--epochs", "1", "--batch-size", "64", "--train-size", "128",
@@ -55,7 +56,11 @@ def test_train_json_is_one_document_and_progress_goes_to_stderr(tmp_path):
         (["--lipschitz", "abc"], 2, "'abc' is not a valid float"),
         (["--batch-size", "0"], 2, "batch_size"),
         (["--clutter-digits", "9"], 2, "clutter_digits must be 2..5, got 9"),
-        (["--dataset", "digitdebris", "--debris-fragments", "25"], 2, "debris_fragments must be one of 10, 30, 50 (the debris levels), got 25"),
+        (
+            ["--dataset", "digitdebris", "--debris-fragments", "25"],
+            2,
+            "debris_fragments must be one of 10, 30, 50 (the debris levels), got 25",
+        ),
         (["--dataset", "mnist", "--augment"], 2, "not available for dataset 'mnist': flips change digits"),
         (["--augment"], 2, "not available for dataset 'digitclutter'"),
         (["--dataset", "fashion_mnist", "--fresh-data"], 2,

@@ -70,11 +70,11 @@ def test_run_directory_contents(reference_run):
 
 def test_same_seed_gives_identical_weights_and_other_seed_differs(tmp_path, reference_run):
     again = _train(tmp_path, "again")
-    for a, b in zip(_final_weights(again["run_dir"]), _final_weights(reference_run["run_dir"])):
+    for a, b in zip(_final_weights(again["run_dir"]), _final_weights(reference_run["run_dir"]), strict=True):
         np.testing.assert_array_equal(a, b)
     other = _train(tmp_path, "other", seed=1)
     diffs = [np.abs(a - b).max() for a, b in zip(_final_weights(other["run_dir"]),
-                                                 _final_weights(reference_run["run_dir"]))]
+                                                 _final_weights(reference_run["run_dir"]), strict=True)]
     assert max(diffs) > 1e-3
 
 
@@ -94,7 +94,7 @@ def test_resume_from_last_complete_epoch_matches_uninterrupted(tmp_path, referen
     assert [h["epoch"] for h in summary["history"]] == [1, 2]
     # Bitwise: the restored optimizer state and the (seed, epoch) data order make
     # the resumed epoch the same computation as the uninterrupted one.
-    for a, b in zip(_final_weights(run), _final_weights(reference_run["run_dir"])):
+    for a, b in zip(_final_weights(run), _final_weights(reference_run["run_dir"]), strict=True):
         np.testing.assert_array_equal(a, b)
     assert not os.path.exists(os.path.join(run, "checkpoints", ".tmp-half-written"))
 
@@ -304,7 +304,9 @@ def test_models_saved_before_block_init_load_as_tied():
 
     import iterconv_keras  # noqa: F401  (registers the classes)
 
-    path = os.path.join(os.path.dirname(__file__), "..", "zoo", "digitclutter-small", "1", "assets.extra", "model.keras")
+    path = os.path.join(
+        os.path.dirname(__file__), "..", "zoo", "digitclutter-small", "1", "assets.extra", "model.keras"
+    )
     with zipfile.ZipFile(path) as archive:
         assert "block_init" not in json.loads(archive.read("config.json"))["config"]  # really the old format
     model = keras.saving.load_model(path, compile=False)

@@ -88,7 +88,9 @@ def check_compatible(model, data):
         problems.append(f"the model has {model.num_classes} outputs but the dataset has {data.num_classes} classes")
     if bool(model.multi_label) != bool(data.multi_label):
         kinds = {True: "multi-label (sets of classes)", False: "single-label"}
-        problems.append(f"the model is {kinds[bool(model.multi_label)]} but the dataset is {kinds[bool(data.multi_label)]}")
+        problems.append(
+            f"the model is {kinds[bool(model.multi_label)]} but the dataset is {kinds[bool(data.multi_label)]}"
+        )
     if problems:
         name = data.name or "the dataset"
         raise ValueError(f"model and dataset {name!r} do not fit: " + "; ".join(problems))
@@ -180,9 +182,13 @@ def evaluate(
         )
         section = {"levels": sweep["levels"], "accuracy": sweep["accuracy"], "auc": sweep["auc"], "loss": sweep["loss"]}
         if clutter:
-            section["clutter"] = occlusion_lib.clutter_sweep(model, n, batch_size=batch_size, programs=programs, progress=tracker)
+            section["clutter"] = occlusion_lib.clutter_sweep(
+                model, n, batch_size=batch_size, programs=programs, progress=tracker
+            )
         if debris:
-            section["debris"] = occlusion_lib.debris_sweep(model, n, batch_size=batch_size, programs=programs, progress=tracker)
+            section["debris"] = occlusion_lib.debris_sweep(
+                model, n, batch_size=batch_size, programs=programs, progress=tracker
+            )
         section["iterations"] = occlusion_lib.iteration_sweep(
             model, data.x, data.y, data.mean, seed=occlusion_seed, batch_size=batch_size,
             programs=programs, progress=tracker,

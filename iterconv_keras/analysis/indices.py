@@ -58,7 +58,7 @@ def recurrence_terms(full, drop, rep, tolerance):
         list of floats or None, one per t.
     """
     terms = []
-    for d, r in zip(drop, rep):
+    for d, r in zip(drop, rep, strict=True):
         denominator = d - full
         terms.append(None if abs(denominator) <= tolerance else (d - r) / denominator)
     return terms
@@ -172,7 +172,7 @@ def effective_parameters(model):
             per_stage.append({"stage": s, "rho": None, "effective_parameters": size, "parameters": size})
             continue
         count, weighted_rho, effective = len(blocks), 0.0, 0.0
-        for copies in zip(*block_vars):
+        for copies in zip(*block_vars, strict=True):
             rho = group_rho([np.asarray(v) for v in copies])
             p_block = int(np.prod(copies[0].shape))
             weighted_rho += rho * p_block
@@ -217,10 +217,12 @@ def measure(programs, x, y, *, extra_iterations=DEFAULT_EXTRA_ITERATIONS, batch_
     extra = _validate_extra(extra_iterations)
     sizes = tuple(len(blocks) for blocks in programs.model.stages)
     keys = suite_keys(sizes, extra)
-    program = programs.compiled(("indices", extra), lambda images, labels: suite_program(programs, extra, images, labels))
+    program = programs.compiled(
+        ("indices", extra), lambda images, labels: suite_program(programs, extra, images, labels)
+    )
     totals = Totals()
     for xb, yb, mask in padded_batches(x, y, min(batch_size, int(x.shape[0]))):
-        for key, vector in zip(keys, program(xb, yb)):
+        for key, vector in zip(keys, program(xb, yb), strict=True):
             totals.add(key, vector, mask)
         if progress is not None:
             progress(1)
@@ -303,8 +305,8 @@ def _stage_variants(programs, out, s, states, extra, labels):
     loss, correct = programs.scores(
         programs.tail_logits(s, stacked), tf.concat([labels] * len(variants), axis=0)
     )
-    for v, l, c in zip(variants, tf.split(loss, len(variants)), tf.split(correct, len(variants))):
-        out[v + ("loss",)] = l
+    for v, v_loss, c in zip(variants, tf.split(loss, len(variants)), tf.split(correct, len(variants)), strict=True):
+        out[v + ("loss",)] = v_loss
         out[v + ("correct",)] = c
 
 
@@ -366,11 +368,11 @@ def compute_indices(
         for s, blocks in enumerate(model.stages)
     ]
     certificates = [[certify_lib.block_certificate(block) for block in blocks] for blocks in model.stages]
-    for row, stage in zip(per_stage, certificates):
+    for row, stage in zip(per_stage, certificates, strict=True):
         # The last block is the one the extra iterations repeat: its certified L bounds the rate.
         row["contraction_bound"] = stage[-1]["contraction_bound"]
     params = effective_parameters(model)
-    for row, counts in zip(per_stage, params["per_stage"]):
+    for row, counts in zip(per_stage, params["per_stage"], strict=True):
         row["rho"] = counts["rho"]
         row["effective_parameters"] = counts["effective_parameters"]
     indices = {
@@ -425,7 +427,7 @@ def _stage_indices(totals, s, count, extra, tolerance, accuracy_tolerance, chanc
     di_loss = divergence_terms(-full_loss, [-v for v in loss_k], -chance_nll, tolerance)
     updates = [totals.mean(("update", s, k)) for k in range(count + extra[-1])]
     norms = [totals.mean(("norm", s, k)) for k in range(count + extra[-1])]
-    relative = [u / n if n > 0 else float("nan") for u, n in zip(updates, norms)]
+    relative = [u / n if n > 0 else float("nan") for u, n in zip(updates, norms, strict=True)]
     return {
         "stage": s,
         "recurrence": mean_or_nan(ri_loss),
@@ -483,7 +485,7 @@ def _mean_curves(per_stage, extra):
     return {
         "extra_iterations": list(extra),
         **{
-            name: [mean_or_nan(list(values)) for values in zip(*(at_k(row, name) for row in per_stage))]
+            name: [mean_or_nan(list(values)) for values in zip(*(at_k(row, name) for row in per_stage), strict=True)]
             for name in ("accuracy", "loss", "update_norm", "relative_update")
         },
     }

@@ -193,9 +193,9 @@ def occlusion_sweep(model, x, y, fill, *, levels=DEFAULT_LEVELS, seed=DEFAULT_SE
     accuracy, loss = [], []
     for level in levels:
         occluded = occlude(x, level, fill, patch_size=patch_size, seed=seed)
-        a, l = _scores(programs, occluded, y, batch_size, progress=progress)
+        a, level_loss = _scores(programs, occluded, y, batch_size, progress=progress)
         accuracy.append(a)
-        loss.append(l)
+        loss.append(level_loss)
     return {
         "levels": levels, "accuracy": accuracy, "loss": loss, "auc": area_under_curve(accuracy, levels),
         "seed": seed, "patch_size": patch_size,

@@ -74,7 +74,9 @@ def _index_curves(document, title):
         axis.set_ylabel(ylabel)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
-    _accuracy_limits(left, [document["accuracy"]] + [v for row in indices["per_stage"] for v in row["curves"]["accuracy"]])
+    _accuracy_limits(
+        left, [document["accuracy"]] + [v for row in indices["per_stage"] for v in row["curves"]["accuracy"]]
+    )
     # Diverging networks reach losses many orders above the trained one.
     right.set_yscale("symlog", linthresh=1)
     right.set_ylim(bottom=0)

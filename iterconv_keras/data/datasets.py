@@ -107,7 +107,10 @@ class _FileDataset:
     how_to_get: str
 
 
-_MNIST_FILES = "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz"
+_MNIST_FILES = (
+    "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+    "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz"
+)
 _FILE_DATASETS = {
     "mnist": _FileDataset(
         "mnist",
@@ -266,7 +269,9 @@ def _read_bytes(path):
         with open(path, "rb") as handle:
             return handle.read()
     except (OSError, EOFError, gzip.BadGzipFile) as exc:
-        raise errors.DatasetNotAvailable(f"cannot read {path}: {exc} (truncated or corrupt; re-obtain the file)") from exc
+        raise errors.DatasetNotAvailable(
+            f"cannot read {path}: {exc} (truncated or corrupt; re-obtain the file)"
+        ) from exc
 
 
 def read_idx(path):
@@ -335,9 +340,13 @@ def _read_cifar_batch(path, label_key):
     data = np.asarray(batch["data"])
     labels = np.asarray(batch[label_key])
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        raise errors.DatasetNotAvailable(f"{path}: CIFAR data has shape {data.shape} {data.dtype}, expected [N, 3072] uint8")
+        raise errors.DatasetNotAvailable(
+            f"{path}: CIFAR data has shape {data.shape} {data.dtype}, expected [N, 3072] uint8"
+        )
     if labels.shape != (data.shape[0],):
-        raise errors.DatasetNotAvailable(f"{path}: {labels.shape[0] if labels.ndim else 0} labels for {data.shape[0]} images")
+        raise errors.DatasetNotAvailable(
+            f"{path}: {labels.shape[0] if labels.ndim else 0} labels for {data.shape[0]} images"
+        )
     # Rows are channel-major 3x32x32 planes.
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels.astype(np.int64)
 
@@ -403,7 +412,8 @@ def _checked(name, arrays, where):
             x = x[..., None]
         if x.dtype != np.uint8 or x.shape[1:] != spec.shape:
             raise errors.DatasetNotAvailable(
-                f"{where}: {split} images have shape {x.shape} {x.dtype}, expected [N, {', '.join(map(str, spec.shape))}] uint8"
+                f"{where}: {split} images have shape {x.shape} {x.dtype}, "
+                f"expected [N, {', '.join(map(str, spec.shape))}] uint8"
             )
         y = np.asarray(y).astype(np.int64).reshape(-1)
         if y.shape[0] != x.shape[0]:
@@ -455,7 +465,8 @@ def _split_train(x, y, train_size, validation_size, seed):
     rest = n - validation_size
     if train_size is not None and train_size > rest:
         raise ValueError(
-            f"train_size must be at most {rest} (train images left after {validation_size} for validation), got {train_size}"
+            f"train_size must be at most {rest} (train images left after {validation_size} for validation), "
+            f"got {train_size}"
         )
     order = np.random.default_rng(VALIDATION_SPLIT_SEED).permutation(n)
     val = np.sort(order[:validation_size])
@@ -628,12 +639,16 @@ def _generated(name, clutter_digits, debris_fragments, train_size, validation_si
     if name == "digitclutter":
         sets, info = _load_clutter(clutter_digits, train_size, validation_size, test_size, fresh_seed)
         multi_label, source = True, f"generated: Digitclutter {clutter_digits} digits (seeds {info['seeds']})"
-        blocks = lambda count, seed: digitclutter.generate_blocks(clutter_digits, count, seed)
+
+        def blocks(count, seed):
+            return digitclutter.generate_blocks(clutter_digits, count, seed)
     else:
         sets, info = _load_debris(debris_fragments, train_size, validation_size, test_size, fresh_seed)
         multi_label = False
         source = f"generated: Digitclutter debris, 1 digit and {debris_fragments} fragments (seeds {info['seeds']})"
-        blocks = lambda count, seed: debris.generate_blocks(debris_fragments, count, seed)
+
+        def blocks(count, seed):
+            return debris.generate_blocks(debris_fragments, count, seed)
     arrays = tuple(a for split in ("train", "validation", "test") for a in (sets[split].images, sets[split].labels))
     stream = _fresh_stream(blocks, info["sizes"]["train"], fresh_seed) if fresh else None
     return arrays, 10, multi_label, source, info, stream

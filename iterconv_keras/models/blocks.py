@@ -117,7 +117,8 @@ class ResidualBlock(keras.layers.Layer):
             (Behrmann et al. 2019; Gouk et al. 2018).
         residual_form: ``"plain"`` (``f = g``, default) or ``"contractive"``
             (``f = alpha (g - id)``, needs ``lipschitz`` < 1; the block map is then a
-            contraction with constant ``1 - alpha (1 - c)``; docs/lipschitz.md, "A block that converges by construction").
+            contraction with constant ``1 - alpha (1 - c)``; docs/lipschitz.md,
+            "A block that converges by construction").
         alpha: None or float in (0, 1], the step of the contractive form
             (None: `DEFAULT_ALPHA`); the plain form takes none. Default None.
         **kwargs: standard layer arguments (``name``, ``dtype``).

@@ -51,7 +51,7 @@ def coupling_groups(stages, variables):
         counts = {len(vs) for vs in per_block}
         if len(counts) != 1:
             raise ValueError(f"blocks of a stage must have the same variables, got counts {sorted(counts)}")
-        for copies in zip(*per_block):
+        for copies in zip(*per_block, strict=True):
             shapes = {tuple(v.shape) for v in copies}
             if len(shapes) != 1:
                 raise ValueError(f"coupled variables must share a shape, got {sorted(shapes)}")
@@ -79,7 +79,7 @@ def couple_gradients(gradients, groups, strength):
     for group in groups:
         copies = [gradients[i] for i in group]
         mean = _mean(copies)
-        for i, g in zip(group, copies):
+        for i, g in zip(group, copies, strict=True):
             coupled[i] = mean if strength == 1.0 else (1.0 - strength) * g + strength * mean
     return coupled
 
@@ -101,7 +101,7 @@ def tie_blocks(stages):
     for blocks in stages:
         first = blocks[0].weights
         for block in blocks[1:]:
-            for target, source in zip(block.weights, first):
+            for target, source in zip(block.weights, first, strict=True):
                 target.assign(source)
 
 

@@ -22,7 +22,6 @@ from iterconv_keras.models import lipschitz as lipschitz_lib
 from iterconv_keras.models._checks import positive_shape
 from iterconv_keras.models.blocks import ResidualBlock, make_norm, validate_residual_form
 
-
 # True while `IterativeResNet.from_config` builds a model whose weights are about to be
 # loaded (Keras' load path), so the constructor's initial projection is not run for nothing.
 _FROM_CONFIG = contextvars.ContextVar("iterconv_from_config", default=False)
@@ -148,7 +147,7 @@ class IterativeResNet(keras.Model):
                 )
                 for t in range(count)
             ]
-            for s, (width, count) in enumerate(zip(self.stage_widths, self.blocks_per_stage))
+            for s, (width, count) in enumerate(zip(self.stage_widths, self.blocks_per_stage, strict=True))
         ]
         self.head_norm = self._outer_norm("head_norm")
         self.head_dense = keras.layers.Dense(num_classes, name="logits")

@@ -93,7 +93,9 @@ class Digitclutter(tfds.core.GeneratorBasedBuilder):
                     "labels": tfds.features.Tensor(
                         shape=(10,), dtype=np.float32, doc="multi-hot set of the digits in the image"
                     ),
-                    "order": tfds.features.Sequence(digit, length=n_digits, doc="digits in drawing order, last in front"),
+                    "order": tfds.features.Sequence(
+                        digit, length=n_digits, doc="digits in drawing order, last in front"
+                    ),
                 }
             ),
             supervised_keys=("image", "labels"),
@@ -108,7 +110,10 @@ class Digitclutter(tfds.core.GeneratorBasedBuilder):
         del dl_manager  # generated here: nothing to download
         n_digits = self.builder_config.n_digits
         recipe = digitclutter.recipe_info(n_digits, datasets.clutter_seed("test", n_digits))
-        seed_of = lambda split: datasets.clutter_seed(split, n_digits)
+
+        def seed_of(split):
+            return datasets.clutter_seed(split, n_digits)
+
         self.info.metadata.update(_common.provenance(recipe, seed_of, self.builder_config.sizes))
         return {split: self._generate_examples(split) for split in _common.SPLITS}
 

@@ -97,12 +97,17 @@ class Digitdebris(tfds.core.GeneratorBasedBuilder):
         del dl_manager  # generated here: nothing to download
         n_fragments = self.builder_config.n_fragments
         recipe = debris.recipe_info(n_fragments, datasets.debris_seed("test", n_fragments))
-        seed_of = lambda split: datasets.debris_seed(split, n_fragments)
+
+        def seed_of(split):
+            return datasets.debris_seed(split, n_fragments)
+
         self.info.metadata.update(_common.provenance(recipe, seed_of, self.builder_config.sizes))
         return {split: self._generate_examples(split) for split in _common.SPLITS}
 
     def _generate_examples(self, split):
         config = self.builder_config
-        generated = debris.generate(config.n_fragments, config.sizes[split], datasets.debris_seed(split, config.n_fragments))
+        generated = debris.generate(
+            config.n_fragments, config.sizes[split], datasets.debris_seed(split, config.n_fragments)
+        )
         for i in range(generated.images.shape[0]):
             yield i, {"image": generated.images[i], "label": generated.labels[i]}
