@@ -11,6 +11,12 @@ command). Instead:
 - otherwise a one-shot import hook waits for ``import keras`` to finish and
   registers them then (a post-import hook in the manner of PEP 369).
 
+When an iterconv module is what imported Keras (``from iterconv_keras.models
+import blocks`` in a fresh process), registering at that moment would import
+`resnet`, which needs the half-initialised ``blocks``. Registration then waits
+until no iterconv module is initialising: the hook also watches the imports of
+``iterconv_keras.*`` modules and registers when the outermost one completes.
+
 Either way, ``import iterconv_keras, keras; keras.saving.load_model(path)``
 works with Keras' default ``compile=True`` (the Digitclutter metric is
 registered too).
@@ -18,7 +24,7 @@ registered too).
 
 import importlib
 import importlib.abc
-import importlib.util
+import importlib.machinery
 import sys
 
 # Every module that defines a registered Keras class.
@@ -26,6 +32,7 @@ REGISTERING_MODULES = (
     "iterconv_keras.models.resnet",
     "iterconv_keras.models.metrics",
 )
+_PACKAGE = "iterconv_keras"
 
 
 def register_now():
@@ -42,29 +49,51 @@ def register_when_keras_loads():
         sys.meta_path.insert(0, _KerasImportHook())
 
 
-class _KerasImportHook(importlib.abc.MetaPathFinder):
-    """Finds nothing itself; wraps Keras' own loader so registration follows it.
+def _iterconv_module_initialising(besides):
+    """Whether an iterconv module other than ``besides`` is part-way through its import."""
+    return any(
+        getattr(getattr(module, "__spec__", None), "_initializing", False)
+        for name, module in list(sys.modules.items())
+        if name != besides and (name == _PACKAGE or name.startswith(_PACKAGE + "."))
+    )
 
-    It stays installed until Keras has actually been executed: TensorFlow asks
+
+class _KerasImportHook(importlib.abc.MetaPathFinder):
+    """Finds nothing itself; wraps the loaders of Keras and of iterconv's modules.
+
+    It stays installed until the classes are registered: TensorFlow asks
     ``importlib.util.find_spec("keras")`` at import only to see whether Keras
     is installed, and that look-up must not use up the hook.
     """
 
     def __init__(self):
         self._looking = False
+        self.keras_loaded = False
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != "keras" or self._looking:
+        watched = fullname == "keras" or fullname.startswith(_PACKAGE + ".")
+        if not watched or self._looking:
             return None
-        self._looking = True  # the look-up below comes back through this finder
+        self._looking = True  # the look-up below may come back through this finder
         try:
-            spec = importlib.util.find_spec("keras")
+            spec = (importlib.util.find_spec(fullname) if fullname == "keras"
+                    else importlib.machinery.PathFinder.find_spec(fullname, path, target))
         finally:
             self._looking = False
         if spec is None or spec.loader is None:
             return spec
         spec.loader = _RegisteringLoader(spec.loader, self)
         return spec
+
+    def after_import(self, name):
+        """Called when module ``name`` has executed (it still counts as initialising)."""
+        if name == "keras":
+            self.keras_loaded = True
+        if not self.keras_loaded or _iterconv_module_initialising(besides=name):
+            return
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        register_now()
 
 
 class _RegisteringLoader(importlib.abc.Loader):
@@ -77,10 +106,8 @@ class _RegisteringLoader(importlib.abc.Loader):
 
     def exec_module(self, module):
         self._loader.exec_module(module)
-        if self._hook in sys.meta_path:
-            sys.meta_path.remove(self._hook)
-        register_now()
+        self._hook.after_import(module.__name__)
 
     def __getattr__(self, name):
-        # Resource readers and the like: whatever Keras' own loader offers.
+        # Resource readers and the like: whatever the wrapped loader offers.
         return getattr(self._loader, name)
