@@ -143,6 +143,7 @@ def _stored_config(run_dir):
 
 
 def _check_same(config, stored, run_dir):
+    from iterconv_keras.errors import IterconvError
     from iterconv_keras.training import TrainConfig
 
     wanted = config.to_dict()
@@ -151,7 +152,7 @@ def _check_same(config, stored, run_dir):
     # code recognises its own runs.
     try:
         stored = TrainConfig.from_dict(stored).validate().to_dict()
-    except ValueError as exc:
+    except (ValueError, IterconvError) as exc:
         raise SweepError(f"{run_dir}/config.json is not a valid run config: {exc}") from exc
     differing = sorted(k for k in wanted if k != "out" and stored.get(k) != wanted[k])
     if differing:
@@ -183,8 +184,10 @@ def train_run(config, log):
     # metrics.json is written after model.keras, so it marks a finished run on its own:
     # the sweep's committed results carry it, not the 5 MB model (a fresh checkout
     # of the repository must not retrain what an earlier session finished).
-    if any(os.path.isfile(os.path.join(run_dir, name)) for name in (training.MODEL_FILE, training.METRICS_FILE)):
+    if os.path.isfile(os.path.join(run_dir, training.METRICS_FILE)):
         return False
+    # model.keras without metrics.json: killed while writing the final files. A resume
+    # finds no epoch left, re-projects onto the bound and writes them.
     if stored is None and os.path.isdir(run_dir) and os.listdir(run_dir):
         raise SweepError(f"{run_dir} holds files but no config.json: not a run directory; move it away")
     resume = stored is not None

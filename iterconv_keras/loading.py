@@ -99,7 +99,7 @@ def load(reference, *, zoo=None):
         ('fashion_mnist', 'fashion-mnist-small@1')
     """
     reference = os.fspath(reference)
-    if "@" not in reference and _looks_like_path(reference):
+    if _looks_like_path(reference):  # runs/lr@1e-3 is a path too: '@' makes a zoo reference only in a bare name
         return _load_path(reference)
     bare_name = "@" not in reference
     local_model = bare_name and _holds_model(reference)

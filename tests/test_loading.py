@@ -118,3 +118,14 @@ def test_load_keras_reports_missing_and_corrupt_files(tmp_path):
     garbage.write_bytes(b"not a zip")
     with pytest.raises(IntegrityError, match=f"cannot load model {garbage}"):
         load_keras(str(garbage))
+
+
+def test_a_path_with_an_at_sign_is_a_path(files):
+    # Review: '@' marks a zoo version only in a bare name; runs/lr@1e-3 is a run directory.
+    import shutil
+
+    target = files["base"] / "sweep" / "lr@1e-3"
+    shutil.copytree(files["run"], target)
+    loaded = loading.load(str(target), zoo=files["zoo"])
+    assert loaded.provenance.kind == "run"
+    _same(loaded.model, files["models"]["run"])

@@ -273,7 +273,7 @@ def load_for_model(model, metadata, *, dataset=None, data_dir=None, limit=None):
                 "the model carries no dataset in its metadata (a bare .keras file?): pass --dataset NAME"
             )
         name = "digitclutter"
-    data_dir = data_dir or metadata.get("data_dir")
+    data_dir = data_dir or _setting(metadata, "data_dir")  # a zoo card keeps it under "recipe"
     if name in datasets.GENERATED_NAMES:
         # Generated on demand and prefix-stable: the first `limit` test images are the
         # same whatever the size, so only those are made; no validation set is needed
