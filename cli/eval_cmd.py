@@ -28,9 +28,18 @@ DATASETS = ("digitclutter", "digitdebris", "mnist", "fashion_mnist", "cifar10", 
 )
 @click.option("--zoo", "zoo_root", type=click.Path(file_okay=False), default=None,
               help="Zoo folder for NAME[@VERSION] references.")
+@click.option("--extra-iterations", default="1,2,4,8,16", show_default=True,
+              callback=lambda ctx, param, value: _numbers(value, int, param),
+              help="K of the divergence index, comma-separated, increasing; the last is K_max of the convergence "
+                   "index and rate.")
+@click.option("--tolerance", type=click.FloatRange(min=0.0), default=1e-3, show_default=True,
+              help="Recurrence index: skip a block whose drop changes the loss by less than this (nats).")
+@click.option("--levels", default="0,0.1,0.2,0.3,0.4,0.5", show_default=True,
+              callback=lambda ctx, param, value: _numbers(value, float, param),
+              help="Occluded fractions of the occlusion sweep, comma-separated, starting with 0.")
 @report_errors
 def COMMAND(model_reference, dataset, indices, occlusion, limit, batch_size, plots_dir, json_output, out,
-            data_dir, zoo_root):
+            data_dir, zoo_root, extra_iterations, tolerance, levels):
     """Evaluate MODEL: accuracy, indices of iterative convergence, occlusion robustness.
 
     MODEL is a run directory, a .keras file, a zoo version directory or a zoo
@@ -49,8 +58,8 @@ def COMMAND(model_reference, dataset, indices, occlusion, limit, batch_size, plo
         fsutil.check_writable(out)
     loaded = loading.load(model_reference, zoo=zoo_root)
     # The card's recipe holds the run's settings (data_dir, clutter_digits, ...).
-    data = evaluation.load_for_model(loaded.model, loaded.card.to_json(), dataset=dataset,
-                                     data_dir=data_dir or loaded.card.setting("data_dir"), limit=limit)
+    data = evaluation.load_for_model(loaded.model, loaded.card.to_json(), dataset=dataset, data_dir=data_dir,
+                                     limit=limit)
     evaluation.check_compatible(loaded.model, evaluation.as_eval_data(data))
     stderr = click.get_text_stream("stderr")
     with click.progressbar(length=1, label="evaluating", file=stderr) as bar:
@@ -61,6 +70,7 @@ def COMMAND(model_reference, dataset, indices, occlusion, limit, batch_size, plo
 
         document = evaluation.evaluate(
             loaded.model, data, indices=indices, occlusion=occlusion, limit=limit, batch_size=batch_size,
+            extra_iterations=extra_iterations, tolerance=tolerance, levels=levels,
             progress=progress, model_reference=model_reference,
         )
     if plots_dir:
@@ -152,3 +162,12 @@ def format_table(document):
             lines.append("    clean          " + " ".join(f"{_fmt(v):>6}" for v in it["clean"]))
             lines.append(f"    {it['level']:.0%} occluded   " + " ".join(f"{_fmt(v):>6}" for v in it["occluded"]))
     return "\n".join(lines)
+
+
+def _numbers(text, kind, param):
+    """A comma-separated option as a tuple of ``kind``; a bad item is a usage error naming it."""
+    try:
+        return tuple(kind(item) for item in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated {kind.__name__} values, got {text!r}",
+                                 param=param) from None

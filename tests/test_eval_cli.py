@@ -170,3 +170,27 @@ def test_rate_contraction_bound_and_certified_lipschitz_in_json_and_table(run_di
     assert float(stage0[7]) == pytest.approx(ind["per_stage"][0]["convergence_rate"], abs=1e-3)
     assert float(stage0[8]) == pytest.approx(ind["per_stage"][0]["contraction_bound"], abs=1e-3)
     assert "contractive, alpha = 0.5" in table
+
+
+def test_index_and_occlusion_parameters_from_the_command_line(run_dir):
+    # Review U8: the parameters Python's evaluate() takes are options of `iterconv eval`.
+    result = _invoke(["eval", run_dir, "--limit", str(LIMIT), "--json", "--extra-iterations", "1,3",
+                      "--tolerance", "0.5", "--levels", "0,0.25,0.5"])
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert document["indices"]["curves"]["extra_iterations"] == [1, 3]
+    assert document["indices"]["settings"]["tolerance"] == 0.5
+    assert document["occlusion"]["levels"] == [0.0, 0.25, 0.5]
+    assert len(document["occlusion"]["accuracy"]) == 3
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--extra-iterations", "1,x", "expected comma-separated int values, got '1,x'"),
+    ("--levels", "0,half", "expected comma-separated float values, got '0,half'"),
+    ("--levels", "0.1,0.2", "occlusion levels must start with 0.0 (clean), got [0.1, 0.2]"),
+    ("--extra-iterations", "4,2", "extra_iterations must be increasing positive ints, got (4, 2)"),
+])
+def test_bad_index_parameters_are_usage_errors(run_dir, option, value, message):
+    result = _invoke(["eval", run_dir, "--limit", str(LIMIT), option, value])
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr.strip().splitlines()[-1]
