@@ -63,10 +63,12 @@ training (which works with estimates) and warm persistent vectors."""
 
 
 PROJECTION_MARGIN = 1e-6
-# Power iterations of the estimate a certificate ratio is measured against.
-RATIO_ITERATIONS = 100
 """`enforce` scales a kernel to ``bound * (1 - PROJECTION_MARGIN)``, so rounding the
 rescaled kernel to float32 cannot lift its certified norm above the bound."""
+
+RATIO_ITERATIONS = 100
+"""Power iterations of the converged estimate a certificate ratio divides the certified bound by."""
+
 
 def validate_bound(value, name="lipschitz"):
     """Return ``value`` as a positive finite float, or None when it is None.
