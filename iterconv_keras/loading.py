@@ -111,7 +111,12 @@ def load(reference, *, zoo=None):
             f"{reference!r} is both a local directory holding a model and a model of the zoo at "
             f"{zoo_lib.resolve_root(zoo)}: write ./{reference} for the directory or {reference}@N for the zoo model"
         )
-    name, version, version_dir = zoo_lib.verified(reference, zoo)
+    try:
+        name, version, version_dir = zoo_lib.verified(reference, zoo)
+    except ValueError as exc:  # not even a well-formed zoo name: say what was looked for
+        if bare_name and not os.path.exists(reference):
+            raise ModelNotFound(f"no model at {reference}: no such file or directory, and {exc}") from exc
+        raise
     path = os.path.join(version_dir, ZOO_MODEL_FILE)
     return LoadedModel(load_keras(path), _zoo_card(version_dir), Provenance(reference, "zoo", path, name, version))
 

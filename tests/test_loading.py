@@ -98,6 +98,7 @@ def test_a_name_that_is_both_a_local_model_and_a_zoo_model_is_refused(files, mon
     ("digits@4", ModelNotFound, "versions: 1 (default 1)"),
     ("./missing", ModelNotFound, "no model at ./missing"),
     ("gone.keras", ModelNotFound, "gone.keras does not exist"),
+    ("Model.H5", ModelNotFound, "no model at Model.H5: no such file or directory, and model name must match"),
 ])
 def test_missing_references(files, reference, error, message):
     with pytest.raises(error, match=re.escape(message)):
