@@ -13,9 +13,10 @@ from iterconv_keras.models.variants import create_model
 from iterconv_keras.zoo.card import ModelCard
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The five cards of the 0.1 zoo (version 1), written before ModelCard existed.
-COMMITTED = sorted(glob.glob(os.path.join(REPO, "zoo", "*", "1", "assets.extra", "metadata.json")))
-LATER = sorted(set(glob.glob(os.path.join(REPO, "zoo", "*", "*", "assets.extra", "metadata.json"))) - set(COMMITTED))
+ALL_CARDS = sorted(glob.glob(os.path.join(REPO, "zoo", "*", "*", "assets.extra", "metadata.json")))
+# The five cards of the 0.1 zoo, written before ModelCard existed (they lack its two new keys).
+COMMITTED = [p for p in ALL_CARDS if "projection" not in json.load(open(p))]
+LATER = [p for p in ALL_CARDS if p not in COMMITTED]
 SHAPE = (16, 16, 1)
 
 
