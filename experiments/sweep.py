@@ -48,6 +48,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import iterconv_keras  # noqa: F401  (environment before TensorFlow)
+from iterconv_keras import runs  # the run directory's file names (stdlib only)
 
 DATASETS = ("digitclutter", "fashion_mnist")
 SEEDS = (0, 1, 2)
@@ -135,7 +136,7 @@ def run_config(args, dataset, condition, seed, run_dir):
 
 
 def _stored_config(run_dir):
-    path = os.path.join(run_dir, "config.json")
+    path = os.path.join(run_dir, runs.CONFIG_FILE)
     if not os.path.isfile(path):
         return None
     with open(path) as f:
@@ -204,7 +205,7 @@ def evaluate_run(run_dir, limit):
     from iterconv_keras.fsutil import write_json_atomic
     from iterconv_keras.loading import load
 
-    path = os.path.join(run_dir, "eval.json")
+    path = os.path.join(run_dir, runs.EVAL_FILE)
     if not os.path.isfile(path):
         wall, cpu = time.perf_counter(), time.process_time()
         loaded = load(run_dir)
@@ -218,7 +219,7 @@ def evaluate_run(run_dir, limit):
 
 def summary_row(dataset, condition, seed, run_dir):
     """Everything the report needs about one finished run, or None when it is not finished."""
-    files = ("config.json", "history.json", "metrics.json", "eval.json")
+    files = (runs.CONFIG_FILE, runs.HISTORY_FILE, runs.METRICS_FILE, runs.EVAL_FILE)
     if not all(os.path.isfile(os.path.join(run_dir, name)) for name in files):
         return None
 
@@ -226,12 +227,12 @@ def summary_row(dataset, condition, seed, run_dir):
         with open(os.path.join(run_dir, name)) as f:
             return json.load(f)
 
-    history = read("history.json")
+    history = read(runs.HISTORY_FILE)
     timing = read("timing.json") if os.path.isfile(os.path.join(run_dir, "timing.json")) else {}
     return {
         "dataset": dataset, "condition": condition.name, "seed": seed, "run_dir": run_dir,
-        "overrides": condition.overrides, "config": read("config.json"), "test": read("metrics.json"),
-        "history": history, "evaluation": read("eval.json"),
+        "overrides": condition.overrides, "config": read(runs.CONFIG_FILE), "test": read(runs.METRICS_FILE),
+        "history": history, "evaluation": read(runs.EVAL_FILE),
         "timing": {
             **timing,
             # Complete epochs only (they survive a kill): the training cost of the run itself.

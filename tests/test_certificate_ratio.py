@@ -9,6 +9,7 @@ the power-iteration estimate alone with the bound).
 import keras
 import numpy as np
 import pytest
+from test_lipschitz import explicit_conv_matrix
 
 from iterconv_keras.models import lipschitz
 from iterconv_keras.models.variants import create_model
@@ -60,15 +61,8 @@ def test_certificate_ratio_is_certified_over_a_converged_estimate():
     vector = np.asarray(conv.kernel_constraint.vector)
     ratio = conv.kernel_constraint.refresh_certificate_ratio(conv.kernel)
     certified = operator_norm.certified_operator_norm(kernel, conv.kernel_constraint.input_shape)
-    exact = np.linalg.norm(_explicit(kernel, conv.kernel_constraint.input_shape), ord=2)
+    h, w, _ = conv.kernel_constraint.input_shape
+    exact = np.linalg.norm(explicit_conv_matrix(kernel, h, w), ord=2)
     assert ratio == pytest.approx(certified / exact, rel=1e-3)  # the estimate converges to the exact norm
     np.testing.assert_array_equal(np.asarray(conv.kernel_constraint.vector), vector)  # left alone
 
-
-def _explicit(kernel, shape):
-    import tensorflow as tf
-
-    n = int(np.prod(shape))
-    basis = np.eye(n, dtype=np.float64).reshape(n, *shape)
-    columns = tf.nn.conv2d(basis, np.asarray(kernel, np.float64), strides=1, padding="SAME").numpy()
-    return columns.reshape(n, -1)
