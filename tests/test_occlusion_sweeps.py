@@ -77,3 +77,16 @@ def test_iteration_sweep_scores_occluded_images_under_extra_iterations(clutter_m
         schedule = [list(range(len(b))) + [len(b) - 1] * k for b in model.stages]
         assert result["clean"][i] == pytest.approx(_oracle(model, images.astype(np.float32) / 255, labels, schedule)[0])
         assert result["occluded"][i] == pytest.approx(_oracle(model, occluded, labels, schedule)[0])
+
+
+def test_accuracy_and_loss_masks_the_padded_last_batch(clutter_model_and_data):
+    from iterconv_keras.analysis.programs import StagePrograms
+
+    model, images, labels = clutter_model_and_data
+    images, labels = images[:50], labels[:50]  # batches of 32 and 18 (padded to 32)
+    steps = []
+    accuracy, loss = StagePrograms(model).accuracy_and_loss(images, labels, 32, progress=steps.append)
+    expected_accuracy, expected_loss = _oracle(model, images.astype(np.float32) / 255, labels)
+    assert accuracy == pytest.approx(expected_accuracy)
+    assert loss == pytest.approx(expected_loss, rel=1e-4)
+    assert steps == [1, 1]

@@ -198,7 +198,7 @@ def evaluate(
         document.setdefault("loss", sweep["loss"][0])
         document["occlusion"] = section
     if "accuracy" not in document:
-        accuracy, loss = occlusion_lib._scores(programs, data.x, data.y, batch_size, progress=tracker)
+        accuracy, loss = programs.accuracy_and_loss(data.x, data.y, batch_size, progress=tracker)
         document.update(accuracy=accuracy, loss=loss)
     # Keep the documented key order: the summary first, then the sections.
     ordered = {k: document[k] for k in ("model", "dataset", "split", "examples", "accuracy", "loss") if k in document}

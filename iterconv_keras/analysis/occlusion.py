@@ -22,7 +22,7 @@ protocol is ours), documented in ``docs/indices.md``.
 
 import numpy as np
 
-from iterconv_keras.analysis.programs import StagePrograms, Totals, padded_batches, to_unit_float
+from iterconv_keras.analysis.programs import StagePrograms, to_unit_float
 
 DEFAULT_LEVELS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 DEFAULT_SEED = 0
@@ -157,17 +157,6 @@ def area_under_curve(accuracies, levels=None):
     return float(np.sum(widths * accuracies) / np.sum(widths) / clean)
 
 
-def _scores(programs, x, y, batch_size, schedule=None, progress=None):
-    totals = Totals()
-    for xb, yb, mask in padded_batches(x, y, min(batch_size, int(x.shape[0]))):
-        loss, correct = programs.run_schedule(xb, yb, schedule)
-        totals.add("loss", loss, mask)
-        totals.add("correct", correct, mask)
-        if progress is not None:
-            progress(1)
-    return totals.mean("correct"), totals.mean("loss")
-
-
 def occlusion_sweep(model, x, y, fill, *, levels=DEFAULT_LEVELS, seed=DEFAULT_SEED, patch_size=None,
                     batch_size=256, programs=None, progress=None):
     """Accuracy (and loss) per occlusion level and the normalised AUC.
@@ -193,7 +182,7 @@ def occlusion_sweep(model, x, y, fill, *, levels=DEFAULT_LEVELS, seed=DEFAULT_SE
     accuracy, loss = [], []
     for level in levels:
         occluded = occlude(x, level, fill, patch_size=patch_size, seed=seed)
-        a, level_loss = _scores(programs, occluded, y, batch_size, progress=progress)
+        a, level_loss = programs.accuracy_and_loss(occluded, y, batch_size, progress=progress)
         accuracy.append(a)
         loss.append(level_loss)
     return {
@@ -236,7 +225,7 @@ def _accuracy_per_set(model, settings, test_set, count, batch_size, programs, pr
     result = {}
     for n in settings:
         images, labels, _ = test_set(n, count)
-        result[str(n)] = _scores(programs, images, labels, batch_size, progress=progress)[0]
+        result[str(n)] = programs.accuracy_and_loss(images, labels, batch_size, progress=progress)[0]
     return result
 
 
@@ -261,6 +250,6 @@ def iteration_sweep(model, x, y, fill, *, iterations=DEFAULT_ITERATIONS, level=D
     result = {"extra_iterations": [int(k) for k in iterations], "level": float(level), "clean": [], "occluded": []}
     for k in iterations:
         schedule = extra_iteration_schedule(model, int(k))
-        result["clean"].append(_scores(programs, x, y, batch_size, schedule, progress)[0])
-        result["occluded"].append(_scores(programs, occluded, y, batch_size, schedule, progress)[0])
+        result["clean"].append(programs.accuracy_and_loss(x, y, batch_size, schedule, progress)[0])
+        result["occluded"].append(programs.accuracy_and_loss(occluded, y, batch_size, schedule, progress)[0])
     return result

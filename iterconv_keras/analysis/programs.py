@@ -161,6 +161,27 @@ class StagePrograms:
 
         return self.compiled(("schedule", schedule), forward_and_score)(images, labels)
 
+    def accuracy_and_loss(self, x, y, batch_size, schedule=None, progress=None):
+        """Mean accuracy and loss over all of ``x`` under ``schedule`` (default: the model's own).
+
+        Args:
+            x, y: images and labels (any number; the last batch is padded and masked).
+            batch_size: examples per compiled call.
+            schedule: block schedule, one list per stage, or None.
+            progress: optional callable ``progress(batches_done)``.
+
+        Returns:
+            ``(accuracy, loss)`` as Python floats.
+        """
+        totals = Totals()
+        for xb, yb, mask in padded_batches(x, y, min(batch_size, int(x.shape[0]))):
+            loss, correct = self.run_schedule(xb, yb, schedule)
+            totals.add("loss", loss, mask)
+            totals.add("correct", correct, mask)
+            if progress is not None:
+                progress(1)
+        return totals.mean("correct"), totals.mean("loss")
+
 
 class _QuietlyTraced:
     """A compiled program whose first traces do not log TensorFlow's retracing warning.
