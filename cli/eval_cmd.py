@@ -29,13 +29,13 @@ DATASETS = ("digitclutter", "digitdebris", "mnist", "fashion_mnist", "cifar10", 
 @click.option("--zoo", "zoo_root", type=click.Path(file_okay=False), default=None,
               help="Zoo folder for NAME[@VERSION] references.")
 @click.option("--extra-iterations", default="1,2,4,8,16", show_default=True,
-              callback=lambda ctx, param, value: _numbers(value, int, param),
+              callback=lambda ctx, param, value: _numbers(value, int, param, "extra_iterations"),
               help="K of the divergence index, comma-separated, increasing; the last is K_max of the convergence "
                    "index and rate.")
 @click.option("--tolerance", type=click.FloatRange(min=0.0), default=1e-3, show_default=True,
               help="Recurrence index: skip a block whose drop changes the loss by less than this (nats).")
 @click.option("--levels", default="0,0.1,0.2,0.3,0.4,0.5", show_default=True,
-              callback=lambda ctx, param, value: _numbers(value, float, param),
+              callback=lambda ctx, param, value: _numbers(value, float, param, "levels"),
               help="Occluded fractions of the occlusion sweep, comma-separated, starting with 0.")
 @report_errors
 def COMMAND(model_reference, dataset, indices, occlusion, limit, batch_size, plots_dir, json_output, out,
@@ -164,10 +164,23 @@ def format_table(document):
     return "\n".join(lines)
 
 
-def _numbers(text, kind, param):
-    """A comma-separated option as a tuple of ``kind``; a bad item is a usage error naming it."""
+def _numbers(text, kind, param, setting):
+    """A comma-separated option as a tuple of ``kind``, checked by the library before anything runs.
+
+    A bad item or a list the evaluators would refuse (levels not starting at 0, extra
+    iterations not increasing) is a usage error naming it, not a failure after the
+    index suite has run.
+    """
     try:
-        return tuple(kind(item) for item in text.split(","))
+        values = tuple(kind(item) for item in text.split(","))
     except ValueError:
         raise click.BadParameter(f"expected comma-separated {kind.__name__} values, got {text!r}",
                                  param=param) from None
+    # Imported here, not at start-up: `iterconv eval --help` loads no TensorFlow.
+    from iterconv_keras.analysis import indices, occlusion
+
+    validate = {"levels": occlusion.validate_levels, "extra_iterations": indices.validate_extra_iterations}[setting]
+    try:
+        return tuple(validate(values))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param=param) from None

@@ -189,8 +189,32 @@ def test_index_and_occlusion_parameters_from_the_command_line(run_dir):
     ("--levels", "0,half", "expected comma-separated float values, got '0,half'"),
     ("--levels", "0.1,0.2", "occlusion levels must start with 0.0 (clean), got [0.1, 0.2]"),
     ("--extra-iterations", "4,2", "extra_iterations must be increasing positive ints, got (4, 2)"),
+    ("--levels", "0,0.3,0.1", "occlusion levels must increase and stay below 1, got [0.0, 0.3, 0.1]"),
+    ("--levels", "0,1", "occlusion levels must increase and stay below 1, got [0.0, 1.0]"),
 ])
 def test_bad_index_parameters_are_usage_errors(run_dir, option, value, message):
     result = _invoke(["eval", run_dir, "--limit", str(LIMIT), option, value])
     assert result.exit_code == 2, result.output
     assert message in result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("option, value", [("--levels", "0,0.5,0.2"), ("--extra-iterations", "0,1")])
+def test_bad_index_parameters_are_refused_before_the_model_is_looked_for(tmp_path, option, value):
+    # A model that does not exist would be exit 4: exit 2 shows the option was checked first,
+    # so a bad setting never costs the load and the index suite.
+    result = _invoke(["eval", str(tmp_path / "no-such-run"), option, value])
+    assert result.exit_code == 2, result.output
+    assert option in result.stderr
+
+
+def test_evaluate_refuses_bad_levels_before_the_first_batch(run_dir):
+    from iterconv_keras.analysis import evaluation
+    from iterconv_keras.loading import load_model
+
+    model = load_model(run_dir)
+    images = np.zeros((4, *model.image_shape), np.uint8)
+    labels = np.zeros((4, model.num_classes), np.float32) if model.multi_label else np.zeros(4, np.int64)
+    calls = []
+    with pytest.raises(ValueError, match="must increase"):
+        evaluation.evaluate(model, (images, labels), levels=(0.0, 0.4, 0.2), progress=lambda *a: calls.append(a))
+    assert calls == []

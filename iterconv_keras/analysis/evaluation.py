@@ -150,6 +150,11 @@ def evaluate(
         ValueError: the model and the data do not fit (shape, classes, labels),
             or bad arguments.
     """
+    # Every setting is checked before the first batch: a bad level must not cost the index suite.
+    extra_iterations = indices_lib.validate_extra_iterations(extra_iterations)
+    levels = occlusion_lib.validate_levels(levels)
+    if not float(tolerance) >= 0.0:
+        raise ValueError(f"tolerance must be a number >= 0, got {tolerance!r}")
     data = as_eval_data(data)
     check_compatible(model, data)
     if limit is not None:

@@ -214,7 +214,7 @@ def measure(programs, x, y, *, extra_iterations=DEFAULT_EXTRA_ITERATIONS, batch_
         ``("extra", s, K)`` (each suffixed by ``"loss"`` or ``"correct"``) and
         ``("update", s, k)``, ``("norm", s, k)``.
     """
-    extra = _validate_extra(extra_iterations)
+    extra = validate_extra_iterations(extra_iterations)
     sizes = tuple(len(blocks) for blocks in programs.model.stages)
     keys = suite_keys(sizes, extra)
     program = programs.compiled(
@@ -310,7 +310,8 @@ def _stage_variants(programs, out, s, states, extra, labels):
         out[v + ("correct",)] = c
 
 
-def _validate_extra(extra_iterations):
+def validate_extra_iterations(extra_iterations):
+    """Return ``extra_iterations`` as a tuple of increasing positive ints, or raise ValueError."""
     extra = tuple(extra_iterations)
     if not extra or not all(isinstance(k, int) and k > 0 for k in extra) or list(extra) != sorted(set(extra)):
         raise ValueError(f"extra_iterations must be increasing positive ints, got {extra_iterations!r}")
@@ -357,7 +358,7 @@ def compute_indices(
         ``contraction_bound``, ``lipschitz``, ``curves``) plus the accuracy/loss
         twins, the skip counts and the settings used. Undefined values are NaN.
     """
-    extra = _validate_extra(extra_iterations)
+    extra = validate_extra_iterations(extra_iterations)
     programs = programs or StagePrograms(model)
     totals = measure(programs, x, y, extra_iterations=extra, batch_size=batch_size, progress=progress)
     chance_acc = chance_accuracy(y, model.num_classes, model.multi_label)

@@ -126,6 +126,23 @@ def occlude(images, level, fill, *, patch_size=None, seed=DEFAULT_SEED, start=0)
     return np.where(masks, fill, x).astype(np.float32)
 
 
+def validate_levels(levels):
+    """Return ``levels`` as a list of floats: 0.0 (clean) first, increasing, each in [0, 1).
+
+    Raises:
+        ValueError: naming the bad levels.
+    """
+    try:
+        values = [float(p) for p in levels]
+    except (TypeError, ValueError):
+        raise ValueError(f"occlusion levels must be numbers, got {levels!r}") from None
+    if not values or values[0] != 0.0:
+        raise ValueError(f"occlusion levels must start with 0.0 (clean), got {values!r}")
+    if any(b <= a for a, b in zip(values, values[1:], strict=False)) or values[-1] >= 1.0:
+        raise ValueError(f"occlusion levels must increase and stay below 1, got {values!r}")
+    return values
+
+
 def area_under_curve(accuracies, levels=None):
     """Normalised area under the accuracy-versus-level curve, ``AUC / A(0)``.
 
@@ -174,9 +191,7 @@ def occlusion_sweep(model, x, y, fill, *, levels=DEFAULT_LEVELS, seed=DEFAULT_SE
     Returns:
         ``{"levels", "accuracy", "loss", "auc", "seed", "patch_size"}``.
     """
-    levels = [float(p) for p in levels]
-    if not levels or levels[0] != 0.0:
-        raise ValueError(f"occlusion levels must start with 0.0 (clean), got {levels!r}")
+    levels = validate_levels(levels)
     programs = programs or StagePrograms(model)
     patch_size = default_patch_size(x.shape[1:3]) if patch_size is None else patch_size
     accuracy, loss = [], []
