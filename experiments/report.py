@@ -27,8 +27,6 @@ import numpy as np
 # Two-sided 95 % quantiles of Student's t, by degrees of freedom (no SciPy needed).
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 COUPLING_GRID = ("l0", "l0.5", "l0.9", "l0.99", "l1")
-LAMBDA = {"l0": 0.0, "l0.5": 0.5, "l0.9": 0.9, "l0.99": 0.99, "l1": 1.0, "sn-l0": 0.0, "sn-l1": 1.0,
-          "contractive-l0": 0.0, "contractive-l1": 1.0, "conventional": 0.0}
 FAMILIES = {  # series of the "versus lambda" figures: condition names in lambda order
     "unconstrained": ("l0", "l0.5", "l0.9", "l0.99", "l1"),
     "Lipschitz constraint (c = 0.9)": ("sn-l0", "sn-l1"),
@@ -165,9 +163,7 @@ def conditions_table(rows, dataset):
     runs = by_condition(rows, dataset)
     header = "| condition | seeds | " + " | ".join(METRICS) + " |"
     lines = [header, "|" + "---|" * (len(METRICS) + 2)]
-    for condition in LAMBDA:
-        if condition not in runs:
-            continue
+    for condition in runs:  # plan order (the summary's row order)
         cells = []
         for metric in METRICS:
             mean, sd, n = mean_sd(values(runs[condition], metric).values())
@@ -195,26 +191,31 @@ def _save(plt, fig, path):
     return path
 
 
-def _lambda_position(condition):
-    # 0.9, 0.99 and 1 would overlap on a linear axis: categorical positions.
-    return {0.0: 0, 0.5: 1, 0.9: 2, 0.99: 3, 1.0: 4}[LAMBDA[condition]]
+def coupling_of(runs_of_condition):
+    """The coupling lambda a condition's runs were trained with (from their stored configs)."""
+    couplings = {row["config"]["coupling"] for row in runs_of_condition.values()}
+    if len(couplings) != 1:
+        raise ValueError(f"a condition's runs disagree on the coupling: {sorted(couplings)}")
+    return couplings.pop()
 
 
 def plot_versus_lambda(rows, datasets, metric, path, ylabel):
     plt, fig, axes = _figure(len(datasets))
     for ax, dataset in zip(axes[0], datasets, strict=True):
         runs = by_condition(rows, dataset)
+        # 0.9, 0.99 and 1 would overlap on a linear axis: categorical positions.
+        ticks = sorted({coupling_of(r) for r in runs.values()})
         for offset, (family, names) in enumerate(FAMILIES.items()):
             xs, ys, es = [], [], []
             for name in names:
                 mean, sd, n = mean_sd(values(runs.get(name, {}), metric).values())
                 if mean is not None:
-                    xs.append(_lambda_position(name) + 0.06 * (offset - 1.5))
+                    xs.append(ticks.index(coupling_of(runs[name])) + 0.06 * (offset - 1.5))
                     ys.append(mean)
                     es.append(sd or 0.0)
             if xs:
                 ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=family)
-        ax.set_xticks(range(5), ["0", "0.5", "0.9", "0.99", "1"])
+        ax.set_xticks(range(len(ticks)), [f"{t:g}" for t in ticks])
         ax.set_xlabel("coupling lambda")
         ax.set_ylabel(ylabel)
         ax.set_title(DATASET_TITLES.get(dataset, dataset))
@@ -257,9 +258,7 @@ def plot_curves(rows, datasets, path, extract, xs_of, xlabel, ylabel, title, das
     plt, fig, axes = _figure(len(datasets))
     for ax, dataset in zip(axes[0], datasets, strict=True):
         runs = by_condition(rows, dataset)
-        for condition in LAMBDA:
-            if condition not in runs:
-                continue
+        for condition in runs:
             for style, fn in (("-", extract), ("--", dashed)):
                 if fn is None:
                     continue

@@ -135,31 +135,20 @@ def run_config(args, dataset, condition, seed, run_dir):
         raise SweepError(f"condition {condition.name} on {dataset}: {exc}") from exc
 
 
-def _stored_config(run_dir):
-    path = os.path.join(run_dir, runs.CONFIG_FILE)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+def _check_same(config, run_dir):
+    """Refuse a run directory trained with other settings than the sweep's (every setting but ``out``).
 
-
-def _check_same(config, stored, run_dir):
+    The stored settings are read as training reads them (`runs.load_run_config`:
+    settings added later take the value that reproduces what an older config
+    meant), so a sweep resumed with newer code recognises its own runs.
+    """
+    from iterconv_keras.config import TrainConfig
     from iterconv_keras.errors import IterconvError
-    from iterconv_keras.training import TrainConfig
 
-    wanted = config.to_dict()
-    # Read the stored settings as training reads them (settings added later take the
-    # value that reproduces what an older config meant), so a sweep resumed with newer
-    # code recognises its own runs.
     try:
-        stored = TrainConfig.from_dict(stored).validate().to_dict()
-    except (ValueError, IterconvError) as exc:
-        raise SweepError(f"{run_dir}/config.json is not a valid run config: {exc}") from exc
-    differing = sorted(k for k in wanted if k != "out" and stored.get(k) != wanted[k])
-    if differing:
-        details = ", ".join(f"{k}={stored.get(k)!r} (sweep wants {wanted[k]!r})" for k in differing)
-        raise SweepError(f"{run_dir} was trained with other settings: {details}; "
-                         "rerun with the settings it was started with, or move it away")
+        runs.check_resume(config, runs.load_run_config(run_dir), TrainConfig.field_names())
+    except IterconvError as exc:
+        raise SweepError(f"{run_dir}: {exc}; rerun with the settings it was started with, or move it away") from None
 
 
 def _add_timing(run_dir, key, wall, cpu):
@@ -179,9 +168,9 @@ def train_run(config, log):
     from iterconv_keras import training
 
     run_dir = config.out
-    stored = _stored_config(run_dir)
-    if stored is not None:
-        _check_same(config, stored, run_dir)
+    stored = os.path.isfile(os.path.join(run_dir, runs.CONFIG_FILE))
+    if stored:
+        _check_same(config, run_dir)
     # metrics.json is written after model.keras, so it marks a finished run on its own:
     # the sweep's committed results carry it, not the 5 MB model (a fresh checkout
     # of the repository must not retrain what an earlier session finished).
@@ -189,9 +178,9 @@ def train_run(config, log):
         return False
     # model.keras without metrics.json: killed while writing the final files. A resume
     # finds no epoch left, re-projects onto the bound and writes them.
-    if stored is None and os.path.isdir(run_dir) and os.listdir(run_dir):
+    if not stored and os.path.isdir(run_dir) and os.listdir(run_dir):
         raise SweepError(f"{run_dir} holds files but no config.json: not a run directory; move it away")
-    resume = stored is not None
+    resume = stored
     log(f"{'resuming' if resume else 'training'} {run_dir}")
     wall, cpu = time.perf_counter(), time.process_time()
     training.train(config, resume=resume)
@@ -297,8 +286,11 @@ def _fmt(value, digits=3):
 
 
 def _lock(out):
-    os.makedirs(out, exist_ok=True)
-    handle = open(os.path.join(out, ".sweep.lock"), "w")  # noqa: SIM115  (held for the whole sweep)
+    try:
+        os.makedirs(out, exist_ok=True)
+        handle = open(os.path.join(out, ".sweep.lock"), "w")  # noqa: SIM115  (held for the whole sweep)
+    except OSError as exc:
+        raise SweepError(f"cannot use --out {out}: {exc.strerror or exc}") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -27,3 +27,10 @@ def test_paired_interval_edge_cases_and_verdicts():
     assert report.verdict(single) == "one seed only: no interval"
     assert report.verdict(report.paired_interval({0: 1.0, 1: 1.1}, {0: 0.0, 1: 0.0})) == "A > B"
     assert report.verdict(report.paired_interval({0: 0.0, 1: 0.1}, {0: 1.0, 1: 1.0})) == "A < B"
+
+
+def test_coupling_comes_from_the_runs_configs_and_must_agree():
+    runs = {0: {"config": {"coupling": 0.9}}, 1: {"config": {"coupling": 0.9}}}
+    assert report.coupling_of(runs) == 0.9
+    with pytest.raises(ValueError, match=r"disagree on the coupling: \[0.5, 0.9\]"):
+        report.coupling_of({0: {"config": {"coupling": 0.9}}, 1: {"config": {"coupling": 0.5}}})

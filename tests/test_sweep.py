@@ -94,7 +94,15 @@ def test_a_run_directory_with_other_settings_is_refused(finished, capsys):
     changed = [a if a != "2" else "3" for a in QUICK]  # --epochs 3
     assert sweep.main(["--out", str(finished), *changed], log=lambda line: None) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error.startswith("sweep: error:") and "epochs=2 (sweep wants 3)" in error
+    assert error.startswith("sweep: error:") and "epochs 3 differs from the run's 2" in error
+
+
+def test_an_unusable_out_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert sweep.main(["--out", str(blocker / "grid"), *QUICK], log=lambda line: None) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"sweep: error: cannot use --out {blocker / 'grid'}")
 
 
 def test_a_half_finished_run_resumes_to_the_uninterrupted_weights(finished, tmp_path, monkeypatch):
