@@ -110,8 +110,11 @@ def _interrupt_after_epoch_1(run_dir, copy):
 @pytest.mark.parametrize("overrides", [
     pytest.param({"fresh_data": False}, id="digitclutter-fixed"),
     pytest.param({"dataset": "fashion_mnist", "validation_size": 100}, id="fashion-mnist-augmented"),
+    # Constrained: the power-iteration vectors and the per-epoch certificate ratios
+    # (refreshed at fit start on resume, at epoch end otherwise) must restore exactly.
+    pytest.param({"spectral_norm": True, "lipschitz": 0.9, "lr": 0.05}, id="constrained"),
 ])
-def test_resume_matches_uninterrupted_with_fixed_and_augmented_data(tmp_path, overrides):
+def test_resume_matches_uninterrupted_on_fixed_augmented_and_constrained_runs(tmp_path, overrides):
     whole = _train(tmp_path, "whole", **overrides)
     if overrides.get("dataset") == "fashion_mnist":
         assert whole["config"]["augment"] is True  # the default there
