@@ -1,7 +1,7 @@
-"""``iterconv zoo``: list, show and verify zoo models; write the TF Serving config.
+"""``iterconv zoo``: list, show and verify zoo models; retire a version; write the TF Serving config.
 
-``list`` and ``show`` read only JSON (the manifest and a model card) and import
-no TensorFlow.
+``list``, ``show`` and ``retire`` read and write only JSON and text (the
+manifest, a model card, ``models.config``) and import no TensorFlow.
 """
 
 import click
@@ -44,6 +44,11 @@ def list_command(zoo_dir, json_output):
             ",".join(_size(size) for size in row["sizes"]),
         ))
     _echo_table(table)
+    retired = [f"  {row['name']}@{r['version']} on {str(r['retired_at'])[:10]}: {r['reason']}"
+               for row in rows for r in row["retired"]]
+    if retired:
+        click.echo("retired (kept in the manifest, no longer served):")
+        click.echo("\n".join(retired))
 
 
 @zoo_group.command("show")
@@ -91,6 +96,40 @@ def verify_command(reference, no_load, zoo_dir, json_output):
             for problem in result["problems"]:
                 click.echo(f"  {problem}")
     zoo.raise_on_problems(report)
+
+
+@zoo_group.command("retire")
+@click.argument("reference", metavar="NAME@VERSION")
+@click.option("--reason", required=True,
+              help="Why it is retired (kept in the manifest, shown to anyone who asks for the version).")
+@_ZOO_OPTION
+@_JSON_OPTION
+@report_errors(tensorflow=False)
+def retire_command(reference, reason, zoo_dir, json_output):
+    """Retire a version: it leaves the served zoo, the manifest keeps its record.
+
+    The version folder is renamed out of <zoo>/NAME/ (a TensorFlow Serving
+    server polling it unloads that version), MANIFEST.json records when and
+    why with the version's metrics and checksums, the default version moves
+    to the highest live one if it was this one, and <zoo>/models.config is
+    rewritten. Its number is never reused. A name keeps at least one version:
+    export a new one before retiring the last. Exits 2 for that, a version
+    already retired or no --reason; 4 for an unknown name or version.
+    """
+    from iterconv_keras import zoo
+    from iterconv_keras.errors import UsageError
+
+    name, version = zoo.parse_reference(reference)
+    if version is None:
+        raise UsageError(f"name the version to retire as NAME@VERSION, got {reference!r}")
+    result = zoo.retire_version(name, version, reason, root=zoo_dir)
+    if json_output:
+        emit_json(result)
+        return
+    removed = f"removed {result['removed']}" if result["removed"] else "its folder was already gone"
+    click.echo(f"retired {result['reference']} ({removed}): {result['reason']}")
+    click.echo(f"{name}: live versions {', '.join(map(str, result['versions']))}, default {result['default_version']}; "
+               f"rewrote {result['config']}")
 
 
 @zoo_group.command("serving-config")

@@ -6,7 +6,8 @@ One module per concern, each the only owner of its part of the format:
   ``MANIFEST.json``, the lock, checksums, listing;
 - `savedmodel`: the version directory (SavedModel + ``assets.extra``) and its signatures;
 - `card`: the `ModelCard` schema (``assets.extra/metadata.json``);
-- `publish`: `export_version` (stage, atomic rename, register);
+- `publish`: `export_version` (stage, atomic rename, register) and `retire_version`
+  (rename out, record in the manifest, regenerate the TF Serving config);
 - `verify`: checksums and loading checks;
 - `serving`: TF Serving's ``models.config``.
 
@@ -40,7 +41,7 @@ from iterconv_keras.zoo.manifest import (
     validate_name,
     writable_root,
 )
-from iterconv_keras.zoo.publish import export_version
+from iterconv_keras.zoo.publish import export_version, retire_version
 from iterconv_keras.zoo.serving import CONTAINER_BASE_PATH, SERVING_CONFIG, refresh_zoo_config, serving_config
 from iterconv_keras.zoo.verify import check_files, load_serving, raise_on_problems, verified, verify, verify_report
 
@@ -48,5 +49,6 @@ __all__ = [
     "CONTAINER_BASE_PATH", "ENV_VAR", "MANIFEST", "SERVING_CONFIG", "ModelCard", "check_files", "contains",
     "existing_root", "export_version", "file_checksums", "in_checkout", "list_pretrained", "load_serving",
     "parse_reference", "raise_on_problems", "read_manifest", "refresh_zoo_config", "resolve", "resolve_root",
-    "serving_config", "show", "validate_name", "verified", "verify", "verify_report", "writable_root",
+    "retire_version", "serving_config", "show", "validate_name", "verified", "verify", "verify_report",
+    "writable_root",
 ]

@@ -2,7 +2,8 @@
 
 The zoo layout (docs/serving.md)::
 
-    <root>/MANIFEST.json     models, versions, default version, sha256 of every file
+    <root>/MANIFEST.json     models, versions, default version, sha256 of every file,
+                             and the record of each retired version
     <root>/models.config     TF Serving model_config_list (`iterconv_keras.zoo.serving`)
     <root>/<name>/<N>/       a version (`iterconv_keras.zoo.savedmodel`)
 
@@ -30,6 +31,8 @@ ENV_VAR = "ITERCONV_ZOO"
 MANIFEST = "MANIFEST.json"
 LOCK_FILE = ".lock"
 MANIFEST_SCHEMA = 1
+# A name's mapping of retired versions: what each held, when and why it was retired.
+RETIRED = "retired"
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 # A source checkout holds the project file beside the package; site-packages does not.
 _CHECKOUT_MARKER = "pyproject.toml"
@@ -177,8 +180,9 @@ def versions_on_disk(root, name):
 
 
 def registered_versions(root, name):
-    """The version numbers of ``name`` in the manifest."""
-    return [int(v) for v in read_manifest(root)["models"].get(name, {}).get("versions", {})]
+    """The version numbers of ``name`` in the manifest, live and retired (a number is never reused)."""
+    entry = read_manifest(root)["models"].get(name, {})
+    return sorted(int(v) for v in [*entry.get("versions", {}), *entry.get(RETIRED, {})])
 
 
 def register_version(root, name, version, checksums, card):
@@ -203,12 +207,47 @@ def register_version(root, name, version, checksums, card):
         "parameters": card.parameters,
         "files": checksums,
     }
-    entry["versions"] = dict(sorted(entry["versions"].items(), key=lambda item: int(item[0])))
+    entry["versions"] = _by_version(entry["versions"])
     entry["default_version"] = max(int(v) for v in entry["versions"])
+    return write_manifest(root, manifest)
+
+
+def retire_entry(root, name, version, reason, when):
+    """Move ``name@version`` from the live versions to the name's ``retired`` records (atomically; under `locked`).
+
+    The record keeps everything the live entry held (creation time, dataset,
+    metrics, parameters, checksums) plus ``retired_at`` and ``reason``. If the
+    version was the default, the default moves to the highest live version.
+    The caller checks that the version is live and not the last one.
+
+    Returns:
+        The new manifest.
+    """
+    manifest = read_manifest(root)
+    entry = manifest["models"][name]
+    record = entry["versions"].pop(str(version))
+    entry[RETIRED] = _by_version({**entry.get(RETIRED, {}), str(version): {**record, "retired_at": when,
+                                                                           "reason": reason}})
+    if int(entry["default_version"]) == int(version):
+        entry["default_version"] = max(int(v) for v in entry["versions"])
+    return write_manifest(root, manifest)
+
+
+def write_manifest(root, manifest):
+    """Write ``manifest`` as ``<root>/MANIFEST.json`` atomically (models sorted by name); return it."""
     manifest["models"] = dict(sorted(manifest["models"].items()))
     manifest["schema"] = MANIFEST_SCHEMA
     write_json_atomic(os.path.join(root, MANIFEST), manifest, sort_keys=True)
     return manifest
+
+
+def _by_version(mapping):
+    return dict(sorted(mapping.items(), key=lambda item: int(item[0])))
+
+
+def retired_message(name, version, record):
+    """One line saying that ``name@version`` was retired, when (the date) and why."""
+    return f"{name}@{version} was retired on {str(record.get('retired_at'))[:10]}: {record.get('reason')}"
 
 
 # -- checksums
@@ -250,10 +289,12 @@ def list_pretrained(root=None):
         root: zoo directory (see `resolve_root`).
 
     Returns:
-        A list of dicts: ``name``, ``versions`` (ints), ``default_version``,
-        ``sizes`` (bytes on disk of each version, in the order of ``versions``),
-        and the default version's ``dataset``, ``metrics``, ``parameters``,
-        ``created``, plus the model's ``path``.
+        A list of dicts: ``name``, ``versions`` (the live versions, ints),
+        ``default_version``, ``sizes`` (bytes on disk of each version, in the
+        order of ``versions``), and the default version's ``dataset``,
+        ``metrics``, ``parameters``, ``created``, plus the model's ``path`` and
+        ``retired``: ``{"version", "retired_at", "reason"}`` of each retired
+        version (its folder is gone; its record stays in the manifest).
 
     Example:
         >>> [row["name"] for row in list_pretrained()][:1]
@@ -276,6 +317,8 @@ def list_pretrained(root=None):
                 "parameters": latest.get("parameters"),
                 "created": latest.get("created"),
                 "path": os.path.join(root, name),
+                "retired": [{"version": int(v), "retired_at": record.get("retired_at"), "reason": record.get("reason")}
+                            for v, record in entry.get(RETIRED, {}).items()],
             }
         )
     return rows
@@ -291,7 +334,8 @@ def resolve(reference, root=None):
 
     Raises:
         ValueError: malformed reference.
-        ModelNotFound: unknown name or version; the message lists what exists.
+        ModelNotFound: unknown name or version, or a retired version (the
+            message says when and why); the message lists what exists.
     """
     root = resolve_root(root)
     name, version = parse_reference(reference)
@@ -302,11 +346,12 @@ def resolve(reference, root=None):
     entry = models[name]
     if version is None:
         version = entry["default_version"]
+    live = f"versions: {', '.join(entry['versions'])} (default {entry['default_version']})"
+    if str(version) in entry.get(RETIRED, {}):
+        raise ModelNotFound(f"{retired_message(name, version, entry[RETIRED][str(version)])}; "
+                            f"the zoo at {root} serves {live}")
     if str(version) not in entry["versions"]:
-        raise ModelNotFound(
-            f"model {name!r} has no version {version} in the zoo at {root}; "
-            f"versions: {', '.join(entry['versions'])} (default {entry['default_version']})"
-        )
+        raise ModelNotFound(f"model {name!r} has no version {version} in the zoo at {root}; {live}")
     return name, version, os.path.join(root, name, str(version)), entry["versions"][str(version)]
 
 

@@ -83,7 +83,9 @@ def verify_report(reference=None, root=None, load_models=True):
 
     Args:
         reference: ``NAME``, ``NAME@N`` or None for every model. A bare ``NAME``
-            checks all its versions.
+            checks all its live versions. Retired versions are not checked (their
+            folders are gone), but a retired version's folder that is still
+            there is a problem, like any folder the manifest does not list.
         root: zoo directory.
         load_models: also load each version with `tf.saved_model.load` and the
             ``.keras`` file with Keras.
@@ -136,18 +138,20 @@ def _load_problems(version_dir):
 
 
 def _unregistered_versions(root, document, names):
-    # A version folder without a manifest entry has no checksums to trust, yet TF
-    # Serving would serve it; report it.
+    # A version folder without a live manifest entry has no checksums to trust,
+    # yet TF Serving would serve it; report it. A retired version's folder must be
+    # gone (its absence is no problem: the manifest keeps its record instead).
     results = []
     for name in sorted(names if names is not None else _model_folders(root)):
-        known = document["models"].get(name, {}).get("versions", {})
+        entry = document["models"].get(name, {})
         for version in manifest.versions_on_disk(root, name):
-            if str(version) not in known:
-                path = os.path.join(root, name, str(version))
-                results.append(
-                    {"name": name, "version": version, "path": path, "ok": False,
-                     "problems": [f"{path}: version folder is not in the manifest"]}
-                )
+            if str(version) in entry.get("versions", {}):
+                continue
+            path = os.path.join(root, name, str(version))
+            retired = entry.get(manifest.RETIRED, {}).get(str(version))
+            problem = (f"{path}: {manifest.retired_message(name, version, retired)}, but its folder is still "
+                       f"served; delete it" if retired is not None else f"{path}: version folder is not in the manifest")
+            results.append({"name": name, "version": version, "path": path, "ok": False, "problems": [problem]})
     return results
 
 
