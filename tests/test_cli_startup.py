@@ -21,7 +21,7 @@ _PROBE = (
 
 HELP_COMMANDS = [
     ["--help"], ["train", "--help"], ["eval", "--help"], ["export", "--help"], ["zoo", "--help"],
-    ["zoo", "list", "--help"], ["data", "--help"], ["data", "digitclutter", "--help"],
+    ["zoo", "list", "--help"], ["zoo", "retire", "--help"], ["data", "--help"], ["data", "digitclutter", "--help"],
 ]
 
 

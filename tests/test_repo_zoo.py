@@ -30,11 +30,14 @@ FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
 
 def test_the_repository_zoo_holds_the_committed_models():
-    # The five models of the 0.1 zoo stay (each with version 1); the grid adds versions and names.
+    # The five names of the 0.1 zoo stay, each with its version 1 served or on record as retired
+    # (issue 16 retires the 5-epoch versions once newer ones exist); the grid adds versions and names.
     zero_one = {"digitclutter-small", "digitclutter-small-recurrent", "digitclutter-small-lipschitz",
                 "digitdebris-small", "fashion-mnist-small"}
     assert zero_one <= set(NAMES), f"expected the 0.1 models in {ROOT}, found {NAMES}"
-    assert all(1 in m["versions"] for m in MODELS if m["name"] in zero_one)
+    for m in MODELS:
+        if m["name"] in zero_one:
+            assert 1 in m["versions"] or 1 in [r["version"] for r in m["retired"]], m["name"]
 
 
 def test_every_checksum_matches():
