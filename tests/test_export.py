@@ -376,9 +376,9 @@ def test_documented_responses_are_what_the_zoo_model_answers(documented):
     for name in ("predict.json", "classify.json"):
         assert f"-d @docs/examples/{name}" in doc
     assert "tensorflow_model_server --rest_api_port=8501" in doc and "--model_config_file=/models/models.config" in doc
-    assert "/v1/models/digitclutter-small/versions/1:predict" in doc  # the documented answers are version 1's
-    model = zoo.load_serving("digitclutter-small@1")
-    card = zoo.show("digitclutter-small@1")["card"]
+    assert "/v1/models/digitclutter-small/versions/2:predict" in doc  # the documented answers are version 2's
+    model = zoo.load_serving("digitclutter-small@2")
+    card = zoo.show("digitclutter-small@2")["card"]
     assert card.probabilities == "sigmoid" and "multi-label" in doc
 
     request = predict_pb2.PredictRequest()

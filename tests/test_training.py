@@ -307,9 +307,8 @@ def test_models_saved_before_block_init_load_as_tied():
 
     import iterconv_keras  # noqa: F401  (registers the classes)
 
-    path = os.path.join(
-        os.path.dirname(__file__), "..", "zoo", "digitclutter-small", "1", "assets.extra", "model.keras"
-    )
+    # 0.1's own file (tests/golden/zoo-0.1/README.md), version 1 of digitclutter-small.
+    path = os.path.join(os.path.dirname(__file__), "golden", "zoo-0.1", "digitclutter-small", "model.keras")
     with zipfile.ZipFile(path) as archive:
         assert "block_init" not in json.loads(archive.read("config.json"))["config"]  # really the old format
     model = keras.saving.load_model(path, compile=False)
