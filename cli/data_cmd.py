@@ -121,9 +121,9 @@ def info_command(data_dir, json_output):
     Searched: --data-dir, $ITERCONV_DATA_DIR, ~/.keras/datasets,
     ~/tensorflow_datasets, /usr/share/datasets. Nothing is downloaded.
     """
-    from iterconv_keras.data import datasets
+    from iterconv_keras.data import sources
 
-    rows = datasets.available(data_dir)
+    rows = sources.available(data_dir)
     if json_output:
         emit_json({"datasets": rows})
         return

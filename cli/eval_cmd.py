@@ -5,13 +5,12 @@ import os
 import click
 
 from iterconv_cli._common import emit_json, report_errors
-
-DATASETS = ("digitclutter", "digitdebris", "mnist", "fashion_mnist", "cifar10", "cifar100")
+from iterconv_keras.data.sources import DATASET_NAMES  # stdlib only: --help stays instant
 
 
 @click.command("eval")
 @click.argument("model_reference", metavar="MODEL")
-@click.option("--dataset", type=click.Choice(DATASETS), default=None,
+@click.option("--dataset", type=click.Choice(DATASET_NAMES), default=None,
               help="Dataset to evaluate on (default: the one in the model's metadata).")
 @click.option("--indices/--no-indices", default=True, show_default=True,
               help="Recurrence, divergence and convergence indices and effective parameters.")

@@ -4,15 +4,15 @@ import click
 
 from iterconv_cli._common import emit_json, progress_to_stderr, report_errors
 from iterconv_keras.config import BLOCK_INITS, LR_SCHEDULES, OPTIMIZERS  # stdlib only: --help stays instant
-
-DATASETS = ("digitclutter", "digitdebris", "mnist", "fashion_mnist", "cifar10", "cifar100")
+from iterconv_keras.data.sources import DATASET_NAMES  # stdlib only
+from iterconv_keras.models.variants import list_variants  # a table of keyword rows, no imports
 
 
 @click.command("train")
-@click.option("--dataset", type=click.Choice(DATASETS), default="digitclutter", show_default=True,
+@click.option("--dataset", type=click.Choice(DATASET_NAMES), default="digitclutter", show_default=True,
               help="Dataset to train on (Digitclutter and digitdebris are generated offline).")
-@click.option("--variant", default="small", show_default=True,
-              help="Architecture: tiny, small, small_contractive, paper_mnist, paper_cifar.")
+@click.option("--variant", type=click.Choice(list_variants()), default="small", show_default=True,
+              help="Architecture: a row of iterconv_keras.list_variants() (docs/method.md).")
 @click.option("--coupling", type=float, default=0.0, show_default=True,
               help="Soft gradient coupling lambda in [0, 1] (1 = recurrent ResNet).")
 @click.option("--spectral-norm/--no-spectral-norm", default=False, show_default=True,

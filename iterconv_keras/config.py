@@ -37,7 +37,7 @@ class TrainConfig:
     """Every setting of a training run (saved as ``config.json``).
 
     Args:
-        dataset: dataset name (see `iterconv_keras.data.datasets.DATASET_NAMES`).
+        dataset: dataset name (see `iterconv_keras.data.sources.DATASET_NAMES`).
         variant: architecture name (see `iterconv_keras.models.variants`).
         coupling: soft gradient coupling strength lambda in [0, 1].
         spectral_norm: constrain the residual functions to Lip(f) <= lipschitz. Also
@@ -123,12 +123,12 @@ class TrainConfig:
         Settings left None (``fresh_data``, ``augment``) are resolved to the
         dataset's default here, so the stored config says what the run did.
         """
-        from iterconv_keras.data import datasets, debris
+        from iterconv_keras.data import datasets, debris, sources
         from iterconv_keras.models import coupling as coupling_lib
         from iterconv_keras.models import variants
 
-        if self.dataset not in datasets.DATASET_NAMES:
-            raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(datasets.DATASET_NAMES)}")
+        if self.dataset not in sources.DATASET_NAMES:
+            raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(sources.DATASET_NAMES)}")
         row = variants.variant_kwargs(self.variant)
         self.coupling = coupling_lib.validate_strength(self.coupling)
         self._resolve_block_settings(row)
@@ -160,11 +160,13 @@ class TrainConfig:
         return self
 
     def _resolve_data_options(self, datasets):
-        generated = self.dataset in datasets.GENERATED_NAMES
+        from iterconv_keras.data import sources
+
+        generated = self.dataset in sources.GENERATED_NAMES
         augmentable = self.dataset in datasets.AUGMENT_PADS
         if self.data_file is not None:
             _require(isinstance(self.data_file, str) and generated,
-                     f"data_file holds a generated set ({', '.join(datasets.GENERATED_NAMES)}); "
+                     f"data_file holds a generated set ({', '.join(sources.GENERATED_NAMES)}); "
                      f"got data_file {self.data_file!r} for dataset {self.dataset!r}")
             _require(not self.fresh_data, "fresh_data draws new images every epoch; a data_file is one fixed set")
             self.data_file = os.path.abspath(self.data_file)
@@ -176,7 +178,7 @@ class TrainConfig:
         _require(isinstance(self.fresh_data, bool), f"fresh_data must be true or false, got {self.fresh_data!r}")
         _require(isinstance(self.augment, bool), f"augment must be true or false, got {self.augment!r}")
         _require(not self.fresh_data or generated,
-                 f"fresh_data needs a generated dataset ({', '.join(datasets.GENERATED_NAMES)}); "
+                 f"fresh_data needs a generated dataset ({', '.join(sources.GENERATED_NAMES)}); "
                  f"dataset {self.dataset!r} is a fixed set of files")
         _require(not self.augment or augmentable,
                  f"augment (translation and horizontal flip) is not available for dataset {self.dataset!r}: "

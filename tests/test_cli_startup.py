@@ -1,4 +1,4 @@
-"""Commands that need no TensorFlow start without it (--help, data info)."""
+"""Commands that need no TensorFlow start without it, or numpy (--help, data info)."""
 
 import json
 import subprocess
@@ -15,7 +15,7 @@ _PROBE = (
     "    cli(sys.argv[1:])\n"
     "except SystemExit as e:\n"
     "    code = e.code\n"
-    "print(json.dumps({'code': code, 'heavy': [m for m in ('tensorflow', 'keras') if m in sys.modules]}),\n"
+    "print(json.dumps({'code': code, 'heavy': [m for m in ('tensorflow', 'keras', 'numpy') if m in sys.modules]}),\n"
     "      file=sys.stderr)\n"
 )
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from iterconv_keras.data import datasets, digitclutter
+from iterconv_keras.data import digitclutter, sources
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def cli():
 @pytest.fixture
 def runner(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.delenv(datasets.ENV_VAR, raising=False)
+    monkeypatch.delenv(sources.ENV_VAR, raising=False)
     return CliRunner()
 
 
@@ -76,7 +76,7 @@ def test_info_lists_datasets_as_json_and_table(cli, runner, tmp_path):
     result = runner.invoke(cli, ["data", "info", "--data-dir", str(tmp_path / "data"), "--json"])
     assert result.exit_code == 0, result.output
     rows = {row["name"]: row for row in json.loads(result.stdout)["datasets"]}
-    assert set(rows) == set(datasets.DATASET_NAMES)
+    assert set(rows) == set(sources.DATASET_NAMES)
     assert rows["cifar10"]["available"] and rows["cifar10"]["where"] == str(folder)
     assert not rows["cifar100"]["available"]
     table = runner.invoke(cli, ["data", "info", "--data-dir", str(tmp_path / "data")])

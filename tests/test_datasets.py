@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from iterconv_keras import errors
-from iterconv_keras.data import datasets
+from iterconv_keras.data import datasets, generated, sources
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -20,7 +20,7 @@ def isolated_home(tmp_path, monkeypatch):
     home = tmp_path / "home"
     home.mkdir()
     monkeypatch.setenv("HOME", str(home))
-    monkeypatch.delenv(datasets.ENV_VAR, raising=False)
+    monkeypatch.delenv(sources.ENV_VAR, raising=False)
     return home
 
 
@@ -131,7 +131,7 @@ def test_train_subsample_follows_the_seed_within_the_fixed_rest(tmp_path):
 
 @pytest.mark.skipif(not os.path.isdir(FASHION_DIR), reason="the real Fashion-MNIST is not installed")
 def test_fashion_mnist_trains_on_the_whole_split_minus_validation():
-    from iterconv_keras.data.datasets import read_idx
+    from iterconv_keras.data.readers import read_idx
 
     split = datasets.load("fashion_mnist", data_dir=FASHION_DIR, seed=2)
     assert (len(split.x_train), len(split.x_val), len(split.x_test)) == (55_000, 5_000, 10_000)
@@ -145,9 +145,9 @@ def test_fashion_mnist_trains_on_the_whole_split_minus_validation():
 
 def test_env_var_and_keras_home_are_searched(tmp_path, monkeypatch, isolated_home):
     write_idx(tmp_path / "env" / "fashion-mnist")
-    monkeypatch.setenv(datasets.ENV_VAR, str(tmp_path / "env"))
+    monkeypatch.setenv(sources.ENV_VAR, str(tmp_path / "env"))
     assert datasets.load("fashion_mnist").source == str(tmp_path / "env" / "fashion-mnist")
-    monkeypatch.delenv(datasets.ENV_VAR)
+    monkeypatch.delenv(sources.ENV_VAR)
     write_idx(isolated_home / ".keras" / "datasets" / "mnist")
     assert datasets.load("mnist").source.startswith(str(isolated_home))
 
@@ -188,14 +188,14 @@ def test_prepared_tfds_dir(tmp_path, monkeypatch):
     import tensorflow_datasets as tfds
 
     (tmp_path / "mnist").mkdir()
-    monkeypatch.setattr(datasets, "_tfds_prepared", lambda root, name: root == str(tmp_path))
+    monkeypatch.setattr(sources, "_tfds_prepared", lambda root, name: root == str(tmp_path))
     with tfds.testing.mock_data(num_examples=12):
         split = datasets.load("mnist", data_dir=tmp_path, validation_size=2)
     assert split.info["format"] == "tfds" and split.source == str(tmp_path)
     assert split.x_train.shape == (10, 28, 28, 1) and split.x_test.shape[0] == 12
     # The real check: an unprepared builder dir is "not prepared", never downloaded.
     monkeypatch.undo()
-    assert datasets._tfds_prepared(str(tmp_path), "mnist") is False
+    assert sources._tfds_prepared(str(tmp_path), "mnist") is False
 
 
 @pytest.mark.skipif(
@@ -286,7 +286,7 @@ def test_unknown_name_lists_valid_names():
 
 
 def test_missing_dataset_says_where_it_looked_and_how_to_get_it(tmp_path, monkeypatch, isolated_home):
-    monkeypatch.setenv(datasets.ENV_VAR, str(tmp_path / "envdir"))
+    monkeypatch.setenv(sources.ENV_VAR, str(tmp_path / "envdir"))
     with pytest.raises(errors.DatasetNotAvailable) as caught:
         datasets.load("cifar10", data_dir=tmp_path / "given")
     message = str(caught.value)
@@ -301,8 +301,8 @@ def test_missing_dataset_says_where_it_looked_and_how_to_get_it(tmp_path, monkey
 
 def test_available_reports_each_dataset(tmp_path):
     write_idx(tmp_path / "mnist")
-    rows = {row["name"]: row for row in datasets.available(tmp_path)}
-    assert set(rows) == set(datasets.DATASET_NAMES)
+    rows = {row["name"]: row for row in sources.available(tmp_path)}
+    assert set(rows) == set(sources.DATASET_NAMES)
     assert rows["digitclutter"]["available"] and rows["digitdebris"]["available"]
     assert rows["mnist"]["available"] and rows["mnist"]["where"] == str(tmp_path / "mnist")
     assert not rows["cifar10"]["available"] and str(tmp_path) in " ".join(rows["cifar10"]["where"])
@@ -319,7 +319,7 @@ def test_digitclutter_uses_fixed_seeds_independent_of_training_seed():
     # Splits come from different seeds, so they share no images.
     assert not _same_rows(a.x_val, a.x_test[:50])
     assert a.info["font_file"] == "DejaVuSans-Bold.ttf" and a.info["n_digits"] == 3
-    x4, y4, info = datasets.clutter_test_set(4, 100)
+    x4, y4, info = generated.clutter_test_set(4, 100)
     c = datasets.load("digitclutter", clutter_digits=4, train_size=10, validation_size=0, test_size=100)
     np.testing.assert_array_equal(x4, c.x_test)
     assert np.all(y4.sum(axis=1) == 4) and info["n_digits"] == 4
@@ -336,16 +336,16 @@ def test_digitdebris_uses_fixed_seeds_independent_of_training_seed():
     assert a.y_train.shape == (200,) and a.y_train.dtype == np.int64
     np.testing.assert_array_equal(a.x_train, b.x_train)
     np.testing.assert_array_equal(a.x_test, b.x_test)
-    expected = debris.generate(10, 100, seed=datasets.debris_seed("test", 10))
+    expected = debris.generate(10, 100, seed=generated.debris_seed("test", 10))
     np.testing.assert_array_equal(a.x_test, expected.images)
     np.testing.assert_array_equal(a.y_test, expected.labels)
     # Splits come from different seeds, so they share no images; other fragment counts
     # and Digitclutter have their own seeds too.
     assert not _same_rows(a.x_val, a.x_test[:50])
-    seeds = {datasets.debris_seed(split, n) for split in datasets.DEBRIS_SEEDS for n in debris.FRAGMENT_COUNTS}
-    seeds |= {datasets.clutter_seed(split, n) for split in datasets.CLUTTER_SEEDS for n in range(2, 6)}
+    seeds = {generated.debris_seed(split, n) for split in generated.DEBRIS_SEEDS for n in debris.FRAGMENT_COUNTS}
+    seeds |= {generated.clutter_seed(split, n) for split in generated.CLUTTER_SEEDS for n in range(2, 6)}
     assert len(seeds) == 3 * 3 + 3 * 4
-    assert a.info["n_fragments"] == 10 and a.info["seeds"]["test"] == datasets.debris_seed("test", 10)
+    assert a.info["n_fragments"] == 10 and a.info["seeds"]["test"] == generated.debris_seed("test", 10)
     assert "debris" in a.source and "10 fragments" in a.source
     default = datasets.load("digitdebris", train_size=10, validation_size=0, test_size=5)
     assert default.info["n_fragments"] == 10

@@ -90,12 +90,12 @@ def test_sections_not_requested_are_absent_and_table_is_default(run_dir):
 
 def test_limit_evaluates_a_prefix(run_dir):
     from iterconv_keras import loading
-    from iterconv_keras.data import datasets
+    from iterconv_keras.data import generated
 
     result = _invoke(["eval", run_dir, "--limit", "10", "--no-indices", "--no-occlusion", "--json"])
     document = json.loads(result.stdout)
     model = loading.load_model(run_dir)
-    images, labels, _ = datasets.clutter_test_set(3, 10)
+    images, labels, _ = generated.clutter_test_set(3, 10)
     # Oracle: the model's plain forward pass, exact-set accuracy and Keras' own loss.
     logits = np.asarray(model(images.astype(np.float32) / 255, training=False))
     assert document["accuracy"] == pytest.approx(exact_set_accuracy(logits, labels))

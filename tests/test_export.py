@@ -354,10 +354,10 @@ def documented():
 
 
 def test_documented_example_image_is_a_digitclutter_test_image(documented):
-    from iterconv_keras.data import datasets
+    from iterconv_keras.data import generated
 
     doc, bodies = documented
-    images, labels, _ = datasets.clutter_test_set(3, 1)
+    images, labels, _ = generated.clutter_test_set(3, 1)
     expected = images[0].astype(np.float64) / 255
     np.testing.assert_allclose(json.loads(bodies["predict"])["instances"][0], expected, atol=5e-5)
     np.testing.assert_allclose(json.loads(bodies["classify"])["examples"][0]["images"], expected.reshape(-1), atol=5e-5)

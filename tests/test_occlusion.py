@@ -81,13 +81,13 @@ def test_sweeps_on_a_constant_model():
 def test_clutter_sweep_scores_every_digit_count():
     # The repository's trained Digitclutter model (trained on 3 digits): perfect or near it on
     # 2 digits, well away from 0 and 1 on 4 and 5, so the comparison can tell the sets apart.
-    from iterconv_keras.data import datasets
+    from iterconv_keras.data import generated
     from iterconv_keras.loading import load_model
     model = load_model("digitclutter-small")
     result = occlusion.clutter_sweep(model, 64, batch_size=32)
     assert sorted(result) == ["2", "3", "4", "5"]
     for n, accuracy in result.items():
-        images, labels, _ = datasets.clutter_test_set(int(n), 64)
+        images, labels, _ = generated.clutter_test_set(int(n), 64)
         # Oracle: the model's plain forward pass; right when its top n are the n digits present.
         expected = exact_set_accuracy(model(images.astype(np.float32) / 255, training=False), labels)
         assert expected > 0 and (n in ("2", "3") or expected < 1), (n, expected)

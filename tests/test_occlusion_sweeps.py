@@ -38,11 +38,11 @@ def test_area_under_curve_weights_uneven_levels_by_the_interval_they_stand_for()
 
 @pytest.fixture(scope="module")
 def clutter_model_and_data():
-    from iterconv_keras.data import datasets
+    from iterconv_keras.data import generated
     from iterconv_keras.loading import load_model
 
     model = load_model("digitclutter-small")
-    images, labels, _ = datasets.clutter_test_set(3, 96)
+    images, labels, _ = generated.clutter_test_set(3, 96)
     return model, images, labels
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from iterconv_keras.data import datasets, debris, digitclutter, pipeline
+from iterconv_keras.data import datasets, debris, digitclutter, generated, pipeline
 
 
 def _bytes(images):
@@ -27,13 +27,13 @@ def _epochs(dataset, steps, epochs):
 
 
 def test_fresh_seed_is_a_pure_function_apart_from_every_fixed_split_seed():
-    seed = datasets.fresh_train_seed
+    seed = generated.fresh_train_seed
     assert seed("digitclutter", 3, 5, 2) == seed("digitclutter", 3, 5, 2)
     variants = {seed("digitclutter", 3, 5, 2), seed("digitclutter", 3, 5, 3), seed("digitclutter", 3, 6, 2),
                 seed("digitclutter", 4, 5, 2), seed("digitdebris", 3, 5, 2)}
     assert len(variants) == 5
-    fixed = {datasets.clutter_seed(split, n) for split in datasets.CLUTTER_SEEDS for n in range(2, 6)}
-    fixed |= {datasets.debris_seed(split, n) for split in datasets.DEBRIS_SEEDS for n in debris.FRAGMENT_COUNTS}
+    fixed = {generated.clutter_seed(split, n) for split in generated.CLUTTER_SEEDS for n in range(2, 6)}
+    fixed |= {generated.debris_seed(split, n) for split in generated.DEBRIS_SEEDS for n in debris.FRAGMENT_COUNTS}
     fresh = {seed(name, level, s, e) for name, level in (("digitclutter", 3), ("digitdebris", 10))
              for s in range(3) for e in range(20)}
     assert len(fresh) == 120 and not fresh & fixed
@@ -57,7 +57,7 @@ def test_fresh_epochs_are_the_generator_output_for_the_derived_seed():
     # a batch straddles the block boundary (the dropped tail is tested below).
     splits, epochs = _fresh_run("digitclutter", 3, 7, 4200, 100, 0, 2)
     for epoch, (x, y) in enumerate(epochs):
-        expected = digitclutter.generate(3, 4200, datasets.fresh_train_seed("digitclutter", 3, 7, epoch))
+        expected = digitclutter.generate(3, 4200, generated.fresh_train_seed("digitclutter", 3, 7, epoch))
         np.testing.assert_array_equal(x, expected.images)
         np.testing.assert_array_equal(y, expected.labels)
     # x_train (its statistics normalise the model's input) is epoch 0's set.
@@ -72,7 +72,7 @@ def test_fresh_epochs_are_the_generator_output_for_the_derived_seed():
 def test_fresh_debris_epochs_and_the_dropped_tail():
     _, epochs = _fresh_run("digitdebris", 10, 2, 250, 64, 1, 3)  # 3 batches, 58 images dropped
     for epoch, (x, y) in zip((1, 2), epochs, strict=True):
-        expected = debris.generate(10, 250, datasets.fresh_train_seed("digitdebris", 10, 2, epoch))
+        expected = debris.generate(10, 250, generated.fresh_train_seed("digitdebris", 10, 2, epoch))
         np.testing.assert_array_equal(x, expected.images[:192])
         np.testing.assert_array_equal(y, expected.labels[:192])
         assert y.dtype == np.int64

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from iterconv_keras import loading, training, zoo
-from iterconv_keras.data import datasets, pipeline
+from iterconv_keras.data import datasets, generated, pipeline, sources
 from iterconv_keras.zoo.card import ModelCard
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,13 +80,13 @@ def test_card_and_an_independent_parameter_count(name):
     assert card.constraint["lipschitz"] == (card.recipe["lipschitz"] if card.recipe["spectral_norm"] else None)
 
 
-@pytest.mark.parametrize("name", [m["name"] for m in MODELS if m["dataset"] in datasets.GENERATED_NAMES])
+@pytest.mark.parametrize("name", [m["name"] for m in MODELS if m["dataset"] in sources.GENERATED_NAMES])
 def test_generated_data_models_reproduce_their_recorded_accuracy(name):
     loaded = loading.load(name, zoo=ROOT)
     card = loaded.card
     recorded = card.metrics
     splits = datasets.load(card.dataset, clutter_digits=card.setting("clutter_digits") or 3,
-                           debris_fragments=card.setting("debris_fragments") or datasets.DEFAULT_DEBRIS_FRAGMENTS,
+                           debris_fragments=card.setting("debris_fragments") or generated.DEFAULT_DEBRIS_FRAGMENTS,
                            train_size=8, validation_size=0, test_size=recorded.get("examples", 5000))
     model = loaded.model
     model.compile(loss=training.make_loss(model.multi_label), metrics=[training.make_accuracy(model.multi_label)])

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from iterconv_keras.data import datasets, debris, digitclutter
+from iterconv_keras.data import datasets, debris, digitclutter, generated
 from iterconv_keras.data.tfds_builders import Digitclutter, DigitclutterConfig, Digitdebris, DigitdebrisConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,7 +53,7 @@ def test_configs_cover_the_counts_with_iterconvs_default_sizes():
     assert [c.name for c in Digitclutter.BUILDER_CONFIGS] == ["2digits", "3digits", "4digits", "5digits"]
     assert [c.name for c in Digitdebris.BUILDER_CONFIGS] == ["10fragments", "30fragments", "50fragments"]
     for config in Digitclutter.BUILDER_CONFIGS + Digitdebris.BUILDER_CONFIGS:
-        assert config.sizes == {"train": 20_000, "validation": 2_000, "test": 5_000} == datasets.CLUTTER_SIZES
+        assert config.sizes == {"train": 20_000, "validation": 2_000, "test": 5_000} == generated.CLUTTER_SIZES
     assert DigitclutterConfig(**TINY_CLUTTER).name == "3digits_train8_validation4_test16"
     assert Digitclutter.DEFAULT_CONFIG_NAME == "3digits" and Digitdebris.DEFAULT_CONFIG_NAME == "10fragments"
 
@@ -89,7 +89,7 @@ def test_load_yields_iterconvs_clutter_sets_bitwise(clutter_dir):
     keys = ("image", "labels", "order")
     got = {split: _read(name, split, clutter_dir, keys) for split in SPLITS}
     # Oracle 1: the generator, called directly, at the test seed.
-    direct = digitclutter.generate(3, 16, datasets.clutter_seed("test", 3))
+    direct = digitclutter.generate(3, 16, generated.clutter_seed("test", 3))
     assert got["test"]["image"].dtype == np.uint8 and got["test"]["image"].shape == (16, 32, 32, 1)
     assert got["test"]["image"].tobytes() == direct.images.tobytes()
     assert got["test"]["labels"].dtype == np.float32
@@ -116,7 +116,7 @@ def test_prepared_info_carries_citation_version_and_provenance(clutter_dir):
     assert info.supervised_keys == ("image", "labels")
     with open(os.path.join(builder.data_dir, "metadata.json")) as handle:
         metadata = json.load(handle)
-    assert metadata["seeds"] == {split: datasets.clutter_seed(split, 3) for split in SPLITS}
+    assert metadata["seeds"] == {split: generated.clutter_seed(split, 3) for split in SPLITS}
     assert metadata["sizes"] == config.sizes
     assert metadata["recipe"]["font_sha256"] == digitclutter.font_sha256()
     image, labels = next(
@@ -131,7 +131,7 @@ def test_array_record_data_source_gives_random_access_to_the_same_images(tmp_pat
     data_dir = str(tmp_path)
     tfds.builder("digitclutter", config=config, data_dir=data_dir, file_format="array_record").download_and_prepare()
     source = tfds.data_source(f"digitclutter/{config.name}", split="test", data_dir=data_dir)
-    want = digitclutter.generate(4, 7, datasets.clutter_seed("test", 4))
+    want = digitclutter.generate(4, 7, generated.clutter_seed("test", 4))
     assert len(source) == 7
     for i in (6, 0, 3):  # out of order: random access, not a stream
         assert source[i]["image"].tobytes() == want.images[i].tobytes()
@@ -178,14 +178,14 @@ print("RESULT " + json.dumps(out))
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
-    direct = digitclutter.generate(3, 16, datasets.clutter_seed("test", 3))
+    direct = digitclutter.generate(3, 16, generated.clutter_seed("test", 3))
     assert out["sha"] == hashlib.sha256(direct.images.tobytes() + direct.labels.tobytes()).hexdigest()
     assert out["iterconv_before"] is False
     assert out["registered_by_iterconv"] == [] and out["builders_loaded_by_iterconv"] is False
     assert out["registered_after"] == ["digitclutter", "digitdebris"]
     for split in SPLITS:
         got = _read(f"digitdebris/{config.name}", split, build_dir, ("image", "label"))
-        seed = datasets.debris_seed(split, 30)
+        seed = generated.debris_seed(split, 30)
         want = debris.generate(30, config.sizes[split], seed)
         assert got["image"].tobytes() == want.images.tobytes(), split
         np.testing.assert_array_equal(got["label"], want.labels)

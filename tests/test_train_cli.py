@@ -48,7 +48,7 @@ def test_train_json_is_one_document_and_progress_goes_to_stderr(tmp_path):
     [
         (["--coupling", "1.5"], 2, "coupling must be in [0, 1], got 1.5"),
         (["--coupling", "-0.1"], 2, "got -0.1"),
-        (["--variant", "huge"], 2, "unknown variant 'huge'"),
+        (["--variant", "huge"], 2, "'huge' is not one of 'tiny', 'small',"),
         (["--dataset", "imagenet"], 2, "'imagenet' is not one of"),
         (["--epochs", "0"], 2, "epochs must be an integer > 0, got 0"),
         (["--epochs", "-3"], 2, "got -3"),

@@ -58,9 +58,9 @@ def test_run_directory_contents(reference_run):
     assert metrics["examples"] == reference_run["test"]["examples"] == FAST["test_size"]
     import keras
 
-    from iterconv_keras.data import datasets
+    from iterconv_keras.data import generated
 
-    images, labels, _ = datasets.clutter_test_set(3, FAST["test_size"])  # the run's test set
+    images, labels, _ = generated.clutter_test_set(3, FAST["test_size"])  # the run's test set
     model = keras.saving.load_model(os.path.join(run, "model.keras"), compile=False)
     logits = np.asarray(model(images.astype(np.float32) / 255, training=False))
     assert metrics["accuracy"] == pytest.approx(exact_set_accuracy(logits, labels))

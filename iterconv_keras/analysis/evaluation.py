@@ -269,7 +269,7 @@ def load_for_model(model, metadata, *, dataset=None, data_dir=None, limit=None):
     Returns:
         `datasets.DatasetSplits`.
     """
-    from iterconv_keras.data import datasets
+    from iterconv_keras.data import datasets, generated, sources
 
     name = dataset or metadata.get("dataset")
     if name is None:
@@ -279,14 +279,14 @@ def load_for_model(model, metadata, *, dataset=None, data_dir=None, limit=None):
             )
         name = "digitclutter"
     data_dir = data_dir or _setting(metadata, "data_dir")  # a zoo card keeps it under "recipe"
-    if name in datasets.GENERATED_NAMES:
+    if name in sources.GENERATED_NAMES:
         # Generated on demand and prefix-stable: the first `limit` test images are the
         # same whatever the size, so only those are made; no validation set is needed
         # (the training set is, for the mean that fills occluded patches). The set is
         # the one the model was trained for: its digit or fragment count comes from
         # the metadata.
         digits = _setting(metadata, "clutter_digits") or metadata.get("n_digits") or 3
-        fragments = _setting(metadata, "debris_fragments") or datasets.DEFAULT_DEBRIS_FRAGMENTS
+        fragments = _setting(metadata, "debris_fragments") or generated.DEFAULT_DEBRIS_FRAGMENTS
         data_file = _setting(metadata, "data_file")
         if data_file is not None:
             # A run trained on a data file is tested on that file's test split, carved as in training.

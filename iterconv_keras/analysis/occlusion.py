@@ -209,29 +209,29 @@ def occlusion_sweep(model, x, y, fill, *, levels=DEFAULT_LEVELS, seed=DEFAULT_SE
 def clutter_sweep(model, count, *, digits=CLUTTER_DIGITS, batch_size=256, programs=None, progress=None):
     """Exact-set accuracy of a Digitclutter model on n-digit test sets, n in ``digits``.
 
-    The sets are `datasets.clutter_test_set` (fixed seeds, the first ``count`` images).
+    The sets are `generated.clutter_test_set` (fixed seeds, the first ``count`` images).
 
     Returns:
         ``{"2": acc, "3": acc, ...}``.
     """
-    from iterconv_keras.data import datasets
+    from iterconv_keras.data import generated
 
-    return _accuracy_per_set(model, digits, datasets.clutter_test_set, count, batch_size, programs, progress)
+    return _accuracy_per_set(model, digits, generated.clutter_test_set, count, batch_size, programs, progress)
 
 
 def debris_sweep(model, count, *, fragments=DEBRIS_FRAGMENTS, batch_size=256, programs=None, progress=None):
     """Accuracy of a debris model on the test sets with 10, 30 and 50 fragments.
 
-    The sets are `datasets.debris_test_set` (fixed seeds, the first ``count`` images):
+    The sets are `generated.debris_test_set` (fixed seeds, the first ``count`` images):
     more fragments hide more of the target digit (Spoerer, McClure & Kriegeskorte,
     2017, Front. Psychol. 8:1551).
 
     Returns:
         ``{"10": acc, "30": acc, "50": acc}``.
     """
-    from iterconv_keras.data import datasets
+    from iterconv_keras.data import generated
 
-    return _accuracy_per_set(model, fragments, datasets.debris_test_set, count, batch_size, programs, progress)
+    return _accuracy_per_set(model, fragments, generated.debris_test_set, count, batch_size, programs, progress)
 
 
 def _accuracy_per_set(model, settings, test_set, count, batch_size, programs, progress):

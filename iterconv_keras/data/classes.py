@@ -24,7 +24,7 @@ def class_names_for(dataset, num_classes):
     """The class names of ``dataset``, or ``"0".."K-1"`` when unknown or mismatched.
 
     Args:
-        dataset: dataset name (see `iterconv_keras.data.datasets.DATASET_NAMES`) or None.
+        dataset: dataset name (see `iterconv_keras.data.sources.DATASET_NAMES`) or None.
         num_classes: K, the model's number of outputs.
 
     Returns:

@@ -9,7 +9,7 @@ at epoch e sees exactly the batches an uninterrupted run sees from epoch e on:
   the CIFAR recipe (He et al. 2016, after Lee et al. 2015);
 - a generated dataset with fresh data trains on new images every epoch
   (`fresh_training_batches`), drawn from ``DatasetSplits.train_stream(epoch)``,
-  whose seed is a function of (seed, epoch) (`datasets.fresh_train_seed`).
+  whose seed is a function of (seed, epoch) (`generated.fresh_train_seed`).
 
 Images stay uint8 until they are batched and are scaled to [0, 1] per batch (the
 model normalises inside), which keeps a 50k-image dataset at a quarter of the

@@ -15,6 +15,10 @@ larger c (0.9: L = 0.95, 0.95^16 = 44%) would guarantee little within the
 evaluated iterations; a smaller one (0.25 with each conv at 0.5) leaves g
 little room to compute. ``alpha = 0.5`` is the usual Krasnosel'skii-Mann
 average, halfway between staying and jumping to g(x).
+
+The module imports nothing: ``iterconv train --variant`` takes its choices from
+`list_variants` at start-up, and ``--help`` must not load TensorFlow
+(tests/test_layering.py keeps it so).
 """
 
 _REGISTRY = {}

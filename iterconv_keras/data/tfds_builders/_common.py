@@ -10,7 +10,7 @@ import dataclasses
 import numpy as np
 import tensorflow_datasets as tfds
 
-from iterconv_keras.data import datasets
+from iterconv_keras.data import generated
 
 SPLITS = ("train", "validation", "test")
 IMAGE_SIZE = 32
@@ -57,13 +57,13 @@ class SizedConfig(tfds.core.BuilderConfig):
             ``"<stem>_train<N>_validation<N>_test<N>"``), so that a name never
             describes other data than its config.
         train_size, validation_size, test_size: images per split, positive;
-            default iterconv's 20,000 / 2,000 / 5,000 (`datasets.CLUTTER_SIZES`).
+            default iterconv's 20,000 / 2,000 / 5,000 (`generated.CLUTTER_SIZES`).
     """
 
     name: str = ""
-    train_size: int = datasets.CLUTTER_SIZES["train"]
-    validation_size: int = datasets.CLUTTER_SIZES["validation"]
-    test_size: int = datasets.CLUTTER_SIZES["test"]
+    train_size: int = generated.CLUTTER_SIZES["train"]
+    validation_size: int = generated.CLUTTER_SIZES["validation"]
+    test_size: int = generated.CLUTTER_SIZES["test"]
 
     def __post_init__(self):
         self._check()
@@ -89,7 +89,7 @@ class SizedConfig(tfds.core.BuilderConfig):
     @property
     def default_sizes(self):
         """True when the split sizes are iterconv's (the sets `iterconv train` uses)."""
-        return self.sizes == datasets.CLUTTER_SIZES
+        return self.sizes == generated.CLUTTER_SIZES
 
     def derived_name(self):
         """The config name implied by the fields (see the class docstring)."""

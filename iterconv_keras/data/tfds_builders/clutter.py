@@ -1,7 +1,7 @@
 """Digitclutter as a tensorflow-datasets builder: ``digitclutter/<n>digits``, n = 2..5.
 
 The images are exactly those of `iterconv_keras.data.digitclutter.generate` at the
-fixed dataset seeds `datasets.clutter_seed` (the sets ``iterconv train --dataset
+fixed dataset seeds `generated.clutter_seed` (the sets ``iterconv train --dataset
 digitclutter`` uses), in the same order; nothing is downloaded.
 
 Reference: Spoerer, McClure & Kriegeskorte (2017), Front. Psychol. 8:1551.
@@ -13,7 +13,7 @@ from typing import ClassVar
 import numpy as np
 import tensorflow_datasets as tfds
 
-from iterconv_keras.data import datasets, digitclutter
+from iterconv_keras.data import digitclutter, generated
 from iterconv_keras.data.tfds_builders import _common
 
 
@@ -109,17 +109,17 @@ class Digitclutter(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager):
         del dl_manager  # generated here: nothing to download
         n_digits = self.builder_config.n_digits
-        recipe = digitclutter.recipe_info(n_digits, datasets.clutter_seed("test", n_digits))
+        recipe = digitclutter.recipe_info(n_digits, generated.clutter_seed("test", n_digits))
 
         def seed_of(split):
-            return datasets.clutter_seed(split, n_digits)
+            return generated.clutter_seed(split, n_digits)
 
         self.info.metadata.update(_common.provenance(recipe, seed_of, self.builder_config.sizes))
         return {split: self._generate_examples(split) for split in _common.SPLITS}
 
     def _generate_examples(self, split):
         config = self.builder_config
-        seed = datasets.clutter_seed(split, config.n_digits)
+        seed = generated.clutter_seed(split, config.n_digits)
         clutter = digitclutter.generate(config.n_digits, config.sizes[split], seed)
         for i in range(clutter.images.shape[0]):
             yield i, {"image": clutter.images[i], "labels": clutter.labels[i], "order": clutter.order[i]}

@@ -1,7 +1,7 @@
 """Digit debris as a tensorflow-datasets builder: ``digitdebris/<k>fragments``, k = 10, 30, 50.
 
 The images are exactly those of `iterconv_keras.data.debris.generate` at the fixed
-dataset seeds `datasets.debris_seed` (the sets ``iterconv train --dataset
+dataset seeds `generated.debris_seed` (the sets ``iterconv train --dataset
 digitdebris`` uses), in the same order; nothing is downloaded.
 
 Reference: Spoerer, McClure & Kriegeskorte (2017), Front. Psychol. 8:1551 (debris
@@ -14,7 +14,7 @@ from typing import ClassVar
 import numpy as np
 import tensorflow_datasets as tfds
 
-from iterconv_keras.data import datasets, debris
+from iterconv_keras.data import debris, generated
 from iterconv_keras.data.tfds_builders import _common
 
 
@@ -31,7 +31,7 @@ class DigitdebrisConfig(_common.SizedConfig):
         '30fragments'
     """
 
-    n_fragments: int = datasets.DEFAULT_DEBRIS_FRAGMENTS
+    n_fragments: int = generated.DEFAULT_DEBRIS_FRAGMENTS
 
     @property
     def stem(self):
@@ -66,7 +66,7 @@ class Digitdebris(tfds.core.GeneratorBasedBuilder):
     VERSION = _common.VERSION
     RELEASE_NOTES = _common.RELEASE_NOTES
     BUILDER_CONFIGS: ClassVar[list] = [DigitdebrisConfig(n_fragments=k) for k in debris.FRAGMENT_COUNTS]
-    DEFAULT_CONFIG_NAME = f"{datasets.DEFAULT_DEBRIS_FRAGMENTS}fragments"
+    DEFAULT_CONFIG_NAME = f"{generated.DEFAULT_DEBRIS_FRAGMENTS}fragments"
 
     def _info(self):
         return tfds.core.DatasetInfo(
@@ -96,18 +96,18 @@ class Digitdebris(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager):
         del dl_manager  # generated here: nothing to download
         n_fragments = self.builder_config.n_fragments
-        recipe = debris.recipe_info(n_fragments, datasets.debris_seed("test", n_fragments))
+        recipe = debris.recipe_info(n_fragments, generated.debris_seed("test", n_fragments))
 
         def seed_of(split):
-            return datasets.debris_seed(split, n_fragments)
+            return generated.debris_seed(split, n_fragments)
 
         self.info.metadata.update(_common.provenance(recipe, seed_of, self.builder_config.sizes))
         return {split: self._generate_examples(split) for split in _common.SPLITS}
 
     def _generate_examples(self, split):
         config = self.builder_config
-        generated = debris.generate(
-            config.n_fragments, config.sizes[split], datasets.debris_seed(split, config.n_fragments)
+        made = debris.generate(
+            config.n_fragments, config.sizes[split], generated.debris_seed(split, config.n_fragments)
         )
-        for i in range(generated.images.shape[0]):
-            yield i, {"image": generated.images[i], "label": generated.labels[i]}
+        for i in range(made.images.shape[0]):
+            yield i, {"image": made.images[i], "label": made.labels[i]}
