@@ -60,8 +60,8 @@ def test_train_and_eval_on_a_data_file_use_the_generators_test_images(clutter_fi
         config = json.load(f)
     assert config["data_file"] == str(clutter_file) and config["fresh_data"] is False
     data = evaluation.load_for_model(model, config)
-    np.testing.assert_array_equal(data.x_test, expected.images)
-    np.testing.assert_array_equal(data.y_test, expected.labels)
+    np.testing.assert_array_equal(data.x, expected.images)
+    np.testing.assert_array_equal(data.y, expected.labels)
     evaluated = _invoke("eval", str(run), "--no-occlusion", "--json")
     assert evaluated.exit_code == 0, evaluated.stderr
     document = json.loads(evaluated.stdout)

@@ -103,17 +103,31 @@ def test_resume_keeps_the_fragment_count(run_dir):
 
 
 def test_load_for_model_reads_the_fragment_count_from_run_or_zoo_metadata(monkeypatch):
-    # Only the test split matters here; small train and validation sets keep it quick.
-    monkeypatch.setitem(generated.CLUTTER_SIZES, "train", 64)
-    monkeypatch.setitem(generated.CLUTTER_SIZES, "validation", 8)
-    model = type("Model", (), {"multi_label": False})()
+    # No training set is generated: the occlusion fill is the model's own input mean (review S5).
+    def no_training_set(*args, **kwargs):
+        raise AssertionError("a training set was generated for an evaluation")
+
+    monkeypatch.setattr(generated, "generate_splits", no_training_set)
+    model = type("Model", (), {"multi_label": False, "input_mean": (0.123,)})()
     for metadata in ({"dataset": "digitdebris", "debris_fragments": 50},
                      {"dataset": "digitdebris", "recipe": {"debris_fragments": 50}}):
-        splits = evaluation.load_for_model(model, metadata, limit=8)
-        assert splits.info["n_fragments"] == 50 and len(splits.x_test) == 8
+        data = evaluation.load_for_model(model, metadata, limit=8)
+        assert data.info["n_fragments"] == 50 and len(data.x) == 8 and data.mean == (0.123,)
         expected = debris.generate(50, 8, seed=generated.debris_seed("test", 50))
-        np.testing.assert_array_equal(splits.x_test, expected.images)
+        np.testing.assert_array_equal(data.x, expected.images)
+        np.testing.assert_array_equal(data.y, expected.labels)
     assert evaluation.load_for_model(model, {"dataset": "digitdebris"}, limit=4).info["n_fragments"] == 10
+
+
+def test_load_for_model_gives_the_test_split_training_uses():
+    from iterconv_keras.data import datasets
+
+    model = type("Model", (), {"multi_label": True, "input_mean": (0.25,)})()
+    data = evaluation.load_for_model(model, {"dataset": "digitclutter", "clutter_digits": 4}, limit=16)
+    splits = datasets.load("digitclutter", clutter_digits=4, train_size=8, validation_size=8, test_size=16)
+    np.testing.assert_array_equal(data.x, splits.x_test)
+    np.testing.assert_array_equal(data.y, splits.y_test)
+    assert (data.num_classes, data.multi_label, data.name, data.mean) == (10, True, "digitclutter", (0.25,))
 
 
 def test_command_line_defaults_match_the_library():

@@ -36,6 +36,7 @@ class EvalData:
         mean: per-channel mean in [0, 1] units (the occlusion fill).
         name: dataset name, or None.
         split: which split ``x`` is (``"test"``).
+        info: where the examples come from (the dataset's ``info``), or None.
     """
 
     x: np.ndarray
@@ -45,6 +46,7 @@ class EvalData:
     mean: tuple
     name: str = None
     split: str = "test"
+    info: dict = None
 
 
 def as_eval_data(data, *, num_classes=None, multi_label=None, mean=None, name=None, split="test"):
@@ -57,7 +59,7 @@ def as_eval_data(data, *, num_classes=None, multi_label=None, mean=None, name=No
         return data
     if hasattr(data, "x_test"):
         return EvalData(data.x_test, data.y_test, data.num_classes, data.multi_label, tuple(data.mean),
-                        data.name, "test")
+                        data.name, "test", data.info)
     try:
         x, y = data
     except (TypeError, ValueError):
@@ -256,10 +258,15 @@ def json_safe(value):
 
 
 def load_for_model(model, metadata, *, dataset=None, data_dir=None, limit=None):
-    """Load the test data a model is evaluated on (the CLI's dataset defaults).
+    """The test data a model is evaluated on (the CLI's dataset defaults), as `EvalData`.
+
+    Occluded patches are filled with the model's own ``input_mean``: the training-set
+    mean it normalises its inputs with, so no training set is loaded or generated
+    for it (review S5).
 
     Args:
-        model: the model (its ``multi_label`` decides Digitclutter when nothing else does).
+        model: the model (its ``multi_label`` decides Digitclutter when nothing else
+            does; its ``input_mean`` is the occlusion fill).
         metadata: the run's ``config.json`` or the zoo version's ``metadata.json``
             (whose training settings sit under ``"recipe"``).
         dataset: name overriding the metadata's ``"dataset"``.
@@ -267,7 +274,7 @@ def load_for_model(model, metadata, *, dataset=None, data_dir=None, limit=None):
         limit: only this many test images are needed (generated sets make only those).
 
     Returns:
-        `datasets.DatasetSplits`.
+        `EvalData` of the test split.
     """
     from iterconv_keras.data import datasets, generated, sources
 
@@ -279,23 +286,27 @@ def load_for_model(model, metadata, *, dataset=None, data_dir=None, limit=None):
             )
         name = "digitclutter"
     data_dir = data_dir or _setting(metadata, "data_dir")  # a zoo card keeps it under "recipe"
+    fill = tuple(float(m) for m in model.input_mean)
     if name in sources.GENERATED_NAMES:
-        # Generated on demand and prefix-stable: the first `limit` test images are the
-        # same whatever the size, so only those are made; no validation set is needed
-        # (the training set is, for the mean that fills occluded patches). The set is
-        # the one the model was trained for: its digit or fragment count comes from
-        # the metadata.
-        digits = _setting(metadata, "clutter_digits") or metadata.get("n_digits") or 3
-        fragments = _setting(metadata, "debris_fragments") or generated.DEFAULT_DEBRIS_FRAGMENTS
+        # The set the model was trained for: its digit or fragment count comes from the metadata.
+        digits = int(_setting(metadata, "clutter_digits") or metadata.get("n_digits") or 3)
+        fragments = int(_setting(metadata, "debris_fragments") or generated.DEFAULT_DEBRIS_FRAGMENTS)
         data_file = _setting(metadata, "data_file")
         if data_file is not None:
             # A run trained on a data file is tested on that file's test split, carved as in training.
             sizes = {key: _setting(metadata, key) for key in ("train_size", "validation_size", "test_size")}
-            return datasets.load(name, clutter_digits=int(digits), debris_fragments=int(fragments),
-                                 data_file=data_file, **sizes)
-        return datasets.load(name, clutter_digits=int(digits), debris_fragments=int(fragments),
-                             validation_size=0, test_size=limit)
-    return datasets.load(name, data_dir=data_dir)
+            splits = datasets.load(name, clutter_digits=digits, debris_fragments=fragments, data_file=data_file,
+                                   **sizes)
+            return dataclasses.replace(as_eval_data(splits), mean=fill)
+        # Generated on demand and prefix-stable: the first `limit` test images are the
+        # test split's whatever its size, so only those are made.
+        count = limit or generated.CLUTTER_SIZES["test"]
+        if name == "digitclutter":
+            x, y, info = generated.clutter_test_set(digits, count)
+        else:
+            x, y, info = generated.debris_test_set(fragments, count)
+        return EvalData(x, y, 10, name == "digitclutter", fill, name, "test", info)
+    return dataclasses.replace(as_eval_data(datasets.load(name, data_dir=data_dir)), mean=fill)
 
 
 def _setting(metadata, key):
