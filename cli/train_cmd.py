@@ -3,7 +3,7 @@
 import click
 
 from iterconv_cli._common import emit_json, progress_to_stderr, report_errors
-from iterconv_keras.config import BLOCK_INITS, LR_SCHEDULES, OPTIMIZERS  # stdlib only: --help stays instant
+from iterconv_keras.config import BLOCK_INITS, LR_SCHEDULES, OPTIMIZERS, STRATEGIES  # stdlib only: --help stays instant
 from iterconv_keras.data.sources import DATASET_NAMES  # stdlib only
 from iterconv_keras.models.variants import list_variants  # a table of keyword rows, no imports
 
@@ -62,6 +62,13 @@ from iterconv_keras.models.variants import list_variants  # a table of keyword r
                    "--train-size); `iterconv eval RUN` then tests on the same images.")
 @click.option("--xla/--no-xla", "jit_compile", default=False, show_default=True,
               help="Compile the train step with XLA.")
+@click.option("--strategy", type=click.Choice(STRATEGIES), default="auto", show_default=True,
+              help="Where to train: auto (mirrored if more than one GPU is visible, else one-device), one-device, "
+                   "mirrored (this machine's devices) or multi-worker (the machines in TF_CONFIG). --batch-size is "
+                   "the global batch, split evenly over the replicas.")
+@click.option("--devices", type=int, default=None,
+              help="With --strategy mirrored: mirror over N devices, the first N GPUs or, without GPUs, N logical "
+                   "devices split off the CPU (for testing: they share its cores) [default: every GPU, or the CPU].")
 @click.option("--out", type=click.Path(), default=None,
               help="Run directory (default: runs/<time>-<dataset>-<variant>-...).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last complete epoch.")

@@ -24,6 +24,8 @@ LR_SCHEDULES = ("constant", "cosine")
 # default when none is given; an explicit 0 switches decay off (review U4).
 ADAMW_WEIGHT_DECAY = 1e-4
 BLOCK_INITS = ("tied", "independent")  # IterativeResNet's block_init
+# Where a run trains (iterconv_keras.distribution); "auto" is what configs written before it mean.
+STRATEGIES = ("auto", "one-device", "mirrored", "multi-worker")
 # Settings added after 0.1, with the value that reproduces what a config.json written
 # before them meant (fixed data, no augmentation, tied blocks).
 _PRE_0_2_VALUES = {"fresh_data": False, "augment": False, "block_init": "tied"}
@@ -87,6 +89,14 @@ class TrainConfig:
             validate and test on instead of generating (stored as an absolute path; see
             `iterconv_keras.data.datasets.load` for how it is split). Implies fixed data.
         jit_compile: compile the train step with XLA.
+        strategy: where to train, one of `STRATEGIES` (`iterconv_keras.distribution`):
+            ``auto`` (default: ``mirrored`` when more than one GPU is visible, else
+            ``one-device``), ``one-device``, ``mirrored`` (the devices of this machine)
+            or ``multi-worker`` (the machines listed by ``TF_CONFIG``). ``batch_size``
+            is the global batch, split evenly over the replicas.
+        devices: ``mirrored`` only: mirror over this many devices, the first GPUs or,
+            on a machine without GPUs, logical devices split off the CPU (for testing;
+            they share its cores). None (default): every GPU, or the CPU.
         out: the run directory.
     """
 
@@ -115,6 +125,8 @@ class TrainConfig:
     data_dir: str | None = None
     data_file: str | None = None
     jit_compile: bool = False
+    strategy: str = "auto"
+    devices: int | None = None
     out: str | None = None
 
     def validate(self):
@@ -157,6 +169,12 @@ class TrainConfig:
         _require(self.block_init in BLOCK_INITS, f"block_init must be one of {BLOCK_INITS}, got {self.block_init!r}")
         _require(_is_int(self.seed) and self.seed >= 0, f"seed must be an integer >= 0, got {self.seed!r}")
         self._resolve_data_options(datasets)
+        _require(self.strategy in STRATEGIES, f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        _require(self.devices is None or (_is_int(self.devices) and self.devices > 0),
+                 f"devices must be an integer > 0, got {self.devices!r}")
+        _require(self.devices is None or self.strategy == "mirrored",
+                 f"devices applies to strategy 'mirrored' only, got devices={self.devices!r} with strategy "
+                 f"{self.strategy!r}")
         return self
 
     def _resolve_data_options(self, datasets):

@@ -14,7 +14,7 @@ import time
 
 import keras
 
-from iterconv_keras import runs
+from iterconv_keras import distribution, runs
 from iterconv_keras.config import ADAMW_WEIGHT_DECAY, OPTIMIZERS, TrainConfig
 from iterconv_keras.errors import IntegrityError, IterconvError, UsageError
 from iterconv_keras.fsutil import read_json_if_present
@@ -43,6 +43,7 @@ def build_and_compile(config, splits, steps_per_epoch):
 
     keras.utils.set_random_seed(config.seed)
     overrides = {
+        "norm": _synchronised(variants.variant_kwargs(config.variant).get("norm", "batch")),
         "coupling": config.coupling,
         "multi_label": splits.multi_label,
         "input_mean": splits.mean,
@@ -61,6 +62,14 @@ def build_and_compile(config, splits, steps_per_epoch):
         jit_compile=config.jit_compile,
     )
     return model
+
+
+def _synchronised(norm):
+    # Batch statistics over the whole global batch whenever it is split over
+    # replicas, so a multi-replica step is the one-device step.
+    import tensorflow as tf
+
+    return "sync_batch" if norm == "batch" and tf.distribute.get_strategy().num_replicas_in_sync > 1 else norm
 
 
 def make_optimizer(config, steps_per_epoch):
@@ -114,8 +123,10 @@ def train(config, *, resume=False, log=None):
     Returns:
         dict with ``run_dir``, ``config``, ``epochs_completed``, ``history`` (per
         epoch: metrics, ``seconds`` wall and ``cpu_seconds`` process CPU time),
-        ``test`` (loss, accuracy, examples), and ``wall_seconds`` / ``cpu_seconds``
-        of this call (a resumed run counts only the resumed part).
+        ``test`` (loss, accuracy, examples), ``distribution`` (strategy, replicas,
+        workers, this process's task, whether it is the chief that writes the run
+        directory: `distribution.Placement.describe`) and ``wall_seconds`` /
+        ``cpu_seconds`` of this call (a resumed run counts only the resumed part).
 
     Raises:
         UsageError: bad settings, an occupied ``out``, or a resume that changes a setting.
@@ -138,8 +149,12 @@ def train(config, *, resume=False, log=None):
         stored = runs.load_run_config(config.out)
         runs.check_resume(config, stored, given)
         config = stored
-    else:
+    elif distribution.writes_run_dir(config.strategy):
         runs.check_new_run_dir(config.out)
+    # Before anything runs TensorFlow: logical devices and multi-worker collectives
+    # can only be set up before its runtime starts.
+    placement = distribution.place(config.strategy, config.devices)
+    per_replica = distribution.per_replica_batch(config.batch_size, placement.replicas)
 
     from iterconv_keras.data import datasets, pipeline
 
@@ -153,21 +168,44 @@ def train(config, *, resume=False, log=None):
     # Also before the run directory: a run that cannot take one step must not leave
     # a config.json that neither a new run nor --resume can get past.
     steps = pipeline.steps_per_epoch(len(splits.x_train), config.batch_size)
-    if resume:
+    if placement.chief and resume:
         runs.clean_stale_temporaries(config.out)
-    else:
+    elif placement.chief:
         runs.create_run_dir(config)
-    log(f"run directory: {config.out}")
+    log(f"run directory: {config.out}{'' if placement.chief else ' (written by the chief only)'}")
+    log(f"strategy {placement.name}: {placement.replicas} replica(s) of {per_replica} images on "
+        f"{placement.workers} worker(s); this process: {placement.task}")
     log(f"dataset {splits.name}: {len(splits.x_train)} train{' (new every epoch)' if config.fresh_data else ''}, "
         f"{len(splits.x_val)} validation, {len(splits.x_test)} test images of shape {splits.input_shape} "
         f"({splits.source}){_augment_note(config)}")
 
-    done, history, model = _restore_or_build(config, splits, steps, resume, log)
+    with distribution.run_dir_for_this_task(placement, config.out) as write_dir:
+        history, test = _fit_and_test(config, splits, steps, resume, placement, write_dir, log)
+    log(f"test: loss {test['loss']:.4f}, accuracy {test['accuracy']:.4f} on {test['examples']} images")
+    return {
+        "run_dir": config.out,
+        "config": config.to_dict(),
+        "epochs_completed": len(history),
+        "history": history,
+        "test": test,
+        "distribution": placement.describe(),
+        "wall_seconds": round(time.perf_counter() - started[0], 3),
+        "cpu_seconds": round(time.process_time() - started[1], 3),
+    }
+
+
+def _fit_and_test(config, splits, steps, resume, placement, write_dir, log):
+    """Train the remaining epochs under ``placement``, test, write the run files into ``write_dir``."""
+    from iterconv_keras.data import pipeline
+
+    done, history, model = _restore_or_build(config, splits, steps, resume, log, placement.strategy)
     if done < config.epochs:
-        dataset = training_dataset(config, splits, steps, initial_epoch=done)
-        validation = pipeline.evaluation_batches(splits.x_val, splits.y_val) if len(splits.x_val) else None
+        dataset = distribution.shard_by_data(training_dataset(config, splits, steps, initial_epoch=done))
+        validation = None
+        if len(splits.x_val):
+            validation = distribution.shard_by_data(pipeline.evaluation_batches(splits.x_val, splits.y_val))
         guard = _FiniteLossGuard()
-        recorder = _EpochRecorder(config.out, history, guard)
+        recorder = _EpochRecorder(write_dir, history, guard)
         model.fit(
             dataset, epochs=config.epochs, initial_epoch=done, steps_per_epoch=steps,
             validation_data=validation, callbacks=[guard, recorder], verbose=_verbosity(), shuffle=False,
@@ -185,17 +223,8 @@ def train(config, *, resume=False, log=None):
 
         lipschitz.enforce(model)
     test = evaluate_test(model, splits)
-    _save_final(model, config, history, test)
-    log(f"test: loss {test['loss']:.4f}, accuracy {test['accuracy']:.4f} on {test['examples']} images")
-    return {
-        "run_dir": config.out,
-        "config": config.to_dict(),
-        "epochs_completed": len(history),
-        "history": history,
-        "test": test,
-        "wall_seconds": round(time.perf_counter() - started[0], 3),
-        "cpu_seconds": round(time.process_time() - started[1], 3),
-    }
+    runs.write_final(write_dir, model.save, test, history)
+    return history, test
 
 
 def training_dataset(config, splits, steps, *, initial_epoch):
@@ -231,9 +260,10 @@ def _verbosity():
     return 1 if sys.stdout.isatty() or sys.stderr.isatty() else 2
 
 
-def _restore_or_build(config, splits, steps, resume, log):
-    """Return (epochs completed, history, compiled model), from a checkpoint if any."""
-    model = build_and_compile(config, splits, steps)
+def _restore_or_build(config, splits, steps, resume, log, strategy):
+    """Return (epochs completed, history, model compiled under ``strategy``), from a checkpoint if any."""
+    with strategy.scope():
+        model = build_and_compile(config, splits, steps)
     epochs = runs.checkpoint_epochs(config.out) if resume else []
     if not epochs:
         return 0, [], model
@@ -257,7 +287,8 @@ def restore_training_state(model, path):
         raise IntegrityError(f"cannot load checkpoint {path}: {type(exc).__name__}: {exc}") from exc
     for target, source in zip(model.weights, saved.weights, strict=True):
         target.assign(source)
-    model.optimizer.build(model.trainable_variables)
+    with model.distribute_strategy.scope():  # the slots mirror the variables they belong to
+        model.optimizer.build(model.trainable_variables)
     for target, source in zip(model.optimizer.variables, saved.optimizer.variables, strict=True):
         target.assign(source)
 
@@ -265,9 +296,8 @@ def restore_training_state(model, path):
 def evaluate_test(model, splits):
     from iterconv_keras.data import pipeline
 
-    results = model.evaluate(
-        pipeline.evaluation_batches(splits.x_test, splits.y_test), verbose=0, return_dict=True
-    )
+    batches = distribution.shard_by_data(pipeline.evaluation_batches(splits.x_test, splits.y_test))
+    results = model.evaluate(batches, verbose=0, return_dict=True)
     return {
         "dataset": splits.name,
         "split": "test",
@@ -275,10 +305,6 @@ def evaluate_test(model, splits):
         "loss": float(results["loss"]),
         "accuracy": float(results["accuracy"]),
     }
-
-
-def _save_final(model, config, history, test):
-    runs.write_final(config.out, model.save, test, history)
 
 
 class _FiniteLossGuard(keras.callbacks.Callback):

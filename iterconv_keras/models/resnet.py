@@ -18,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from iterconv_keras.models import coupling as coupling_lib
+from iterconv_keras.models import cross_replica
 from iterconv_keras.models import lipschitz as lipschitz_lib
 from iterconv_keras.models._checks import positive_shape
 from iterconv_keras.models.blocks import ResidualBlock, make_norm, validate_residual_form
@@ -323,7 +324,10 @@ class IterativeResNet(keras.Model):
 
         Mirrors Keras' TensorFlow ``train_step``; the only change is that the
         gradients pass through `coupling.couple_gradients` before the optimizer.
-        With ``coupling == 0`` the step is Keras' own, bitwise.
+        With several `tf.distribute` replicas they are coupled after their sum
+        across replicas (`cross_replica.apply_coupled`), so lambda = 1 keeps the
+        blocks bitwise identical for any number of replicas. With
+        ``coupling == 0`` the step is Keras' own, bitwise.
         """
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         with tf.GradientTape() as tape:
@@ -333,8 +337,11 @@ class IterativeResNet(keras.Model):
             loss = self.optimizer.scale_loss(loss)
         variables = self.trainable_variables
         gradients = tape.gradient(loss, variables)
-        gradients = coupling_lib.couple_gradients(gradients, self.coupling_groups(), self.coupling)
-        self.optimizer.apply(gradients, variables)
+        if self.coupling and cross_replica.replicas_in_sync() > 1:
+            cross_replica.apply_coupled(self.optimizer, gradients, variables, self.coupling_groups(), self.coupling)
+        else:
+            gradients = coupling_lib.couple_gradients(gradients, self.coupling_groups(), self.coupling)
+            self.optimizer.apply(gradients, variables)
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
     def fit(self, *args, **kwargs):
