@@ -32,6 +32,8 @@ from iterconv_keras.config import STRATEGIES
 from iterconv_keras.errors import UsageError
 
 TF_CONFIG = "TF_CONFIG"
+# What a collective op raises when another worker stops (killed, crashed, unreachable).
+COLLECTIVE_FAILURES = (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.DeadlineExceededError)
 _CLUSTER_JOBS = ("chief", "worker")  # the jobs MultiWorkerMirroredStrategy trains with
 
 
@@ -149,6 +151,18 @@ def run_dir_for_this_task(placement, out):
         yield scratch
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def failure_reason(error):
+    """The gist of a `COLLECTIVE_FAILURES` error, without TensorFlow's node trace (one line)."""
+    text = " ".join(str(getattr(error, "message", error)).split())
+    start = text.find("aborted by:")
+    if start < 0:
+        return type(error).__name__
+    reason = text[start + len("aborted by:"):]
+    for end in (" Additional GRPC", " The error could be", " [["):
+        reason = reason.split(end)[0]
+    return f"{type(error).__name__}: {reason.strip()}"
 
 
 @dataclasses.dataclass(frozen=True)

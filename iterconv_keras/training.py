@@ -23,13 +23,19 @@ from iterconv_keras.runs import CHECKPOINT_DIR, CONFIG_FILE, HISTORY_FILE, METRI
 # Re-exported: the front door maps `TrainConfig` here, and callers written before
 # the run directory had its own module (experiments/sweep.py) read the file names here.
 __all__ = ["CHECKPOINT_DIR", "CONFIG_FILE", "HISTORY_FILE", "METRICS_FILE", "MODEL_FILE", "OPTIMIZERS",
-           "TrainConfig", "TrainingDiverged", "build_and_compile", "evaluate_test", "make_accuracy", "make_loss",
-           "make_optimizer", "restore_training_state", "train", "training_dataset"]
+           "TrainConfig", "TrainingDiverged", "WorkerLost", "build_and_compile", "evaluate_test", "make_accuracy",
+           "make_loss", "make_optimizer", "restore_training_state", "train", "training_dataset"]
 
 
 
 class TrainingDiverged(IterconvError):
     """The loss became NaN or infinite (exit 1); the last good checkpoint is kept."""
+
+    exit_code = 1
+
+
+class WorkerLost(IterconvError):
+    """A multi-worker run lost another worker (exit 1); every worker resumes with ``--resume``."""
 
     exit_code = 1
 
@@ -179,8 +185,15 @@ def train(config, *, resume=False, log=None):
         f"{len(splits.x_val)} validation, {len(splits.x_test)} test images of shape {splits.input_shape} "
         f"({splits.source}){_augment_note(config)}")
 
-    with distribution.run_dir_for_this_task(placement, config.out) as write_dir:
-        history, test = _fit_and_test(config, splits, steps, resume, placement, write_dir, log)
+    try:
+        with distribution.run_dir_for_this_task(placement, config.out) as write_dir:
+            history, test = _fit_and_test(config, splits, steps, resume, placement, write_dir, log)
+    except distribution.COLLECTIVE_FAILURES as exc:
+        if placement.workers == 1:
+            raise
+        raise WorkerLost(f"{placement.task} lost the other workers ({distribution.failure_reason(exc)}); restart "
+                         f"every worker with --resume --out {config.out}: the run continues from its last complete "
+                         "epoch") from None
     log(f"test: loss {test['loss']:.4f}, accuracy {test['accuracy']:.4f} on {test['examples']} images")
     return {
         "run_dir": config.out,

@@ -1,0 +1,274 @@
+"""Strategy selection, TF_CONFIG, the global batch, chief-only writing, and coupling after the cross-replica sum.
+
+Everything here runs in the test process (two logical CPU devices, see conftest);
+training under several processes is in tests/test_distributed_runs.py.
+"""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from click.testing import CliRunner
+
+from iterconv_cli.main import cli
+from iterconv_keras import distribution
+from iterconv_keras.config import STRATEGIES, TrainConfig
+from iterconv_keras.errors import UsageError
+from iterconv_keras.models import cross_replica
+
+TWO_WORKERS = {"cluster": {"worker": ["127.0.0.1:20001", "127.0.0.1:20002"]}, "task": {"type": "worker", "index": 1}}
+
+
+def _env(document):
+    return {distribution.TF_CONFIG: document if isinstance(document, str) else json.dumps(document)}
+
+
+# -- TF_CONFIG ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cluster, task, chief, workers", [
+    ({"worker": ["a:1", "b:2"]}, {"type": "worker", "index": 0}, True, 2),
+    ({"worker": ["a:1", "b:2"]}, {"type": "worker", "index": 1}, False, 2),
+    ({"chief": ["c:3"], "worker": ["a:1", "b:2"]}, {"type": "chief", "index": 0}, True, 3),
+    ({"chief": ["c:3"], "worker": ["a:1", "b:2"]}, {"type": "worker", "index": 0}, False, 3),
+    ({"worker": ["[::1]:2222"]}, {"type": "worker", "index": 0}, True, 1),
+])
+def test_tf_config_names_the_chief_as_tensorflow_does(cluster, task, chief, workers):
+    parsed = distribution.read_tf_config(_env({"cluster": cluster, "task": task}))
+    assert (parsed.chief, parsed.workers, parsed.task_type, parsed.task_index) == (chief, workers, task["type"],
+                                                                                 task["index"])
+    assert distribution.writes_run_dir("multi-worker", _env({"cluster": cluster, "task": task})) is chief
+
+
+@pytest.mark.parametrize("text, needle", [
+    (None, "needs the TF_CONFIG environment variable"),
+    ("", "needs the TF_CONFIG environment variable"),
+    ("{cluster", "TF_CONFIG is not valid JSON"),
+    ("[1, 2]", "must be a JSON object with 'cluster' and 'task', got '[1, 2]'"),
+    ({"task": {"type": "worker", "index": 0}}, "'cluster' must map jobs to lists of 'host:port' addresses, got None"),
+    ({"cluster": {"ps": ["a:1"], "worker": ["b:2"]}, "task": {"type": "worker", "index": 0}},
+     "jobs for multi-worker training are 'chief' and 'worker', got ['ps', 'worker']"),
+    ({"cluster": {"worker": ["a"]}, "task": {"type": "worker", "index": 0}},
+     "must list 'host:port' addresses, got ['a']"),
+    ({"cluster": {"worker": ["a:70000"]}, "task": {"type": "worker", "index": 0}}, "got ['a:70000']"),
+    ({"cluster": {"worker": "a:1"}, "task": {"type": "worker", "index": 0}}, "got 'a:1'"),
+    ({"cluster": {"chief": ["a:1", "b:1"]}, "task": {"type": "chief", "index": 0}}, "one chief at most"),
+    ({"cluster": {"worker": ["a:1"]}}, "'task' must name a job of the cluster (worker)"),
+    ({"cluster": {"worker": ["a:1"]}, "task": {"type": "chief", "index": 0}}, "got {'type': 'chief', 'index': 0}"),
+    ({"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 2}},
+     "task index must be 0..1 for job 'worker', got 2"),
+    ({"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": "0"}}, "got '0'"),
+])
+def test_malformed_tf_config_is_a_usage_error_naming_the_problem(text, needle):
+    environ = {} if text is None else _env(text)
+    with pytest.raises(UsageError) as info:
+        distribution.read_tf_config(environ)
+    assert needle in str(info.value)
+    with pytest.raises(UsageError):
+        distribution.place("multi-worker", environ=environ)
+
+
+def test_a_cluster_tf_config_beside_another_strategy_is_refused():
+    # Each worker would otherwise train alone and all would write the same run directory.
+    for strategy in ("auto", "one-device", "mirrored"):
+        with pytest.raises(UsageError, match="describes a cluster of 2 workers but the strategy is"):
+            distribution.place(strategy, environ=_env(TWO_WORKERS))
+    single = {"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 0}}
+    assert distribution.place("one-device", environ=_env(single)).replicas == 1
+
+
+# -- placement ----------------------------------------------------------------------------
+
+
+def test_one_device_and_auto_without_gpus_are_the_default_strategy():
+    assert not tf.config.list_physical_devices("GPU")
+    for name in ("one-device", "auto"):
+        placement = distribution.place(name, environ={})
+        assert placement.strategy is tf.distribute.get_strategy()
+        assert placement.describe() == {"strategy": "one-device", "replicas": 1, "workers": 1, "task": "local",
+                                        "chief": True}
+
+
+def test_mirrored_devices_uses_that_many_logical_cpus():
+    # conftest split the CPU into two logical devices before TensorFlow started.
+    placement = distribution.place("mirrored", devices=2, environ={})
+    assert isinstance(placement.strategy, tf.distribute.MirroredStrategy)
+    assert (placement.name, placement.replicas, placement.chief) == ("mirrored", 2, True)
+    assert len(placement.strategy.extended.worker_devices) == 2
+    with pytest.raises(UsageError, match="already runs with 2 logical CPU devices"):
+        distribution.place("mirrored", devices=3, environ={})
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(UsageError, match=f"devices must be an integer >= 1, got {bad!r}"):
+            distribution.place("mirrored", devices=bad, environ={})
+
+
+def test_devices_and_strategy_names_are_checked():
+    with pytest.raises(UsageError, match="devices applies to strategy 'mirrored' only, got devices=2 with 'auto'"):
+        distribution.place("auto", devices=2, environ={})
+    with pytest.raises(UsageError, match="strategy must be one of auto, one-device, mirrored, multi-worker, got 'tpu'"):
+        distribution.place("tpu", environ={})
+
+
+def test_global_batch_splits_evenly_or_is_refused():
+    assert distribution.per_replica_batch(128, 4) == 32
+    assert distribution.per_replica_batch(15, 1) == 15
+    with pytest.raises(UsageError, match="batch_size 15 is the global batch and must split evenly over the 2 "):
+        distribution.per_replica_batch(15, 2)
+
+
+def test_only_the_chief_writes_into_the_run_directory(tmp_path):
+    chief = distribution.Placement(None, "multi-worker", 2, 2, "worker 0", True)
+    other = distribution.Placement(None, "multi-worker", 2, 2, "worker 1", False)
+    with distribution.run_dir_for_this_task(chief, str(tmp_path / "run")) as where:
+        assert where == str(tmp_path / "run")
+    with distribution.run_dir_for_this_task(other, str(tmp_path / "run")) as where:
+        assert os.path.isdir(where) and not where.startswith(str(tmp_path))
+        (open(os.path.join(where, "model.keras"), "w")).close()
+    assert not os.path.exists(where)
+    with pytest.raises(RuntimeError), distribution.run_dir_for_this_task(other, "run") as where:
+        raise RuntimeError("killed mid-run")
+    assert not os.path.exists(where)
+
+
+def test_data_sharding_policy_is_data():
+    dataset = distribution.shard_by_data(tf.data.Dataset.range(4).batch(2))
+    assert dataset.options().experimental_distribute.auto_shard_policy == tf.data.experimental.AutoShardPolicy.DATA
+    assert [b.tolist() for b in dataset.as_numpy_iterator()] == [[0, 1], [2, 3]]
+
+
+def test_a_lost_worker_is_reported_in_one_line():
+    message = ("Graph execution error: Detected at node CollectiveReduceV2 defined at (most recent call last): "
+               "File x, line 1 Collective ops is aborted by: recvmsg:Connection reset by peer\nAdditional GRPC "
+               "error information from remote target /job:worker/replica:0/task:1 [[{{node x}}]]")
+    error = tf.errors.UnavailableError(None, None, message)
+    assert distribution.failure_reason(error) == "UnavailableError: recvmsg:Connection reset by peer"
+    assert distribution.failure_reason(tf.errors.AbortedError(None, None, "anything")) == "AbortedError"
+
+
+# -- the setting in the run config ---------------------------------------------------------
+
+
+def test_strategy_is_a_setting_that_old_configs_read_as_auto():
+    assert STRATEGIES == ("auto", "one-device", "mirrored", "multi-worker")
+    old = TrainConfig().to_dict()
+    del old["strategy"], old["devices"]
+    config = TrainConfig.from_dict(old).validate()
+    assert (config.strategy, config.devices) == ("auto", None)
+    assert TrainConfig(strategy="mirrored", devices=3).validate().to_dict()["devices"] == 3
+
+
+@pytest.mark.parametrize("settings, needle", [
+    ({"strategy": "gpu"}, "strategy must be one of ('auto', 'one-device', 'mirrored', 'multi-worker'), got 'gpu'"),
+    ({"strategy": "mirrored", "devices": 0}, "devices must be an integer > 0, got 0"),
+    ({"strategy": "mirrored", "devices": 2.0}, "devices must be an integer > 0, got 2.0"),
+    ({"devices": 2}, "devices applies to strategy 'mirrored' only, got devices=2 with strategy 'auto'"),
+])
+def test_bad_strategy_settings_are_refused(settings, needle):
+    with pytest.raises(ValueError) as info:
+        TrainConfig(**settings).validate()
+    assert needle in str(info.value)
+
+
+@pytest.mark.parametrize("args, env, needle", [
+    (["--strategy", "tpu"], {}, "'tpu' is not one of 'auto', 'one-device', 'mirrored', 'multi-worker'"),
+    (["--devices", "2"], {}, "devices applies to strategy 'mirrored' only, got devices=2 with strategy 'auto'"),
+    (["--strategy", "multi-worker"], {}, "needs the TF_CONFIG environment variable"),
+    (["--strategy", "multi-worker"], _env("{oops"), "TF_CONFIG is not valid JSON"),
+    (["--strategy", "one-device"], _env(TWO_WORKERS), "describes a cluster of 2 workers"),
+    (["--strategy", "mirrored", "--devices", "2", "--batch-size", "15"], {},
+     "batch_size 15 is the global batch and must split evenly over the 2 replicas"),
+    (["--strategy", "mirrored", "--devices", "8"], {}, "devices 8: TensorFlow already runs with 2 logical CPU"),
+])
+def test_bad_strategy_options_exit_2_with_one_line_and_write_nothing(tmp_path, monkeypatch, args, env, needle):
+    monkeypatch.delenv(distribution.TF_CONFIG, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["train", "--variant", "tiny", "--train-size", "64", *args, "--out", str(out)])
+    assert result.exit_code == 2, (result.exit_code, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("iterconv: error:") and needle in lines[0], result.stderr
+    assert not out.exists()
+
+
+# -- coupling after the cross-replica sum ----------------------------------------------------
+
+# Two replicas, three variables: a and b are one coupled group (two blocks' copies
+# of one parameter), c is uncoupled. Each replica has its own local gradients.
+_LOCAL = np.array([
+    [[1.0, 2.0, 3.0], [0.5, -1.0, 4.0], [2.0, 2.0, 2.0]],      # replica 0: a, b, c
+    [[-3.0, 1.0, 0.25], [1.5, 6.0, -2.0], [1.0, -1.0, 0.5]],   # replica 1
+], dtype=np.float32)
+
+
+def _optimizer(kind):
+    if kind == "sgd":
+        return keras.optimizers.SGD(1.0)
+    # A loss-scale optimizer applies through its inner optimizer, from inside a merge call.
+    return keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(1.0), initial_scale=1.0)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "loss_scale"])
+def test_apply_coupled_sums_across_replicas_then_couples_once(mirrored_strategy, kind):
+    strategy, lam = mirrored_strategy, 0.25
+    with strategy.scope():
+        variables = [keras.Variable(np.zeros(3, np.float32), name=n) for n in "abc"]
+        optimizer = _optimizer(kind)
+        optimizer.build(variables)
+    local = tf.constant(_LOCAL)
+
+    def local_gradients():
+        replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+        return [local[replica, i] for i in range(3)]
+
+    @tf.function
+    def coupled_step():
+        strategy.run(lambda: cross_replica.apply_coupled(optimizer, local_gradients(), variables, [[0, 1]], lam))
+
+    @tf.function
+    def plain_step():
+        strategy.run(lambda: optimizer.apply(local_gradients(), variables))
+
+    # Independent oracle: sum over replicas first, then lambda-mix a and b with their mean.
+    total = _LOCAL.sum(axis=0)
+    mean = (total[0] + total[1]) / 2
+    expected = np.stack([(1 - lam) * total[0] + lam * mean, (1 - lam) * total[1] + lam * mean, total[2]])
+    coupled_step()
+    for v, want in zip(variables, expected, strict=True):
+        for copy in strategy.experimental_local_results(v.value):
+            np.testing.assert_allclose(copy.numpy(), -want, rtol=1e-6)
+    # The optimizer's own sum is back for ordinary steps: each replica's update is the summed gradient.
+    plain_step()
+    for v, want, step in zip(variables, expected, total, strict=True):
+        for copy in strategy.experimental_local_results(v.value):
+            np.testing.assert_allclose(copy.numpy(), -want - step, rtol=1e-6)
+
+
+class _KerasStep:
+    """Keras' own TensorFlow train_step (mixed into the model class below)."""
+
+    train_step = keras.Model.train_step
+
+
+def test_lambda_zero_under_two_replicas_is_bitwise_keras_training(mirrored_strategy):
+    from iterconv_keras.models.resnet import IterativeResNet
+
+    class KerasStepResNet(_KerasStep, IterativeResNet):
+        pass
+
+    rng = np.random.default_rng(0)
+    x, y = rng.random((48, 12, 12, 1), dtype=np.float32), rng.integers(0, 3, 48)
+    trained = []
+    for cls in (IterativeResNet, KerasStepResNet):
+        keras.utils.set_random_seed(2)
+        with mirrored_strategy.scope():
+            model = cls((12, 12, 1), 3, stage_widths=(4,), blocks_per_stage=3, norm="sync_batch")
+            model.compile(optimizer=keras.optimizers.Adam(1e-2),
+                          loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.fit(x, y, batch_size=12, epochs=1, shuffle=False, verbose=0)
+        trained.append(model)
+    for a, b in zip(trained[0].weights, trained[1].weights, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=a.path)
