@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 import tempfile
 
@@ -35,6 +36,11 @@ TF_CONFIG = "TF_CONFIG"
 # What a collective op raises when another worker stops (killed, crashed, unreachable).
 COLLECTIVE_FAILURES = (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.DeadlineExceededError)
 _CLUSTER_JOBS = ("chief", "worker")  # the jobs MultiWorkerMirroredStrategy trains with
+# One strategy per set of devices and process: TensorFlow numbers the collective
+# ops of every MirroredStrategy instance from the same start, so two instances
+# over the same devices in one process collide (InvalidArgumentError in the
+# all-reduce); and a process can set up multi-worker collectives only once.
+_CREATED = {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,15 +160,16 @@ def run_dir_for_this_task(placement, out):
 
 
 def failure_reason(error):
-    """The gist of a `COLLECTIVE_FAILURES` error, without TensorFlow's node trace (one line)."""
+    """The gist of a `COLLECTIVE_FAILURES` error in one short line, without TensorFlow's node trace."""
     text = " ".join(str(getattr(error, "message", error)).split())
     start = text.find("aborted by:")
     if start < 0:
         return type(error).__name__
     reason = text[start + len("aborted by:"):]
-    for end in (" Additional GRPC", " The error could be", " [["):
+    for end in (" Additional GRPC", " The error could be", " [[", " The tasks have crashed"):
         reason = reason.split(end)[0]
-    return f"{type(error).__name__}: {reason.strip()}"
+    reason = re.sub(r"^\s*Error reported from \S+: ", "", reason).strip()
+    return f"{type(error).__name__}: {reason[:200]}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,16 +267,25 @@ def _refuse_cluster(environ, strategy):
 
 def _mirrored(devices):
     if devices is None:
-        return tf.distribute.MirroredStrategy()  # every GPU, or the CPU
+        return _once(("mirrored", None), tf.distribute.MirroredStrategy)  # every GPU, or the CPU
     if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
         raise UsageError(f"devices must be an integer >= 1, got {devices!r}")
     # Physical devices: listing logical ones would start TensorFlow before the CPU can be split.
     gpus = tf.config.list_physical_devices("GPU")
     if not gpus:
-        return tf.distribute.MirroredStrategy(_cpu_devices(devices))
-    if devices > len(gpus):
+        names = _cpu_devices(devices)
+    elif devices > len(gpus):
         raise UsageError(f"devices {devices} asks for more GPUs than the {len(gpus)} visible")
-    return tf.distribute.MirroredStrategy([gpu.name for gpu in tf.config.list_logical_devices("GPU")[:devices]])
+    else:
+        names = [gpu.name for gpu in tf.config.list_logical_devices("GPU")[:devices]]
+    return _once(("mirrored", tuple(names)), lambda: tf.distribute.MirroredStrategy(names))
+
+
+def _once(key, create):
+    """The strategy made for ``key`` in this process, made by ``create()`` the first time."""
+    if key not in _CREATED:
+        _CREATED[key] = create()
+    return _CREATED[key]
 
 
 def _cpu_devices(count):
@@ -288,7 +304,7 @@ def _cpu_devices(count):
 
 def _multi_worker(task):
     try:
-        strategy = _KerasMultiWorkerMirroredStrategy()
+        strategy = _once(("multi-worker",), _KerasMultiWorkerMirroredStrategy)
     except RuntimeError as exc:
         raise UsageError(f"strategy multi-worker must be set up before TensorFlow starts (use a fresh process): "
                          f"{exc}") from None

@@ -8,6 +8,7 @@ function of (seed, epoch, step) (see `iterconv_keras.data.pipeline`), so a
 resumed run sees the same batches as an uninterrupted one.
 """
 
+import gc
 import math
 import sys
 import time
@@ -185,15 +186,20 @@ def train(config, *, resume=False, log=None):
         f"{len(splits.x_val)} validation, {len(splits.x_test)} test images of shape {splits.input_shape} "
         f"({splits.source}){_augment_note(config)}")
 
+    lost = None
     try:
         with distribution.run_dir_for_this_task(placement, config.out) as write_dir:
             history, test = _fit_and_test(config, splits, steps, resume, placement, write_dir, log)
     except distribution.COLLECTIVE_FAILURES as exc:
         if placement.workers == 1:
             raise
-        raise WorkerLost(f"{placement.task} lost the other workers ({distribution.failure_reason(exc)}); restart "
-                         f"every worker with --resume --out {config.out}: the run continues from its last complete "
-                         "epoch") from None
+        lost = distribution.failure_reason(exc)
+    if lost is not None:
+        # Outside the handler, after collecting what TensorFlow's error held: a thread
+        # pool of the strategy left for interpreter exit prints a second error there.
+        gc.collect()
+        raise WorkerLost(f"{placement.task} lost the other workers ({lost}); restart every worker with --resume "
+                         f"--out {config.out}: the run continues from its last complete epoch")
     log(f"test: loss {test['loss']:.4f}, accuracy {test['accuracy']:.4f} on {test['examples']} images")
     return {
         "run_dir": config.out,

@@ -48,10 +48,13 @@ def random_images(n, shape=(16, 16, 1), seed=0):
 def mirrored_strategy():
     """One two-replica MirroredStrategy for the session (over the two logical CPUs).
 
-    A single instance: several strategies in one process can collide in their
-    collective-op keys.
+    A single instance, the one ``iterconv train --strategy mirrored --devices 2``
+    uses in this process: several strategies in one process can collide in
+    their collective-op keys.
     """
-    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    from iterconv_keras import distribution
+
+    return distribution.place("mirrored", devices=2, environ={}).strategy
 
 
 def check_seeded_generator(generate):
