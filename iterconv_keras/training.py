@@ -186,20 +186,7 @@ def train(config, *, resume=False, log=None):
         f"{len(splits.x_val)} validation, {len(splits.x_test)} test images of shape {splits.input_shape} "
         f"({splits.source}){_augment_note(config)}")
 
-    lost = None
-    try:
-        with distribution.run_dir_for_this_task(placement, config.out) as write_dir:
-            history, test = _fit_and_test(config, splits, steps, resume, placement, write_dir, log)
-    except distribution.COLLECTIVE_FAILURES as exc:
-        if placement.workers == 1:
-            raise
-        lost = distribution.failure_reason(exc)
-    if lost is not None:
-        # Outside the handler, after collecting what TensorFlow's error held: a thread
-        # pool of the strategy left for interpreter exit prints a second error there.
-        gc.collect()
-        raise WorkerLost(f"{placement.task} lost the other workers ({lost}); restart every worker with --resume "
-                         f"--out {config.out}: the run continues from its last complete epoch")
+    history, test = _train_here(config, splits, steps, resume, placement, log)
     log(f"test: loss {test['loss']:.4f}, accuracy {test['accuracy']:.4f} on {test['examples']} images")
     return {
         "run_dir": config.out,
@@ -211,6 +198,22 @@ def train(config, *, resume=False, log=None):
         "wall_seconds": round(time.perf_counter() - started[0], 3),
         "cpu_seconds": round(time.process_time() - started[1], 3),
     }
+
+
+def _train_here(config, splits, steps, resume, placement, log):
+    """`_fit_and_test` in this process's run directory; a lost worker becomes `WorkerLost`."""
+    try:
+        with distribution.run_dir_for_this_task(placement, config.out) as write_dir:
+            return _fit_and_test(config, splits, steps, resume, placement, write_dir, log)
+    except distribution.COLLECTIVE_FAILURES as exc:
+        if placement.workers == 1:
+            raise
+        lost = distribution.failure_reason(exc)
+    # Outside the handler, after collecting what TensorFlow's error held: a thread
+    # pool of the strategy left for interpreter exit prints a second error there.
+    gc.collect()
+    raise WorkerLost(f"{placement.task} lost the other workers ({lost}); restart every worker with --resume "
+                     f"--out {config.out}: the run continues from its last complete epoch")
 
 
 def _fit_and_test(config, splits, steps, resume, placement, write_dir, log):
