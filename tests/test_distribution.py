@@ -139,6 +139,38 @@ def test_data_sharding_policy_is_data():
     assert [b.tolist() for b in dataset.as_numpy_iterator()] == [[0, 1], [2, 3]]
 
 
+def _training_pipeline(kind):
+    from iterconv_keras.data import pipeline
+
+    rng = np.random.default_rng(5)
+    if kind == "augmented":  # the CIFAR recipe: translation and flip drawn from (seed, epoch, step)
+        x, y = rng.integers(0, 256, (40, 8, 8, 1), dtype=np.uint8), rng.integers(0, 10, 40)
+        return pipeline.training_batches(x, y, batch_size=8, seed=1, initial_epoch=0, epochs=2, augment_pad=2)[0]
+
+    def stream(epoch):  # fresh images every epoch, from a generator
+        chunks = np.random.default_rng(epoch)
+        for _ in range(3):
+            yield chunks.integers(0, 256, (12, 8, 8, 1), dtype=np.uint8), chunks.integers(0, 10, 12)
+
+    return pipeline.fresh_training_batches(stream, batch_size=8, steps=4, initial_epoch=0, epochs=2,
+                                           image_shape=(8, 8, 1), label_spec=((), tf.int64))
+
+
+@pytest.mark.parametrize("kind", ["augmented", "fresh"])
+def test_each_replica_trains_on_its_half_of_the_one_device_batch(mirrored_strategy, kind):
+    batches = list(_training_pipeline(kind).as_numpy_iterator())
+    sharded = distribution.shard_by_data(_training_pipeline(kind))
+    distributed = mirrored_strategy.experimental_distribute_dataset(sharded)
+    seen = 0
+    for (images, labels), (want_images, want_labels) in zip(distributed, batches, strict=True):
+        parts = [mirrored_strategy.experimental_local_results(t) for t in (images, labels)]
+        assert [len(p) for p in parts[0]] == [4, 4]
+        np.testing.assert_array_equal(np.concatenate(parts[0]), want_images)
+        np.testing.assert_array_equal(np.concatenate(parts[1]), want_labels)
+        seen += 1
+    assert seen == {"augmented": 10, "fresh": 8}[kind]  # two epochs of 5 or 4 steps, none lost
+
+
 def test_a_lost_worker_is_reported_in_one_line():
     message = ("Graph execution error: Detected at node CollectiveReduceV2 defined at (most recent call last): "
                "File x, line 1 Collective ops is aborted by: recvmsg:Connection reset by peer\nAdditional GRPC "
