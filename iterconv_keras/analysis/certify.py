@@ -109,7 +109,7 @@ def block_certificate(block):
         and ``contraction_bound`` (None for the plain form).
     """
     conv_norms = [
-        operator_norm.certified_operator_norm(np.asarray(conv.kernel), block.feature_shape)
+        operator_norm.certified_computed_norm(conv.kernel, block.feature_shape, conv.compute_dtype)
         for conv in block.convolutions
     ]
     gains = [float(np.max(inference_gains(norm))) for norm in block.normalizations]
