@@ -117,14 +117,14 @@ def forward_flops(image_shape, stage_widths, blocks_per_stage, stem_stride, num_
 class KerasTrainer:
     """One configuration of our model, trained by ``fit`` on the real input pipeline."""
 
-    def __init__(self, variant, image_shape, batch, coupling, lipschitz, jit_compile):
+    def __init__(self, variant, image_shape, batch, coupling, lipschitz, jit_compile, precision="float32"):
         import numpy as np
 
         from iterconv_keras import training
         from iterconv_keras.data import pipeline
 
         config = training.TrainConfig(variant=variant, coupling=coupling, spectral_norm=lipschitz is not None,
-                                      lipschitz=lipschitz or 0.9, batch_size=batch)
+                                      lipschitz=lipschitz or 0.9, batch_size=batch, precision=precision)
         if jit_compile is not None:
             config.jit_compile = jit_compile
         self.jit_compile = config.jit_compile

@@ -24,6 +24,9 @@ LR_SCHEDULES = ("constant", "cosine")
 # default when none is given; an explicit 0 switches decay off (review U4).
 ADAMW_WEIGHT_DECAY = 1e-4
 BLOCK_INITS = ("tied", "independent")  # IterativeResNet's block_init
+# Keras dtype policies a run may train under (IterativeResNet's dtype); a config.json
+# written before the setting existed means float32, the dataclass default.
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 # Settings added after 0.1, with the value that reproduces what a config.json written
 # before them meant (fixed data, no augmentation, tied blocks).
 _PRE_0_2_VALUES = {"fresh_data": False, "augment": False, "block_init": "tied"}
@@ -87,6 +90,10 @@ class TrainConfig:
             validate and test on instead of generating (stored as an absolute path; see
             `iterconv_keras.data.datasets.load` for how it is split). Implies fixed data.
         jit_compile: compile the train step with XLA.
+        precision: one of `PRECISIONS`, the Keras dtype policy of the model:
+            ``float32`` (default), or 16-bit computation with float32 variables
+            (``mixed_float16`` also scales the loss, through Keras'
+            `LossScaleOptimizer`). See docs/scaling.md, "Precision".
         out: the run directory.
     """
 
@@ -115,6 +122,7 @@ class TrainConfig:
     data_dir: str | None = None
     data_file: str | None = None
     jit_compile: bool = False
+    precision: str = "float32"
     out: str | None = None
 
     def validate(self):
@@ -156,6 +164,7 @@ class TrainConfig:
         debris.validate_fragments(self.debris_fragments, "debris_fragments")
         _require(self.block_init in BLOCK_INITS, f"block_init must be one of {BLOCK_INITS}, got {self.block_init!r}")
         _require(_is_int(self.seed) and self.seed >= 0, f"seed must be an integer >= 0, got {self.seed!r}")
+        _require(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         self._resolve_data_options(datasets)
         return self
 

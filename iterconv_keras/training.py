@@ -48,6 +48,7 @@ def build_and_compile(config, splits, steps_per_epoch):
         "input_mean": splits.mean,
         "input_std": splits.std,
         "block_init": config.block_init,
+        "dtype": config.precision,
     }
     if config.spectral_norm:
         overrides["lipschitz"] = config.lipschitz
