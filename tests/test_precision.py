@@ -222,8 +222,10 @@ def test_mixed_float16_trains_with_loss_scaling_and_resumes_bitwise(tmp_path):
     # LossScaleOptimizer, and a resumed run restores its scale and step counter.
     settings = {"variant": "tiny", "epochs": 2, "batch_size": 32, "train_size": 64, "validation_size": 32,
                 "test_size": 32, "coupling": 1.0, "precision": "mixed_float16", "lr": 0.01}
-    whole = training.train(TrainConfig(**settings, out=str(tmp_path / "whole")), log=lambda line: None)
+    lines = []
+    whole = training.train(TrainConfig(**settings, out=str(tmp_path / "whole")), log=lines.append)
     assert all(np.isfinite(h["loss"]) for h in whole["history"])
+    assert any(line.startswith("note: mixed_float16 on a CPU is very slow") for line in lines)
     run = str(tmp_path / "resumed")
     shutil.copytree(whole["run_dir"], run)
     for name in ("model.keras", "metrics.json"):

@@ -102,6 +102,9 @@ def block_certificate(block):
     certified Lipschitz constant of the block map, ``1 - alpha (1 - Lip(g))``:
     below 1, iterating the block provably converges.
 
+    Each conv norm is `operator_norm.certified_computed_norm`: of the kernel as stored
+    and as the layer computes with it (rounded to 16 bits under a mixed dtype policy).
+
     Returns:
         dict with ``conv_norms_certified`` (one per conv), ``norm_gains`` (the
         largest inference gain of each normalisation), ``activation_lipschitz``,
