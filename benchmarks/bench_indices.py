@@ -22,7 +22,7 @@ Usage:
 import argparse
 import json
 
-from run_all import _timed, matmul_gflops
+from run_all import _timed, graph_flops, matmul_gflops
 
 import iterconv_keras  # noqa: F401  (TF environment defaults)
 
@@ -109,13 +109,8 @@ def main():
 
 def _graph_flops(programs, kind, batch):
     """Floating-point operations of one call of the compiled program ``kind``, by TensorFlow's op statistics."""
-    import tensorflow as tf
-
     (entry,) = [p for key, p in programs._programs.items() if key[0] == kind]
-    graph = entry.program.get_concrete_function(batch[0], batch[1]).graph
-    options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
-    options["output"] = "none"
-    return tf.compat.v1.profiler.profile(graph, options=options).total_float_ops
+    return graph_flops(entry.program.get_concrete_function(batch[0], batch[1]).graph)
 
 
 if __name__ == "__main__":

@@ -92,6 +92,20 @@ def matmul_gflops(n=2048, repeats=5):
             "reference_gflops": round(max(numpy_rate, tf_rate), 1)}
 
 
+def graph_flops(graph):
+    """Floating-point operations of one run of ``graph``, by TensorFlow's own op statistics.
+
+    The profiler's ``float_operation`` view sums each op's registered ``flops``
+    statistic (2 x multiply-adds for convolutions, their gradients and matmuls; one
+    per element for elementwise ops). Ops without a registered statistic count 0.
+    """
+    import tensorflow as tf
+
+    options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
+    options["output"] = "none"
+    return tf.compat.v1.profiler.profile(graph, options=options).total_float_ops
+
+
 def forward_flops(image_shape, stage_widths, blocks_per_stage, stem_stride, num_classes=NUM_CLASSES):
     """Multiply-adds x 2 of the convolutions and the dense layer for one image, forward.
 
@@ -117,14 +131,14 @@ def forward_flops(image_shape, stage_widths, blocks_per_stage, stem_stride, num_
 class KerasTrainer:
     """One configuration of our model, trained by ``fit`` on the real input pipeline."""
 
-    def __init__(self, variant, image_shape, batch, coupling, lipschitz, jit_compile):
+    def __init__(self, variant, image_shape, batch, coupling, lipschitz, jit_compile, precision="float32"):
         import numpy as np
 
         from iterconv_keras import training
         from iterconv_keras.data import pipeline
 
         config = training.TrainConfig(variant=variant, coupling=coupling, spectral_norm=lipschitz is not None,
-                                      lipschitz=lipschitz or 0.9, batch_size=batch)
+                                      lipschitz=lipschitz or 0.9, batch_size=batch, precision=precision)
         if jit_compile is not None:
             config.jit_compile = jit_compile
         self.jit_compile = config.jit_compile

@@ -3,7 +3,13 @@
 import click
 
 from iterconv_cli._common import emit_json, progress_to_stderr, report_errors
-from iterconv_keras.config import BLOCK_INITS, LR_SCHEDULES, OPTIMIZERS, STRATEGIES  # stdlib only: --help stays instant
+from iterconv_keras.config import (  # stdlib only: --help stays instant
+    BLOCK_INITS,
+    LR_SCHEDULES,
+    OPTIMIZERS,
+    PRECISIONS,
+    STRATEGIES,
+)
 from iterconv_keras.data.sources import DATASET_NAMES  # stdlib only
 from iterconv_keras.models.variants import list_variants  # a table of keyword rows, no imports
 
@@ -69,6 +75,9 @@ from iterconv_keras.models.variants import list_variants  # a table of keyword r
 @click.option("--devices", type=int, default=None,
               help="With --strategy mirrored: mirror over N devices, the first N GPUs or, without GPUs, N logical "
                    "devices split off the CPU (for testing: they share its cores) [default: every GPU, or the CPU].")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="float32", show_default=True,
+              help="Keras dtype policy: 16-bit computation with float32 weights for accelerators "
+                   "(mixed_float16 scales the loss); see docs/scaling.md.")
 @click.option("--out", type=click.Path(), default=None,
               help="Run directory (default: runs/<time>-<dataset>-<variant>-...).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last complete epoch.")

@@ -26,6 +26,9 @@ ADAMW_WEIGHT_DECAY = 1e-4
 BLOCK_INITS = ("tied", "independent")  # IterativeResNet's block_init
 # Where a run trains (iterconv_keras.distribution); "auto" is what configs written before it mean.
 STRATEGIES = ("auto", "one-device", "mirrored", "multi-worker")
+# Keras dtype policies a run may train under (IterativeResNet's dtype); a config.json
+# written before the setting existed means float32, the dataclass default.
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 # Settings added after 0.1, with the value that reproduces what a config.json written
 # before them meant (fixed data, no augmentation, tied blocks).
 _PRE_0_2_VALUES = {"fresh_data": False, "augment": False, "block_init": "tied"}
@@ -97,6 +100,10 @@ class TrainConfig:
         devices: ``mirrored`` only: mirror over this many devices, the first GPUs or,
             on a machine without GPUs, logical devices split off the CPU (for testing;
             they share its cores). None (default): every GPU, or the CPU.
+        precision: one of `PRECISIONS`, the Keras dtype policy of the model:
+            ``float32`` (default), or 16-bit computation with float32 variables
+            (``mixed_float16`` also scales the loss, through Keras'
+            `LossScaleOptimizer`). See docs/scaling.md, "Precision".
         out: the run directory.
     """
 
@@ -127,6 +134,7 @@ class TrainConfig:
     jit_compile: bool = False
     strategy: str = "auto"
     devices: int | None = None
+    precision: str = "float32"
     out: str | None = None
 
     def validate(self):
@@ -168,6 +176,7 @@ class TrainConfig:
         debris.validate_fragments(self.debris_fragments, "debris_fragments")
         _require(self.block_init in BLOCK_INITS, f"block_init must be one of {BLOCK_INITS}, got {self.block_init!r}")
         _require(_is_int(self.seed) and self.seed >= 0, f"seed must be an integer >= 0, got {self.seed!r}")
+        _require(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         self._resolve_data_options(datasets)
         _require(self.strategy in STRATEGIES, f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         _require(self.devices is None or (_is_int(self.devices) and self.devices > 0),

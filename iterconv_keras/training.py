@@ -56,6 +56,7 @@ def build_and_compile(config, splits, steps_per_epoch):
         "input_mean": splits.mean,
         "input_std": splits.std,
         "block_init": config.block_init,
+        "dtype": config.precision,
     }
     if config.spectral_norm:
         overrides["lipschitz"] = config.lipschitz
@@ -185,6 +186,9 @@ def train(config, *, resume=False, log=None):
     log(f"dataset {splits.name}: {len(splits.x_train)} train{' (new every epoch)' if config.fresh_data else ''}, "
         f"{len(splits.x_val)} validation, {len(splits.x_test)} test images of shape {splits.input_shape} "
         f"({splits.source}){_augment_note(config)}")
+    if config.precision == "mixed_float16" and not _has_gpu():
+        log("note: mixed_float16 on a CPU is very slow (no fast float16 convolutions; 0.006x float32 measured, "
+            "docs/scaling.md); mixed_bfloat16 is the 16-bit choice for CPUs")
 
     history, test = _train_here(config, splits, steps, resume, placement, log)
     log(f"test: loss {test['loss']:.4f}, accuracy {test['accuracy']:.4f} on {test['examples']} images")
@@ -276,6 +280,12 @@ def _augment_note(config):
     if not config.augment:
         return ""
     return f"; augmented: translation by up to {datasets.AUGMENT_PADS[config.dataset]} px and horizontal flips"
+
+
+def _has_gpu():
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU"))
 
 
 def _verbosity():

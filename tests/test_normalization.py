@@ -97,8 +97,8 @@ def test_files_saved_with_keras_batch_norm_still_load(tmp_path):
     from iterconv_keras.models import resnet as model_module
     from iterconv_keras.models.variants import create_model
 
-    def keras_norm(norm, momentum, name, max_gain=None):
-        return keras.layers.BatchNormalization(momentum=momentum, name=name)
+    def keras_norm(norm, momentum, name, max_gain=None, dtype=None):
+        return keras.layers.BatchNormalization(momentum=momentum, name=name, dtype=dtype)
 
     keras.utils.set_random_seed(4)
     original = blocks.make_norm

@@ -102,6 +102,9 @@ def block_certificate(block):
     certified Lipschitz constant of the block map, ``1 - alpha (1 - Lip(g))``:
     below 1, iterating the block provably converges.
 
+    Each conv norm is `operator_norm.certified_computed_norm`: of the kernel as stored
+    and as the layer computes with it (rounded to 16 bits under a mixed dtype policy).
+
     Returns:
         dict with ``conv_norms_certified`` (one per conv), ``norm_gains`` (the
         largest inference gain of each normalisation), ``activation_lipschitz``,
@@ -109,7 +112,7 @@ def block_certificate(block):
         and ``contraction_bound`` (None for the plain form).
     """
     conv_norms = [
-        operator_norm.certified_operator_norm(np.asarray(conv.kernel), block.feature_shape)
+        operator_norm.certified_computed_norm(conv.kernel, block.feature_shape, conv.compute_dtype)
         for conv in block.convolutions
     ]
     gains = [float(np.max(inference_gains(norm))) for norm in block.normalizations]

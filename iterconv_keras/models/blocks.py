@@ -66,24 +66,26 @@ def contraction_bound(alpha, lipschitz_g):
     return 1.0 - alpha * (1.0 - lipschitz_g)
 
 
-def make_norm(norm, momentum, name, max_gain=None):
+def make_norm(norm, momentum, name, max_gain=None, dtype=None):
     """The normalisation layer named by ``norm`` (one of `NORMS`).
 
     ``max_gain`` (float or None) caps the per-channel gain of batch normalisation
     (`normalization.GainCappedBatchNormalization`), as a Lipschitz-constrained
-    residual function needs.
+    residual function needs. ``dtype`` is the layer's dtype policy (None: Keras'
+    global one); batch normalisation computes its statistics in float32 under a
+    mixed policy either way.
     """
     if norm == "none":
-        return keras.layers.Identity(name=name)
+        return keras.layers.Identity(name=name, dtype=dtype)
     if max_gain is not None:
         return GainCappedBatchNormalization(
-            max_gain=max_gain, momentum=momentum, synchronized=norm == "sync_batch", name=name
+            max_gain=max_gain, momentum=momentum, synchronized=norm == "sync_batch", name=name, dtype=dtype
         )
     if norm == "batch":
         # TensorFlow's fused kernel: the same function as Keras' layer, faster
         # (one op instead of ~10 each way; see iterconv_keras/models/normalization.py).
-        return FusedBatchNormalization(momentum=momentum, name=name)
-    return keras.layers.BatchNormalization(momentum=momentum, synchronized=True, name=name)
+        return FusedBatchNormalization(momentum=momentum, name=name, dtype=dtype)
+    return keras.layers.BatchNormalization(momentum=momentum, synchronized=True, name=name, dtype=dtype)
 
 
 @keras.saving.register_keras_serializable(package="iterconv")
@@ -121,7 +123,10 @@ class ResidualBlock(keras.layers.Layer):
             "A block that converges by construction").
         alpha: None or float in (0, 1], the step of the contractive form
             (None: `DEFAULT_ALPHA`); the plain form takes none. Default None.
-        **kwargs: standard layer arguments (``name``, ``dtype``).
+        **kwargs: standard layer arguments (``name``, ``dtype``). The dtype policy
+            is passed on to the block's own layers, so ``dtype="mixed_bfloat16"``
+            computes the branch in bfloat16 with float32 variables (batch
+            normalisation statistics stay float32; docs/scaling.md, "Precision").
 
     Example:
         >>> block = ResidualBlock(16)
@@ -167,13 +172,13 @@ class ResidualBlock(keras.layers.Layer):
         self.conv1 = self._make_conv("conv1")
         self.norm2 = self._make_norm("norm2")
         self.conv2 = self._make_conv("conv2")
-        self.act = keras.layers.Activation(activation, name="act")
+        self.act = keras.layers.Activation(activation, name="act", dtype=self.dtype_policy)
         self.feature_shape = None
 
     def _make_norm(self, name):
         # Capped at gain 1 when constrained: the convs then take the whole budget.
         max_gain = None if self.lipschitz is None else 1.0
-        return make_norm(self.norm, self.norm_momentum, name, max_gain=max_gain)
+        return make_norm(self.norm, self.norm_momentum, name, max_gain=max_gain, dtype=self.dtype_policy)
 
     def _make_conv(self, name):
         return keras.layers.Conv2D(
@@ -183,6 +188,7 @@ class ResidualBlock(keras.layers.Layer):
             use_bias=self.norm == "none",
             kernel_initializer=self.kernel_initializer,
             name=name,
+            dtype=self.dtype_policy,
         )
 
     def build(self, input_shape):
@@ -214,7 +220,7 @@ class ResidualBlock(keras.layers.Layer):
         vectors = []
         for conv in self.convolutions:
             conv.kernel_constraint = lipschitz_lib.ConvOperatorNormBound(
-                bound, self.feature_shape, name=f"{conv.name}_power_vector"
+                bound, self.feature_shape, name=f"{conv.name}_power_vector", compute_dtype=conv.compute_dtype
             )
             vectors.append(conv.kernel_constraint.vector)
         self.power_vectors = vectors

@@ -64,7 +64,8 @@ training (which works with estimates) and warm persistent vectors."""
 
 PROJECTION_MARGIN = 1e-6
 """`enforce` scales a kernel to ``bound * (1 - PROJECTION_MARGIN)``, so rounding the
-rescaled kernel to float32 cannot lift its certified norm above the bound."""
+rescaled kernel to float32 cannot lift its certified norm above the bound (the margin
+doubles on each further round `project_certified` needs, as 16-bit rounding may)."""
 
 RATIO_ITERATIONS = 100
 """Power iterations of the converged estimate a certificate ratio divides the certified bound by."""
@@ -131,22 +132,32 @@ class ConvOperatorNormBound(keras.constraints.Constraint):
         input_shape: ``(H, W, Cin)``, the feature map the convolution acts on.
         iterations: int >= 1, power iterations per call. Default 1 (per step).
         name: str, name of the vector variable. Default ``"power_vector"``.
+        compute_dtype: the dtype the convolution computes in (its layer's
+            ``compute_dtype``): ``"float32"`` (default), ``"bfloat16"`` or
+            ``"float16"``. Under a mixed dtype policy the layer rounds the kernel
+            to 16 bits in every call; the certificates (`enforce`, the
+            certificate ratio) then bound the rounded kernel as well as the
+            float32 one (`operator_norm.certified_computed_norm`). The power
+            iteration runs in float32 either way.
 
     Example:
         >>> constraint = ConvOperatorNormBound(0.9, (8, 8, 4))
         >>> conv = keras.layers.Conv2D(4, 3, padding="same", kernel_constraint=constraint)
     """
 
-    def __init__(self, bound, input_shape, iterations=TRAIN_ITERATIONS, name="power_vector"):
+    def __init__(self, bound, input_shape, iterations=TRAIN_ITERATIONS, name="power_vector", compute_dtype="float32"):
         self.bound = validate_bound(bound, "bound")
         if self.bound is None:
             raise ValueError("bound must be a positive finite number, got None")
         shape = positive_shape(input_shape, "input_shape", ("H", "W", "Cin"))
         if not isinstance(iterations, int) or iterations < 1:
             raise ValueError(f"iterations must be an int >= 1, got {iterations!r}")
+        if compute_dtype not in operator_norm.COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {operator_norm.COMPUTE_DTYPES}, got {compute_dtype!r}")
         self.input_shape = shape
         self.iterations = iterations
         self.name = str(name)
+        self.compute_dtype = compute_dtype
         self.vector = keras.Variable(
             operator_norm.initial_vector(shape), trainable=False, dtype="float32", name=self.name
         )
@@ -172,23 +183,27 @@ class ConvOperatorNormBound(keras.constraints.Constraint):
         not disturbed).
         """
         kernel = np.asarray(kernel_variable, dtype=np.float32)
-        certified = operator_norm.certified_operator_norm(kernel, self.input_shape)
+        certified = self.certified_norm(kernel)
         estimate, _ = operator_norm.converged_operator_norm(kernel, tf.identity(self.vector), iterations)
         estimate = float(estimate)
         ratio = max(1.0, certified / estimate) if estimate > 0 else 1.0
         self.certificate_ratio.assign(ratio)
         return ratio
 
+    def certified_norm(self, kernel):
+        """The certified norm of ``kernel`` as stored and as computed in ``compute_dtype`` (the larger)."""
+        return operator_norm.certified_computed_norm(kernel, self.input_shape, self.compute_dtype)
+
     def enforce(self, kernel_variable):
         """Rescale ``kernel_variable`` in place so its certified norm is <= the bound.
 
         Returns:
-            float, the `certified_operator_norm` of the kernel before projection.
+            float, the `certified_norm` of the kernel before projection.
         """
         kernel = np.asarray(kernel_variable, dtype=np.float32)
-        sigma = operator_norm.certified_operator_norm(kernel, self.input_shape)
+        sigma = self.certified_norm(kernel)
         if sigma > self.bound:
-            kernel_variable.assign(project_certified(kernel, self.input_shape, self.bound))
+            kernel_variable.assign(project_certified(kernel, self.input_shape, self.bound, self.compute_dtype))
         return sigma
 
     def project_estimated(self, kernel_variable, iterations=INIT_ITERATIONS):
@@ -208,22 +223,32 @@ class ConvOperatorNormBound(keras.constraints.Constraint):
             "input_shape": list(self.input_shape),
             "iterations": self.iterations,
             "name": self.name,
+            "compute_dtype": self.compute_dtype,
         }
 
 
 # -- the certified projection --------------------------------------------------------
 
 
-def project_certified(kernel, map_shape, bound):
-    """``kernel`` (float32) scaled so its `certified_operator_norm` is <= ``bound``; unchanged if already."""
+def project_certified(kernel, map_shape, bound, compute_dtype="float32"):
+    """``kernel`` (float32) scaled so its certified norm is <= ``bound``; unchanged if already.
+
+    The norm is `operator_norm.certified_computed_norm`: for a 16-bit
+    ``compute_dtype`` the scaled kernel is rounded to values that dtype represents
+    exactly, so the kernel the layer computes with is the one certified, in
+    either precision.
+    """
     kernel = np.asarray(kernel, dtype=np.float32)
-    sigma = operator_norm.certified_operator_norm(kernel, map_shape)
-    target = bound * (1.0 - PROJECTION_MARGIN)
+    sigma = operator_norm.certified_computed_norm(kernel, map_shape, compute_dtype)
+    margin = PROJECTION_MARGIN
     while sigma > bound:
         # The bound is homogeneous in the kernel, so one rescale lands on target up
-        # to float32 rounding, which the margin absorbs; the loop is the proof.
-        kernel = (kernel.astype(np.float64) * (target / sigma)).astype(np.float32)
-        sigma = operator_norm.certified_operator_norm(kernel, map_shape)
+        # to rounding (float32, or the 16-bit compute dtype), which the margin
+        # absorbs; the loop is the proof, and a wider margin each round ends it.
+        scaled = (kernel.astype(np.float64) * (bound * (1.0 - margin) / sigma)).astype(np.float32)
+        kernel = operator_norm.as_computed(scaled, compute_dtype)
+        sigma = operator_norm.certified_computed_norm(kernel, map_shape, compute_dtype)
+        margin *= 2.0
     return kernel
 
 

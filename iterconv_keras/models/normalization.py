@@ -32,9 +32,11 @@ from iterconv_keras.models._checks import positive_number
 class BatchNormalization(keras.layers.BatchNormalization):
     """`keras.layers.BatchNormalization` through ``tf.raw_ops.FusedBatchNormV3``.
 
-    Takes the fused path for float32 NHWC feature maps (rank 4, ``axis=-1``)
-    without mask, renorm or cross-replica synchronisation; anything else falls
-    back to Keras' own implementation, so the layer accepts every
+    Takes the fused path for NHWC feature maps (rank 4, ``axis=-1``) in the
+    layer's compute dtype (float32, or bfloat16 / float16 under a mixed policy:
+    the kernel keeps the statistics, scale and offset in float32, as Keras'
+    layer does) without mask, renorm or cross-replica synchronisation; anything
+    else falls back to Keras' own implementation, so the layer accepts every
     `keras.layers.BatchNormalization` argument and input.
 
     Args:
@@ -53,8 +55,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
             and not self.synchronized
             and self.axis in (-1, 3)
             and len(inputs.shape) == 4
-            and inputs.dtype == tf.float32
-            and self.compute_dtype == "float32"
+            and inputs.dtype == self.compute_dtype
+            and self.compute_dtype in _FUSED_DTYPES
         )
 
     def call(self, inputs, training=None, mask=None):
@@ -87,6 +89,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
 
 
 FusedBatchNormalization = BatchNormalization
+# Feature-map dtypes of TensorFlow's fused kernels (statistics, scale and offset are float32).
+_FUSED_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @keras.saving.register_keras_serializable(package="iterconv")
@@ -150,7 +154,7 @@ class GainCappedBatchNormalization(keras.layers.BatchNormalization):
 
     def _fusable(self, inputs, mask):
         return (mask is None and not self.synchronized and len(inputs.shape) == 4
-                and inputs.dtype == tf.float32 and self.compute_dtype == "float32")
+                and inputs.dtype == self.compute_dtype and self.compute_dtype in _FUSED_DTYPES)
 
     def _fused_training_call(self, inputs):
         gamma = self.gamma if self.scale else tf.ones_like(self.moving_mean)
@@ -187,13 +191,19 @@ def _capped_batch_norm(x, gamma, beta, epsilon, max_gain):
     ``tf.nn.moments`` pass (tests/test_normalization.py compares it with the
     separate-ops layer).
 
+    A 16-bit ``x`` (a mixed dtype policy) is normalised in float32 and ``y`` and
+    ``dx`` are rounded to its dtype at the end: the gradient adds back a term
+    batch norm's gradient subtracted, a cancellation that 16-bit kernel outputs
+    would turn into percent-size errors. For float32 the casts are identities.
+
     Returns:
         ``(y, batch_mean, biased_batch_variance)``.
     """
-    empty = tf.constant([], x.dtype)
+    empty = tf.constant([], tf.float32)
 
     @tf.custom_gradient
-    def capped(x, gamma, beta):
+    def capped(x16, gamma, beta):
+        x = tf.cast(x16, tf.float32)
         ones = tf.ones_like(gamma)
         xhat, mean, corrected, saved_mean, saved_variance, reserve = tf.raw_ops.FusedBatchNormV3(
             x=x, scale=ones, offset=tf.zeros_like(gamma), mean=empty, variance=empty,
@@ -202,11 +212,11 @@ def _capped_batch_norm(x, gamma, beta, epsilon, max_gain):
         # The statistics from the documented outputs, not the reserve spaces (which
         # hold the inverse variance under cuDNN); the kernel's variance is
         # Bessel-corrected, batch norm normalises with the biased one.
-        count = tf.cast(tf.size(x) // tf.size(gamma), x.dtype)
+        count = tf.cast(tf.size(x) // tf.size(gamma), tf.float32)
         variance = corrected * ((count - 1.0) / tf.maximum(count, 1.0))
         std = tf.sqrt(variance + epsilon)
         gain = tf.clip_by_value(gamma / std, -max_gain, max_gain)
-        binds = tf.cast(tf.abs(gamma / std) > max_gain, x.dtype)
+        binds = tf.cast(tf.abs(gamma / std) > max_gain, tf.float32)
         scale = gain * std
         y = xhat * scale + beta
 
@@ -215,13 +225,14 @@ def _capped_batch_norm(x, gamma, beta, epsilon, max_gain):
             # which are not differentiated (as in Keras' layer).
             del dmean, dvariance
             dx, dscale, doffset, _, _ = tf.raw_ops.FusedBatchNormGradV3(
-                y_backprop=dy, x=x, scale=scale, reserve_space_1=saved_mean, reserve_space_2=saved_variance,
-                reserve_space_3=reserve, epsilon=epsilon, data_format="NHWC", is_training=True,
+                y_backprop=tf.cast(dy, tf.float32), x=x, scale=scale, reserve_space_1=saved_mean,
+                reserve_space_2=saved_variance, reserve_space_3=reserve, epsilon=epsilon, data_format="NHWC",
+                is_training=True,
             )
             dx = dx + xhat * (binds * gain * dscale / count)
-            return dx, (1.0 - binds) * dscale, doffset
+            return tf.cast(dx, x16.dtype), (1.0 - binds) * dscale, doffset
 
-        return (y, tf.identity(mean), tf.identity(variance)), grad
+        return (tf.cast(y, x16.dtype), tf.identity(mean), tf.identity(variance)), grad
 
     # Tensors, not variables: the custom gradient then covers gamma and beta directly.
     return capped(tf.convert_to_tensor(x), tf.convert_to_tensor(gamma), tf.convert_to_tensor(beta))

@@ -125,6 +125,30 @@ def initial_vector(input_shape):
     return u / np.linalg.norm(u)
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+"""Dtypes a convolution may compute in (a Keras dtype policy's compute dtype)."""
+
+
+def as_computed(kernel, compute_dtype="float32"):
+    """The float32 ``kernel`` as a layer computing in ``compute_dtype`` multiplies with it (float32 array).
+
+    A layer under a mixed dtype policy casts its float32 kernel to 16 bits in every
+    call, so the convolution it applies is that of the rounded kernel, whose norm can
+    be a fraction of a percent above the float32 one. Certificates are taken of
+    this kernel. For ``"float32"`` the kernel is returned as it is.
+
+    Args:
+        kernel: the float32 kernel (array or variable).
+        compute_dtype: one of `COMPUTE_DTYPES`.
+    """
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {compute_dtype!r}")
+    kernel = np.asarray(kernel, dtype=np.float32)
+    if compute_dtype == "float32":
+        return kernel
+    return tf.cast(tf.cast(kernel, compute_dtype), tf.float32).numpy()
+
+
 def reshaped_kernel_norm(kernel):
     """Largest singular value of the ``(kh*kw*cin, cout)`` kernel matrix.
 
@@ -197,3 +221,23 @@ def certified_operator_norm(kernel, map_shape):
     spectrum = np.fft.rfft2(cropped, s=(n1, n2), axes=(0, 1))
     top = float(np.linalg.svd(spectrum, compute_uv=False).max())
     return top * (1.0 + CERTIFIED_RELATIVE_MARGIN) + CERTIFIED_ABSOLUTE_MARGIN * float(np.abs(cropped).sum())
+
+
+def certified_computed_norm(kernel, map_shape, compute_dtype="float32"):
+    """`certified_operator_norm` of ``kernel`` as stored (float32) and as computed in ``compute_dtype``: the larger.
+
+    Under a mixed dtype policy the convolution applies the kernel rounded to 16
+    bits (`as_computed`); the larger of the two certificates bounds the layer in
+    either precision, so a model certified in one stays certified when it is
+    loaded and run in the other. For ``"float32"`` it is `certified_operator_norm`.
+
+    Args:
+        kernel: ``(kh, kw, cin, cout)`` float32 kernel (array or variable).
+        map_shape: ``(H, W)`` or ``(H, W, cin)`` of the map the convolution acts on.
+        compute_dtype: one of `COMPUTE_DTYPES`.
+    """
+    kernel = np.asarray(kernel, dtype=np.float32)
+    stored = certified_operator_norm(kernel, map_shape)
+    if compute_dtype == "float32":
+        return stored
+    return max(stored, certified_operator_norm(as_computed(kernel, compute_dtype), map_shape))

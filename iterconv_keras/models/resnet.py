@@ -78,7 +78,13 @@ class IterativeResNet(keras.Model):
             block's own random initialisation: a conventional ResNet, the baseline
             of the paper's claim about conventionally trained ResNets. Models saved
             before this argument existed load as ``"tied"``.
-        **kwargs: standard model arguments (``name``).
+        **kwargs: standard model arguments (``name``, ``dtype``). ``dtype`` is a
+            Keras dtype policy with float32 variables: ``"float32"`` (the global
+            default) or a mixed one (``"mixed_bfloat16"``, ``"mixed_float16"``),
+            passed on to every layer. Under a mixed policy the stem, transitions and
+            blocks compute in 16 bits; input normalisation, batch-norm statistics,
+            pooling, the logits, the power iterations and the certificates stay
+            float32 (docs/scaling.md, "Precision").
 
     Example:
         >>> model = IterativeResNet((32, 32, 1), 10, stage_widths=(8, 16),
@@ -108,6 +114,7 @@ class IterativeResNet(keras.Model):
         **kwargs,
     ):
         super().__init__(**kwargs)
+        policy = _float32_variables(self.dtype_policy)
         self.image_shape = positive_shape(image_shape, "image_shape", ("H", "W", "C"))
         if not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
@@ -135,7 +142,7 @@ class IterativeResNet(keras.Model):
 
         self.stem_conv = keras.layers.Conv2D(
             self.stem_width, 3, strides=stem_stride, padding="same", use_bias=False,
-            kernel_initializer="he_normal", name="stem_conv",
+            kernel_initializer="he_normal", name="stem_conv", dtype=policy,
         )
         self.stem_norm = self._outer_norm("stem_norm")
         self.transitions = [self._make_transition(s) for s in range(len(self.stage_widths))]
@@ -144,14 +151,15 @@ class IterativeResNet(keras.Model):
                 ResidualBlock(
                     width, kernel_size=kernel_size, norm=norm, activation=activation,
                     lipschitz=self.lipschitz, residual_form=self.residual_form, alpha=self.alpha,
-                    name=f"stage{s}_block{t}",
+                    name=f"stage{s}_block{t}", dtype=policy,
                 )
                 for t in range(count)
             ]
             for s, (width, count) in enumerate(zip(self.stage_widths, self.blocks_per_stage, strict=True))
         ]
         self.head_norm = self._outer_norm("head_norm")
-        self.head_dense = keras.layers.Dense(num_classes, name="logits")
+        # float32 logits whatever the policy: a stable loss and float32 serving outputs.
+        self.head_dense = keras.layers.Dense(num_classes, name="logits", dtype="float32")
         self._coupling_groups = None
 
         self.build((None, *self.image_shape))
@@ -201,7 +209,7 @@ class IterativeResNet(keras.Model):
     def _outer_norm(self, name):
         # Stem, transitions and head always normalise (they are never iterated);
         # they follow the blocks' choice of synchronisation.
-        return make_norm("sync_batch" if self.norm == "sync_batch" else "batch", 0.9, name)
+        return make_norm("sync_batch" if self.norm == "sync_batch" else "batch", 0.9, name, dtype=self.dtype_policy)
 
     def _make_transition(self, s):
         previous = self.stem_width if s == 0 else self.stage_widths[s - 1]
@@ -209,17 +217,21 @@ class IterativeResNet(keras.Model):
         if s == 0 and previous == width:
             return None
         stride = 1 if s == 0 else 2
-        return keras.Sequential(
+        transition = keras.Sequential(
             [
                 self._outer_norm("norm"),
-                keras.layers.Activation("relu", name="act"),
+                keras.layers.Activation("relu", name="act", dtype=self.dtype_policy),
                 keras.layers.Conv2D(
                     width, 3, strides=stride, padding="same", use_bias=False,
-                    kernel_initializer="he_normal", name="conv",
+                    kernel_initializer="he_normal", name="conv", dtype=self.dtype_policy,
                 ),
             ],
             name=f"transition{s}",
         )
+        # Sequential takes no dtype argument; without the model's policy it would
+        # cast 16-bit inputs to float32 only for its first layer to cast them back.
+        transition.dtype_policy = self.dtype_policy
+        return transition
 
     def build(self, input_shape):
         # Trace once on a symbolic input so that every sublayer creates its weights.
@@ -237,10 +249,10 @@ class IterativeResNet(keras.Model):
         return [list(range(len(blocks))) for blocks in self.stages]
 
     def embed(self, images, training=None):
-        """Normalise ``[0, 1]`` images and apply the stem."""
-        mean = np.asarray(self.input_mean, dtype=self.compute_dtype)
-        std = np.asarray(self.input_std, dtype=self.compute_dtype)
-        x = (keras.ops.cast(images, self.compute_dtype) - mean) / std
+        """Normalise ``[0, 1]`` images (in float32, whatever the policy) and apply the stem."""
+        mean = np.asarray(self.input_mean, dtype=np.float32)
+        std = np.asarray(self.input_std, dtype=np.float32)
+        x = (keras.ops.cast(images, "float32") - mean) / std
         h = self.stem_norm(self.stem_conv(x), training=training)
         return keras.ops.relu(h)
 
@@ -259,9 +271,9 @@ class IterativeResNet(keras.Model):
         return h
 
     def classify(self, h, training=None):
-        """Head: BN -> ReLU -> global average pooling -> Dense logits."""
+        """Head: BN -> ReLU -> global average pooling -> Dense logits (pooling and logits in float32)."""
         h = keras.ops.relu(self.head_norm(h, training=training))
-        return self.head_dense(keras.ops.mean(h, axis=(1, 2)))
+        return self.head_dense(keras.ops.mean(keras.ops.cast(h, "float32"), axis=(1, 2)))
 
     def call(self, inputs, training=None, schedule=None):
         schedule = self.validate_schedule(schedule)
@@ -412,6 +424,21 @@ class IterativeResNet(keras.Model):
             }
         )
         return config
+
+
+def _float32_variables(policy):
+    """``policy`` if it keeps variables in float32, else ``ValueError`` naming it.
+
+    Coupling mixes float32 gradients, the Lipschitz constraint and its
+    certificates read float32 kernels, and the optimizer's update of a 16-bit
+    weight would round small steps away: 16-bit variables are refused.
+    """
+    if policy.variable_dtype != "float32":
+        raise ValueError(
+            f"IterativeResNet keeps its variables in float32; dtype policy {policy.name!r} stores them as "
+            f"{policy.variable_dtype} (use 'float32', 'mixed_bfloat16' or 'mixed_float16')"
+        )
+    return policy
 
 
 def _positive_ints(name, values):
