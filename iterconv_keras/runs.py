@@ -93,6 +93,11 @@ def load_run_config(out):
     return config.validate()
 
 
+# Where a run trains, not what it computes (the step is the same on any number of
+# replicas, up to the order of floating-point sums): a resume may change them.
+PLACEMENT_SETTINGS = ("strategy", "devices")
+
+
 def check_resume(config, stored, given, spell=None):
     """Refuse a resume whose explicitly given settings differ from the stored run's.
 
@@ -105,7 +110,7 @@ def check_resume(config, stored, given, spell=None):
         stored: the run's `TrainConfig` (`load_run_config`).
         given: names of the settings the caller chose explicitly (the CLI: the
             options on its command line; the Python API: `explicit_settings`).
-            ``out`` is never compared.
+            ``out`` and the `PLACEMENT_SETTINGS` are never compared.
         spell: optional ``{name: how the caller spells it}`` for the message
             (the CLI's ``--option`` names); default the setting's name.
 
@@ -113,7 +118,7 @@ def check_resume(config, stored, given, spell=None):
         UsageError: naming every differing setting with both values.
     """
     spell = spell or {}
-    fields = set(TrainConfig.field_names()) - {"out"}
+    fields = set(TrainConfig.field_names()) - {"out", *PLACEMENT_SETTINGS}
     differing = [
         f"{spell.get(name, name)} {getattr(config, name)!r} differs from the run's {getattr(stored, name)!r}"
         for name in sorted(set(given) & fields)

@@ -69,6 +69,13 @@ def build_and_compile(config, splits, steps_per_epoch):
         metrics=[make_accuracy(splits.multi_label)],
         jit_compile=config.jit_compile,
     )
+    if config.coupling > 0 and model.distribute_strategy.num_replicas_in_sync > 1:
+        from iterconv_keras.models import cross_replica
+
+        try:  # before the first step, not inside a traced one
+            cross_replica.check_supported(model.optimizer)
+        except RuntimeError as exc:
+            raise UsageError(str(exc)) from None
     return model
 
 
@@ -156,7 +163,10 @@ def train(config, *, resume=False, log=None):
     if resume:
         stored = runs.load_run_config(config.out)
         runs.check_resume(config, stored, given)
-        config = stored
+        for name in runs.PLACEMENT_SETTINGS:  # a resumed run may move to other devices
+            if name in given:
+                setattr(stored, name, getattr(config, name))
+        config = stored.validate()
     elif distribution.writes_run_dir(config.strategy):
         runs.check_new_run_dir(config.out)
     # Before anything runs TensorFlow: logical devices and multi-worker collectives
@@ -176,6 +186,9 @@ def train(config, *, resume=False, log=None):
     # Also before the run directory: a run that cannot take one step must not leave
     # a config.json that neither a new run nor --resume can get past.
     steps = pipeline.steps_per_epoch(len(splits.x_train), config.batch_size)
+    if 0 < len(splits.x_val) < placement.replicas:
+        raise UsageError(f"the validation set has {len(splits.x_val)} image(s), fewer than the {placement.replicas} "
+                         f"replicas it is evaluated on; use at least {placement.replicas} or none")
     if placement.chief and resume:
         runs.clean_stale_temporaries(config.out)
     elif placement.chief:
@@ -229,7 +242,13 @@ def _fit_and_test(config, splits, steps, resume, placement, write_dir, log):
         dataset = distribution.shard_by_data(training_dataset(config, splits, steps, initial_epoch=done))
         validation = None
         if len(splits.x_val):
-            validation = distribution.shard_by_data(pipeline.evaluation_batches(splits.x_val, splits.y_val))
+            x_val, y_val = evaluation_subset(splits.x_val, splits.y_val, placement.replicas)
+            if len(x_val) < len(splits.x_val):
+                log(f"validation on the first {len(x_val)} of {len(splits.x_val)} images (a multiple of the "
+                    f"{placement.replicas} replicas; the test set is scored whole, on one device)")
+            validation = distribution.shard_by_data(
+                pipeline.evaluation_batches(x_val, y_val, replicas=placement.replicas)
+            )
         guard = _FiniteLossGuard()
         recorder = _EpochRecorder(write_dir, history, guard)
         model.fit(
@@ -326,10 +345,18 @@ def restore_training_state(model, path):
 
 
 def evaluate_test(model, splits):
+    """Test loss and accuracy of ``model`` on every test image.
+
+    Under several replicas the model is copied onto one device first: a batch that
+    does not split evenly over the replicas (a first batch of 13 images over 2, or a
+    last batch of 1 that leaves a replica empty) fails inside Keras, and the test
+    metric must count every image once.
+    """
     from iterconv_keras.data import pipeline
 
-    batches = distribution.shard_by_data(pipeline.evaluation_batches(splits.x_test, splits.y_test))
-    results = model.evaluate(batches, verbose=0, return_dict=True)
+    if model.distribute_strategy.num_replicas_in_sync > 1:
+        model = _one_device_copy(model, splits.multi_label)
+    results = model.evaluate(pipeline.evaluation_batches(splits.x_test, splits.y_test), verbose=0, return_dict=True)
     return {
         "dataset": splits.name,
         "split": "test",
@@ -337,6 +364,26 @@ def evaluate_test(model, splits):
         "loss": float(results["loss"]),
         "accuracy": float(results["accuracy"]),
     }
+
+
+def _one_device_copy(model, multi_label):
+    """``model``'s architecture and weights outside its strategy, compiled with the same loss and metric."""
+    # Called outside every strategy scope (after fit), so the copy lives on the default device.
+    copy = type(model).from_config(model.get_config())
+    copy.set_weights(model.get_weights())
+    copy.compile(loss=make_loss(multi_label), metrics=[make_accuracy(multi_label)])
+    return copy
+
+
+def evaluation_subset(x, y, replicas):
+    """The first ``len(x) - len(x) % replicas`` examples: a set every batch of which splits evenly.
+
+    Validation during training runs under the strategy; a batch that leaves a
+    replica empty or uneven fails inside Keras, so up to ``replicas - 1`` images are
+    left out of the validation metrics (never out of the test metrics: `evaluate_test`).
+    """
+    keep = len(x) - len(x) % replicas
+    return x[:keep], y[:keep]
 
 
 class _FiniteLossGuard(keras.callbacks.Callback):

@@ -23,6 +23,7 @@ import time
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import exact_set_accuracy
 
 from iterconv_cli.main import cli
 
@@ -104,8 +105,12 @@ def runs(tmp_path_factory):
                             machines, TMPDIR=str(root / "tmp1"))
         started.append(_mirrored(3, root))
         in_process = {}
+        # mirrored2-bf16: mixed precision beside the strategy, and validation / test sets
+        # whose first batch does not split over the replicas (13 and 25 images).
         for name, extra in (("one-device", ["--strategy", "one-device"]),
-                            ("mirrored2", ["--strategy", "mirrored", "--devices", "2"])):
+                            ("mirrored2", ["--strategy", "mirrored", "--devices", "2"]),
+                            ("mirrored2-bf16", ["--strategy", "mirrored", "--devices", "2", "--precision",
+                                                "mixed_bfloat16", "--validation-size", "13", "--test-size", "25"])):
             result = CliRunner().invoke(cli, ["train", *ARGS, *extra, "--out", str(root / name), "--json"])
             in_process[name] = (result.exit_code, result.stdout, result.stderr)
         names = ("worker0", "worker1", "mirrored3")
@@ -192,6 +197,22 @@ def _check_mirrored(runs, devices, result):
     _assert_blocks_identical(model)
     _assert_certified_bound(model)
     _assert_same_training(runs["root"] / f"mirrored{devices}", runs["reference"])
+
+
+def test_mirrored_bfloat16_with_uneven_evaluation_sets(runs):
+    from iterconv_keras.data import datasets
+
+    summary = _summary(runs["results"]["mirrored2-bf16"])
+    model = _model(runs["root"] / "mirrored2-bf16")
+    assert model.dtype_policy.name == "mixed_bfloat16"
+    _assert_blocks_identical(model)
+    _assert_certified_bound(model)
+    assert [h.get("val_accuracy") is not None for h in summary["history"]] == [True]
+    # Oracle: the saved model on one device, on the run's 25 test images (every one counted once).
+    images, labels, _ = datasets.clutter_test_set(3, 25)
+    logits = np.asarray(model(images.astype(np.float32) / 255, training=False), np.float32)
+    assert summary["test"]["examples"] == 25
+    assert summary["test"]["accuracy"] == pytest.approx(exact_set_accuracy(logits, labels), abs=1e-6)
 
 
 def test_mirrored_over_three_devices_keeps_lambda_one_blocks_identical(runs):

@@ -306,3 +306,33 @@ def test_lambda_zero_under_two_replicas_is_bitwise_keras_training(mirrored_strat
         trained.append(model)
     for a, b in zip(trained[0].weights, trained[1].weights, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=a.path)
+
+
+
+@pytest.mark.parametrize("count, batch_size, replicas, sizes", [
+    (13, 256, 2, [12, 1]), (25, 8, 3, [6, 6, 6, 6, 1]), (24, 256, 1, [24]), (300, 256, 3, [255, 45]),
+])
+def test_evaluation_batches_split_evenly_over_the_replicas_but_the_last(count, batch_size, replicas, sizes):
+    # Keras reduces the first evaluation batch across replicas to learn its shapes; a first
+    # batch of 13 images over 2 replicas failed there (AddN of [7, ...] and [6, ...]).
+    from iterconv_keras.data import pipeline
+
+    images = np.zeros((count, 4, 4, 1), np.uint8)
+    batches = pipeline.evaluation_batches(images, np.arange(count), batch_size=batch_size, replicas=replicas)
+    assert [int(x.shape[0]) for x, _ in batches] == sizes
+
+
+def test_fewer_evaluation_images_than_replicas_is_refused():
+    from iterconv_keras.data import pipeline
+
+    with pytest.raises(ValueError, match=r"1 evaluation example\(s\) cannot be split over 2 replicas"):
+        pipeline.evaluation_batches(np.zeros((1, 4, 4, 1), np.uint8), np.zeros(1), replicas=2)
+
+
+def test_a_keras_without_the_private_sum_is_refused_before_training():
+    class Bare:  # an optimizer without Keras 3.15's _all_reduce_sum_gradients
+        pass
+
+    with pytest.raises(RuntimeError, match="Bare has no _all_reduce_sum_gradients"):
+        cross_replica.check_supported(Bare())
+    cross_replica.check_supported(keras.optimizers.SGD())  # this Keras has it

@@ -58,3 +58,24 @@ def test_resume_with_defaults_or_agreeing_settings_continues(finished_run):
 def test_explicit_settings_are_those_that_differ_from_the_defaults():
     assert runs.explicit_settings(TrainConfig(out="r", coupling=0.5)) == ["coupling", "out"]
     assert runs.explicit_settings(TrainConfig()) == []
+
+
+def test_a_resume_may_move_the_run_to_other_devices_but_not_change_what_it_computes():
+    stored = TrainConfig(**FAST, out="run").validate()
+    moved = TrainConfig(**FAST, out="run", strategy="mirrored", devices=2).validate()
+    runs.check_resume(moved, stored, ["strategy", "devices", "out"])  # no error: placement only
+    changed = TrainConfig(**dict(FAST, lr=0.02), out="run", strategy="mirrored").validate()
+    with pytest.raises(UsageError, match=r"lr 0.02 differs from the run's 0.01") as error:
+        runs.check_resume(changed, stored, ["strategy", "lr"])
+    assert "strategy" not in str(error.value)
+
+
+def test_the_python_api_resumes_on_the_strategy_it_is_given(finished_run, tmp_path):
+    import shutil
+
+    run = str(tmp_path / "run")
+    shutil.copytree(finished_run, run)
+    lines = []
+    # The stored run says "auto" (one device here); the resume is told to mirror over two.
+    training.train(TrainConfig(out=run, strategy="mirrored", devices=2), resume=True, log=lines.append)
+    assert any(line.startswith("strategy mirrored: 2 replica(s)") for line in lines), lines

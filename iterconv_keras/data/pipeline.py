@@ -189,8 +189,28 @@ def fresh_training_batches(stream, *, batch_size, steps, initial_epoch, epochs, 
     )
 
 
-def evaluation_batches(x, y=None, *, batch_size=256):
-    """Batches in the original order, scaled to [0, 1]; labels when given."""
+def evaluation_batches(x, y=None, *, batch_size=256, replicas=1):
+    """Batches in the original order, scaled to [0, 1]; labels when given.
+
+    Args:
+        x, y: images and (optional) labels.
+        batch_size: images per batch at most.
+        replicas: replicas the batches are split over (a ``tf.distribute`` strategy's
+            ``num_replicas_in_sync``). The batch size becomes a multiple of it: Keras
+            learns its input shapes by reducing the first batch across replicas, and
+            a first batch that does not split evenly fails there
+            ("AddN must have the same size and shape"). Only the last batch may be
+            uneven; every example is still evaluated once.
+
+    Raises:
+        ValueError: fewer examples than replicas.
+    """
+    n = len(x)
+    batch_size = min(batch_size, n)
+    batch_size -= batch_size % replicas
+    if batch_size < 1:
+        raise ValueError(f"{n} evaluation example(s) cannot be split over {replicas} replicas; "
+                         f"use at least {replicas}")
     if y is None:
         dataset = tf.data.Dataset.from_tensor_slices(x).batch(batch_size).map(_scale)
     else:

@@ -79,6 +79,22 @@ def _optimizers(optimizer):
     return [optimizer] if inner is None else [optimizer, inner]
 
 
+def check_supported(optimizer):
+    """Raise `RuntimeError` now, not inside a traced step, when coupling cannot skip Keras' sum.
+
+    Coupling after the cross-replica sum relies on Keras' private
+    ``_all_reduce_sum_gradients`` (Keras 3.15). If a Keras version keeps the name
+    but sums elsewhere, `tests/test_distribution.py`'s independent computation of a
+    coupled two-replica step (sum, then couple, once) fails.
+    """
+    for target in _optimizers(optimizer):
+        if getattr(target, _KERAS_SUM, None) is None:
+            raise RuntimeError(
+                f"{type(target).__name__} has no {_KERAS_SUM}: this Keras version sums gradients across replicas "
+                "elsewhere, so coupled training with several replicas cannot skip that sum; use one replica"
+            )
+
+
 def _switch(optimizer):
     switch = optimizer.__dict__.get(_KERAS_SUM)
     if isinstance(switch, _SumSwitch):
