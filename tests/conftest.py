@@ -6,8 +6,16 @@ devices so `tf.distribute.MirroredStrategy` can be tested without a GPU (this
 must happen before TensorFlow initialises its runtime).
 """
 
-import keras
-import numpy as np
+import os
+
+# The exact oracles (full SVDs of explicit matrices) run in NumPy's OpenBLAS. On the two
+# shared cores its threads spin against TensorFlow's and each other: a 576-square SVD took
+# 1.9 s with threads, 0.05 s with one. One thread, set before NumPy loads (the user's
+# own setting wins); it changes how fast the oracles are computed, not what they compute.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import keras  # noqa: E402  (after the thread setting)
+import numpy as np  # noqa: E402
 import pytest
 import tensorflow as tf
 

@@ -63,11 +63,16 @@ def compiled_run_model(tmp_path_factory):
 
 
 # Every order in which a user may import the two packages; Keras' default compile=True.
+# Each case is a fresh interpreter importing TensorFlow (about 10 s), so the default suite
+# keeps one per kind (package first, Keras first); the TensorFlow-in-between variants run
+# with --runslow.
 IMPORT_ORDERS = [
     "import iterconv_keras, keras",
     "import keras, iterconv_keras",
-    "import iterconv_keras; import tensorflow; import keras",
-    "import tensorflow; import iterconv_keras; import keras",
+    # Package first, as the default "import iterconv_keras, keras" case covers.
+    pytest.param("import iterconv_keras; import tensorflow; import keras", marks=pytest.mark.slow),
+    # TensorFlow (and so its Keras) loaded before the package, as "import keras, iterconv_keras" covers.
+    pytest.param("import tensorflow; import iterconv_keras; import keras", marks=pytest.mark.slow),
 ]
 
 
@@ -97,16 +102,19 @@ def test_front_door_verbs_work():
 
 # What a user may touch first in a fresh process; each makes some iterconv module import
 # Keras part-way through its own import (the registration must wait for it to finish).
+# Each case is a fresh interpreter importing TensorFlow (about 10 s): the default suite keeps
+# one per kind of first use; the other variants of a kind run with --runslow.
 FIRST_USES = [
-    "iterconv_keras.ResidualBlock",
-    "iterconv_keras.IterativeResNet",
-    "iterconv_keras.evaluate",
-    "iterconv_keras.TrainConfig().validate()",
-    "iterconv_keras.create_model('tiny', (8, 8, 1), 3)",
-    "importlib.import_module('iterconv_keras.models.normalization')",
-    "importlib.import_module('iterconv_keras.models.lipschitz')",
-    "importlib.import_module('iterconv_keras.analysis.certify')",
-    "importlib.import_module('iterconv_keras.data.pipeline')",
+    "iterconv_keras.IterativeResNet",  # kind: a lazy front-door class
+    pytest.param("iterconv_keras.ResidualBlock", marks=pytest.mark.slow),  # covered by IterativeResNet
+    pytest.param("iterconv_keras.evaluate", marks=pytest.mark.slow),  # covered by IterativeResNet
+    "iterconv_keras.create_model('tiny', (8, 8, 1), 3)",  # kind: a front-door call
+    pytest.param("iterconv_keras.TrainConfig().validate()", marks=pytest.mark.slow),  # covered by create_model
+    "importlib.import_module('iterconv_keras.models.lipschitz')",  # kind: a submodule imported directly
+    # These three are covered by the lipschitz case above.
+    pytest.param("importlib.import_module('iterconv_keras.models.normalization')", marks=pytest.mark.slow),
+    pytest.param("importlib.import_module('iterconv_keras.analysis.certify')", marks=pytest.mark.slow),
+    pytest.param("importlib.import_module('iterconv_keras.data.pipeline')", marks=pytest.mark.slow),
 ]
 
 

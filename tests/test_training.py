@@ -107,15 +107,27 @@ def _interrupt_after_epoch_1(run_dir, copy):
     shutil.rmtree(os.path.join(copy, "checkpoints", "epoch-0002"))
 
 
+CONSTRAINED = {"spectral_norm": True, "lipschitz": 0.9, "lr": 0.05}
+
+
+@pytest.fixture(scope="module")
+def constrained_run(tmp_path_factory):
+    """One uninterrupted two-epoch constrained run, shared by the two constrained resume tests."""
+    return _train(tmp_path_factory.mktemp("constrained"), **CONSTRAINED)
+
+
 @pytest.mark.parametrize("overrides", [
     pytest.param({"fresh_data": False}, id="digitclutter-fixed"),
     pytest.param({"dataset": "fashion_mnist", "validation_size": 100}, id="fashion-mnist-augmented"),
     # Constrained: the power-iteration vectors and the per-epoch certificate ratios
     # (refreshed at fit start on resume, at epoch end otherwise) must restore exactly.
-    pytest.param({"spectral_norm": True, "lipschitz": 0.9, "lr": 0.05}, id="constrained"),
+    pytest.param(CONSTRAINED, id="constrained"),
 ])
-def test_resume_matches_uninterrupted_on_fixed_augmented_and_constrained_runs(tmp_path, overrides):
-    whole = _train(tmp_path, "whole", **overrides)
+def test_resume_matches_uninterrupted_on_fixed_augmented_and_constrained_runs(tmp_path, request, overrides):
+    if overrides is CONSTRAINED:
+        whole = request.getfixturevalue("constrained_run")  # the run is shared, not retrained
+    else:
+        whole = _train(tmp_path, "whole", **overrides)
     if overrides.get("dataset") == "fashion_mnist":
         assert whole["config"]["augment"] is True  # the default there
     _interrupt_after_epoch_1(whole["run_dir"], str(tmp_path / "resumed"))
@@ -221,7 +233,7 @@ def test_configs_written_before_the_data_options_keep_their_meaning():
     assert (config.fresh_data, config.augment, config.block_init) == (False, False, "tied")
 
 
-def test_resume_after_the_last_checkpoint_still_projects_onto_the_bound(tmp_path):
+def test_resume_after_the_last_checkpoint_still_projects_onto_the_bound(tmp_path, constrained_run):
     # A constrained run killed after its last checkpoint but before model.keras:
     # resuming trains nothing, so the end-of-fit projection must run on resume.
     import keras
@@ -229,13 +241,14 @@ def test_resume_after_the_last_checkpoint_still_projects_onto_the_bound(tmp_path
     from iterconv_keras.analysis import certify
     from iterconv_keras.models import lipschitz
 
-    settings = dict(FAST, epochs=1, lr=0.05, spectral_norm=True, lipschitz=0.9)
-    run = _train(tmp_path, **settings)["run_dir"]
+    settings = dict(FAST, **CONSTRAINED)
+    run = str(tmp_path / "run")
+    shutil.copytree(constrained_run["run_dir"], run)  # a copy: the shared run stays whole
     for name in ("model.keras", "metrics.json"):
         os.remove(os.path.join(run, name))
     # The checkpoint is written inside fit, before its certified projection, so the
     # test is not vacuous: some conv of the weights resumed from exceeds its bound.
-    checkpoint = keras.saving.load_model(os.path.join(run, "checkpoints", "epoch-0001", "model.keras"), compile=False)
+    checkpoint = keras.saving.load_model(os.path.join(run, "checkpoints", "epoch-0002", "model.keras"), compile=False)
     norms = [n for block in certify.certify(checkpoint, iterations=1)["blocks"] for n in block["conv_norms_certified"]]
     assert max(norms) > lipschitz.per_conv_bound(0.9)
     training.train(TrainConfig(**dict(settings, out=run)), resume=True, log=lambda line: None)
