@@ -276,7 +276,7 @@ def load_for_model(model, metadata, *, dataset=None, data_dir=None, limit=None):
     Returns:
         `EvalData` of the test split.
     """
-    from iterconv_keras.data import datasets, generated, sources
+    from iterconv_keras.data import classes, datasets, generated, sources
 
     name = dataset or metadata.get("dataset")
     if name is None:
@@ -305,7 +305,8 @@ def load_for_model(model, metadata, *, dataset=None, data_dir=None, limit=None):
             x, y, info = generated.clutter_test_set(digits, count)
         else:
             x, y, info = generated.debris_test_set(fragments, count)
-        return EvalData(x, y, 10, name == "digitclutter", fill, name, "test", info)
+        num_classes = len(classes.DATASET_CLASS_NAMES[name])  # the ten digits
+        return EvalData(x, y, num_classes, name == "digitclutter", fill, name, "test", info)
     return dataclasses.replace(as_eval_data(datasets.load(name, data_dir=data_dir)), mean=fill)
 
 
