@@ -8,7 +8,10 @@ says so instead of failing.
 
 Usage:
     python experiments/report.py --grid experiments/grid --figures docs/figures \\
-        --out experiments/grid/report.md
+        --out experiments/grid/report.md --results docs/results.md
+
+``--results`` fills the section of docs/results.md between the ``grid-report`` markers,
+so the tables and figures there are always the sweep's, never copied by hand.
 
 Paired comparisons: for a claim "A versus B" the difference is taken per seed (the
 same seed trains both conditions on the same data order), then
@@ -25,7 +28,10 @@ import sys
 import numpy as np
 
 # Two-sided 95 % quantiles of Student's t, by degrees of freedom (no SciPy needed).
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+        20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048,
+        29: 2.045, 30: 2.042}
 COUPLING_GRID = ("l0", "l0.5", "l0.9", "l0.99", "l1")
 FAMILIES = {  # series of the "versus lambda" figures: condition names in lambda order
     "unconstrained": ("l0", "l0.5", "l0.9", "l0.99", "l1"),
@@ -75,7 +81,8 @@ def paired_interval(a, b):
         a, b: dicts seed -> value; only seeds present in both with non-None values pair up.
 
     Returns:
-        ``{"n", "mean", "low", "high"}`` (``low``/``high`` None when n < 2), or None for n = 0.
+        ``{"n", "mean", "sd", "low", "high"}`` (``sd``, ``low``, ``high`` None when n < 2), or
+        None for n = 0.
     """
     seeds = sorted(s for s in a if s in b and a[s] is not None and b[s] is not None)
     diffs = np.array([a[s] - b[s] for s in seeds], np.float64)
@@ -83,9 +90,10 @@ def paired_interval(a, b):
         return None
     mean = float(diffs.mean())
     if diffs.size < 2:
-        return {"n": 1, "mean": mean, "low": None, "high": None}
-    half = T975[diffs.size - 1] * float(diffs.std(ddof=1)) / math.sqrt(diffs.size)
-    return {"n": int(diffs.size), "mean": mean, "low": mean - half, "high": mean + half}
+        return {"n": 1, "mean": mean, "sd": None, "low": None, "high": None}
+    sd = float(diffs.std(ddof=1))
+    half = t975(diffs.size - 1) * sd / math.sqrt(diffs.size)
+    return {"n": int(diffs.size), "mean": mean, "sd": sd, "low": mean - half, "high": mean + half}
 
 
 def verdict(interval):
@@ -124,20 +132,69 @@ def mean_sd(vals):
 
 # ---------------------------------------------------------------------------- the report
 
+# (claim, measure, A, B, what the paper expects of A - B). "A > B" / "A < B": the claim
+# is that the difference has this sign; "A <= B": the claim is that A does not help (A is
+# not better than B). None: our own question, not a claim of the paper.
 CLAIMS = [
-    ("Coupling makes networks iterative", "recurrence index", "l1", "l0"),
-    ("Coupling under the constraint", "recurrence index", "sn-l1", "sn-l0"),
-    ("The constraint makes networks convergent", "log10 convergence rate", "sn-l0", "l0"),
-    ("The contractive block makes networks convergent", "log10 convergence rate", "contractive-l0", "l0"),
-    ("Coupling does not help accuracy", "test accuracy", "l1", "l0"),
-    ("The constraint does not help accuracy", "test accuracy", "sn-l0", "l0"),
-    ("Convergence by construction does not help accuracy", "test accuracy", "contractive-l0", "l0"),
-    ("Coupling does not help occlusion robustness", "occlusion AUC", "l1", "l0"),
-    ("The constraint does not help occlusion robustness", "occlusion AUC", "sn-l0", "l0"),
-    ("Convergence by construction does not help occlusion robustness", "occlusion AUC", "contractive-l0", "l0"),
-    ("Tied initialisation is a head start towards recurrence", "recurrence index", "l0", "conventional"),
-    ("Tied versus conventional initialisation: accuracy", "test accuracy", "l0", "conventional"),
+    ("Coupling makes networks iterative", "recurrence index", "l1", "l0", "A > B"),
+    ("Coupling under the constraint", "recurrence index", "sn-l1", "sn-l0", "A > B"),
+    ("The constraint makes networks convergent", "log10 convergence rate", "sn-l0", "l0", "A < B"),
+    ("The contractive block makes networks convergent", "log10 convergence rate", "contractive-l0", "l0", "A < B"),
+    ("Coupling does not help accuracy", "test accuracy", "l1", "l0", "A <= B"),
+    ("The constraint does not help accuracy", "test accuracy", "sn-l0", "l0", "A <= B"),
+    ("Convergence by construction does not help accuracy", "test accuracy", "contractive-l0", "l0", "A <= B"),
+    ("Coupling does not help occlusion robustness", "occlusion AUC", "l1", "l0", "A <= B"),
+    ("The constraint does not help occlusion robustness", "occlusion AUC", "sn-l0", "l0", "A <= B"),
+    ("Convergence by construction does not help occlusion robustness", "occlusion AUC", "contractive-l0", "l0",
+     "A <= B"),
+    ("Tied initialisation is a head start towards recurrence", "recurrence index", "l0", "conventional", None),
+    ("Tied versus conventional initialisation: accuracy", "test accuracy", "l0", "conventional", None),
 ]
+
+
+def agreement(interval, expected):
+    """Whether a paired comparison bears out the paper's expectation for it.
+
+    Args:
+        interval: a ``paired_interval`` result (or None).
+        expected: "A > B", "A < B", "A <= B" (A does not help) or None (not a claim of the paper).
+
+    Returns:
+        "agrees", "disagrees", "not shown" (interval contains 0 where the paper expects a
+        sign), "open" (fewer than two seeds) or "-" (no expectation).
+    """
+    found = verdict(interval)
+    if expected is None:
+        return "-"
+    if found in ("no runs yet", "one seed only: no interval"):
+        return "open"
+    if expected == "A <= B":
+        return "disagrees" if found == "A > B" else "agrees"
+    if found == expected:
+        return "agrees"
+    return "disagrees" if found in ("A > B", "A < B") else "not shown"
+
+
+def seeds_to_resolve(interval, most=1000):
+    """Seeds at which this mean difference and spread would give an interval excluding 0.
+
+    A planning number, not a result: it assumes the observed mean difference and standard
+    deviation stay as they are (the smallest n with t(0.975, n - 1) * sd / sqrt(n) < |mean|).
+    None when there is no spread yet (n < 2) or the mean is 0; ``most`` + 1 means "more
+    than ``most``".
+    """
+    if interval is None or interval["sd"] is None or interval["mean"] == 0:
+        return None
+    sd = interval["sd"]
+    for n in range(2, most + 1):
+        if t975(n - 1) * sd / math.sqrt(n) < abs(interval["mean"]):
+            return n
+    return most + 1
+
+
+def t975(df):
+    """Two-sided 95 % Student-t quantile: the table to 30 df, then 1.96 + 2.4 / df (within 0.2 %)."""
+    return T975[df] if df in T975 else 1.96 + 2.4 / df
 
 
 def _fmt(x, digits=3):
@@ -145,17 +202,19 @@ def _fmt(x, digits=3):
 
 
 def claims_table(rows, datasets):
-    lines = ["| claim | dataset | measure | A | B | n | mean A - B | 95 % interval | verdict |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for title, metric, a, b in CLAIMS:
+    lines = ["| claim | dataset | measure | A | B | n | mean A - B | 95 % interval | verdict | paper | "
+             "seeds to resolve |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for title, metric, a, b, expected in CLAIMS:
         for dataset in datasets:
             runs = by_condition(rows, dataset)
             interval = paired_interval(values(runs.get(a, {}), metric), values(runs.get(b, {}), metric))
             n = interval["n"] if interval else 0
             ci = (f"[{_fmt(interval['low'])}, {_fmt(interval['high'])}]"
                   if interval and interval["low"] is not None else "-")
+            needed = seeds_to_resolve(interval) if verdict(interval) == "no detectable difference" else None
             lines.append(f"| {title} | {dataset} | {metric} | {a} | {b} | {n} | "
-                         f"{_fmt(interval['mean'] if interval else None)} | {ci} | {verdict(interval)} |")
+                         f"{_fmt(interval['mean'] if interval else None)} | {ci} | {verdict(interval)} | "
+                         f"{agreement(interval, expected)} | {'-' if needed is None else needed} |")
     return "\n".join(lines) + "\n"
 
 
@@ -312,11 +371,56 @@ def make_figures(rows, datasets, folder):
     return [m for m in made if m]
 
 
+BEGIN, END = "<!-- grid-report:begin -->", "<!-- grid-report:end -->"
+
+
+def render(summary, datasets, figures, figure_prefix):
+    """The report in Markdown: condition tables, the claims table and the figures."""
+    rows = summary["runs"]
+    cpu = summary.get("totals", {}).get("cpu_seconds", 0.0)
+    parts = [f"{len(rows)} finished runs; {cpu / 3600:.2f} CPU-hours recorded (training and evaluation).\n"]
+    for dataset in datasets:
+        parts.append(f"#### {DATASET_TITLES[dataset]}\n\nMean over seeds (+- 1 sd when there are "
+                     "several).\n\n" + conditions_table(rows, dataset))
+    parts.append("#### Claims, paired over seeds\n\nA - B per seed, then the mean with its 95 % Student-t "
+                 "interval. *paper*: whether the comparison bears out the paper's claim (*not shown*: the "
+                 "interval contains 0 where the paper expects a sign; *open*: fewer than two seeds). "
+                 "*seeds to resolve*: for an interval containing 0, how many seeds would exclude 0 if the "
+                 "observed mean and spread held (a planning number).\n\n" + claims_table(rows, datasets))
+    parts.append("#### Figures\n")
+    for path in figures:
+        name = os.path.splitext(os.path.basename(path))[0]
+        parts.append(f"![{name.replace('_', ' ')}]({figure_prefix}{os.path.basename(path)})\n")
+    return "\n".join(parts)
+
+
+def splice(document, text):
+    """``document`` with what lies between the report markers replaced by ``text``.
+
+    Raises:
+        ValueError: when the document lacks the markers, or holds them out of order.
+    """
+    begin, end = document.find(BEGIN), document.find(END)
+    if begin < 0 or end < begin:
+        raise ValueError(f"no '{BEGIN}' ... '{END}' section to fill")
+    return document[:begin + len(BEGIN)] + "\n" + text + "\n" + document[end:]
+
+
+def write_atomically(path, text):
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "w") as f:
+        f.write(text)
+    os.replace(temporary, path)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--grid", default="experiments/grid")
     parser.add_argument("--figures", default="docs/figures")
     parser.add_argument("--out", default=None, help="Markdown report (default: GRID/report.md)")
+    parser.add_argument("--results", default=None,
+                        help="also fill the section between the grid-report markers of this Markdown file "
+                             "(docs/results.md)")
     args = parser.parse_args(argv)
     path = os.path.join(args.grid, "summary.json")
     if not os.path.isfile(path):
@@ -326,15 +430,22 @@ def main(argv=None):
         summary = json.load(f)
     rows = summary["runs"]
     datasets = [d for d in DATASET_TITLES if any(r["dataset"] == d for r in rows)]
+    document = None
+    if args.results:  # checked before any figure is drawn: nothing is written on a bad target
+        try:
+            with open(args.results) as f:
+                document = f.read()
+            splice(document, "")
+        except (OSError, ValueError) as error:
+            print(f"report: {args.results}: {error}", file=sys.stderr)
+            return 2
     figures = make_figures(rows, datasets, args.figures)
-    cpu = summary.get("totals", {}).get("cpu_seconds", 0.0)
-    parts = [f"# Grid report ({len(rows)} finished runs; {cpu / 3600:.2f} CPU-hours recorded)\n"]
-    for dataset in datasets:
-        parts.append(f"## {DATASET_TITLES[dataset]}\n\n" + conditions_table(rows, dataset))
-    parts.append("## Claims, paired over seeds\n\n" + claims_table(rows, datasets))
     out = args.out or os.path.join(args.grid, "report.md")
-    with open(out, "w") as f:
-        f.write("\n".join(parts))
+    prefix = os.path.relpath(args.figures, os.path.dirname(os.path.abspath(out))) + "/"
+    write_atomically(out, "# Grid report\n\n" + render(summary, datasets, figures, prefix))
+    if document is not None:
+        prefix = os.path.relpath(args.figures, os.path.dirname(os.path.abspath(args.results))) + "/"
+        write_atomically(args.results, splice(document, render(summary, datasets, figures, prefix)))
     print(f"report: {out}; figures: {', '.join(os.path.basename(p) for p in figures)}", file=sys.stderr)
     return 0
 

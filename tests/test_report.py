@@ -23,7 +23,7 @@ def test_paired_interval_by_hand():
 def test_paired_interval_edge_cases_and_verdicts():
     assert report.paired_interval({0: 1.0}, {1: 1.0}) is None
     single = report.paired_interval({0: 1.0}, {0: 0.25})
-    assert single == {"n": 1, "mean": 0.75, "low": None, "high": None}
+    assert single == {"n": 1, "mean": 0.75, "sd": None, "low": None, "high": None}
     assert report.verdict(single) == "one seed only: no interval"
     assert report.verdict(report.paired_interval({0: 1.0, 1: 1.1}, {0: 0.0, 1: 0.0})) == "A > B"
     assert report.verdict(report.paired_interval({0: 0.0, 1: 0.1}, {0: 1.0, 1: 1.0})) == "A < B"
@@ -34,3 +34,62 @@ def test_coupling_comes_from_the_runs_configs_and_must_agree():
     assert report.coupling_of(runs) == 0.9
     with pytest.raises(ValueError, match=r"disagree on the coupling: \[0.5, 0.9\]"):
         report.coupling_of({0: {"config": {"coupling": 0.9}}, 1: {"config": {"coupling": 0.5}}})
+
+
+def _interval(diffs):
+    return report.paired_interval(dict(enumerate(diffs)), dict.fromkeys(range(len(diffs)), 0.0))
+
+
+@pytest.mark.parametrize(("diffs", "expected", "answer"), [
+    ([1.0, 1.1, 0.9], "A > B", "agrees"),
+    ([-1.0, -1.1, -0.9], "A > B", "disagrees"),
+    ([-1.0, 1.1, 0.2], "A > B", "not shown"),
+    ([-1.0, -1.1, -0.9], "A < B", "agrees"),
+    ([1.0, 1.1, 0.9], "A <= B", "disagrees"),  # "does not help", yet it helps
+    ([-1.0, -1.1, -0.9], "A <= B", "agrees"),  # it hurts: still does not help
+    ([-1.0, 1.1, 0.2], "A <= B", "agrees"),
+    ([1.0], "A > B", "open"),
+    ([1.0, 1.1], None, "-"),
+])
+def test_agreement_with_the_papers_expectation(diffs, expected, answer):
+    assert report.agreement(_interval(diffs), expected) == answer
+
+
+def test_t_quantiles_beyond_the_table_stay_close_to_the_exact_values():
+    # Exact two-sided 95 % quantiles (standard tables): df 40, 60, 120.
+    for df, exact in ((40, 2.0211), (60, 2.0003), (120, 1.9799)):
+        assert report.t975(df) == pytest.approx(exact, rel=2e-3)
+    assert report.t975(5) == 2.571
+
+
+def test_seeds_to_resolve_by_hand():
+    # Differences 0, 2: mean 1, sd sqrt(2). Smallest n with t(n-1) * sqrt(2) / sqrt(n) < 1:
+    # n = 10: 2.262 * 1.4142 / 3.1623 = 1.0116 (no); n = 11: 2.228 * 1.4142 / 3.3166 = 0.9500 (yes).
+    assert report.seeds_to_resolve(_interval([0.0, 2.0])) == 11
+    assert report.seeds_to_resolve(_interval([1.0])) is None
+    assert report.seeds_to_resolve(_interval([-1.0, 1.0])) is None  # mean 0: no n resolves it
+    assert report.seeds_to_resolve(_interval([-1.0, 1.02]), most=50) == 51
+
+
+def test_splice_replaces_only_the_marked_section():
+    document = f"# Results\nintro\n{report.BEGIN}\nold table\n{report.END}\nafter\n"
+    spliced = report.splice(document, "new table")
+    assert spliced == f"# Results\nintro\n{report.BEGIN}\nnew table\n{report.END}\nafter\n"
+    assert report.splice(spliced, "new table") == spliced  # idempotent
+    with pytest.raises(ValueError, match="no '<!-- grid-report:begin -->'"):
+        report.splice("# Results\n", "x")
+    with pytest.raises(ValueError):
+        report.splice(f"{report.END}\n{report.BEGIN}\n", "x")
+
+
+def test_a_results_file_without_markers_is_refused_before_anything_is_written(tmp_path, capsys):
+    grid = tmp_path / "grid"
+    grid.mkdir()
+    (grid / "summary.json").write_text('{"runs": [], "totals": {"cpu_seconds": 0}}')
+    results = tmp_path / "results.md"
+    results.write_text("# Results\n")
+    code = report.main(["--grid", str(grid), "--figures", str(tmp_path / "figures"), "--results", str(results)])
+    assert code == 2
+    assert "results.md: no '<!-- grid-report:begin -->'" in capsys.readouterr().err
+    assert not (tmp_path / "figures").exists() and not (grid / "report.md").exists()
+    assert results.read_text() == "# Results\n"
