@@ -231,6 +231,53 @@ def conditions_table(rows, dataset):
     return "\n".join(lines) + "\n"
 
 
+def max_certified_lipschitz(row):
+    """The largest certified Lip(f) over the blocks (docs/lipschitz.md), or None."""
+    certified = row["evaluation"]["indices"].get("lipschitz", {}).get("certified")
+    flat = [c for stage in certified or [] for c in stage if c is not None]
+    return max(flat) if flat else None
+
+
+def training_cpu(row):
+    """CPU seconds of a run's training, or None when unrecorded.
+
+    The larger of the training calls' total (which misses a call killed before it
+    returned) and the sum over complete epochs (which misses set-up and the final test).
+    """
+    timing = row["timing"]
+    found = max(timing.get("train", {}).get("cpu_seconds", 0.0), timing.get("epochs_cpu_seconds", 0.0))
+    return found or None
+
+
+def cpu_totals(rows):
+    """``(training + evaluation CPU seconds, runs whose training CPU is unrecorded)``."""
+    total = sum((training_cpu(r) or 0.0) + r["timing"].get("evaluation", {}).get("cpu_seconds", 0.0) for r in rows)
+    return total, [f"{r['dataset']} {r['condition']} s{r['seed']}" for r in rows if training_cpu(r) is None]
+
+
+def runs_table(rows, dataset):
+    """One row per run: the numbers a zoo card holds, plus clutter sizes and training CPU."""
+    clutter = dataset == "digitclutter"
+    header = ("| condition | seed | test accuracy | RI | DI | convergence rate per stage | max certified Lip(f) | "
+              "occlusion AUC | " + ("4 / 5 digits | " if clutter else "") + "train CPU-min |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for condition, runs in by_condition(rows, dataset).items():
+        for seed in sorted(runs):
+            row = runs[seed]
+            indices = row["evaluation"]["indices"]
+            rates = " / ".join(_fmt(s.get("convergence_rate"), 2) for s in indices["per_stage"])
+            cpu = training_cpu(row)
+            cells = [condition, str(seed), _fmt(accuracy(row)), _fmt(recurrence(row), 2),
+                     _fmt(divergence(row), 2), rates, _fmt(max_certified_lipschitz(row), 3),
+                     _fmt(occlusion_auc(row), 2)]
+            if clutter:
+                sizes = row["evaluation"]["occlusion"].get("clutter") or {}
+                cells.append(f"{_fmt(sizes.get('4'))} / {_fmt(sizes.get('5'))}")
+            cells.append(_fmt(cpu / 60 if cpu else None, 1))
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------------------- figures
 
 def _figure(ncols, nrows=1, width=5.0, height=3.6):
@@ -377,11 +424,13 @@ BEGIN, END = "<!-- grid-report:begin -->", "<!-- grid-report:end -->"
 def render(summary, datasets, figures, figure_prefix):
     """The report in Markdown: condition tables, the claims table and the figures."""
     rows = summary["runs"]
-    cpu = summary.get("totals", {}).get("cpu_seconds", 0.0)
-    parts = [f"{len(rows)} finished runs; {cpu / 3600:.2f} CPU-hours recorded (training and evaluation).\n"]
+    cpu, unrecorded = cpu_totals(rows)
+    parts = [f"{len(rows)} finished runs; {cpu / 3600:.2f} CPU-hours recorded (training and evaluation)"
+             + (f", without the training of {', '.join(unrecorded)} (unrecorded)" if unrecorded else "") + ".\n"]
     for dataset in datasets:
         parts.append(f"#### {DATASET_TITLES[dataset]}\n\nMean over seeds (+- 1 sd when there are "
-                     "several).\n\n" + conditions_table(rows, dataset))
+                     "several).\n\n" + conditions_table(rows, dataset) + "\nEvery run (train CPU-min: "
+                     "n/a where the run's training time was not recorded):\n\n" + runs_table(rows, dataset))
     parts.append("#### Claims, paired over seeds\n\nA - B per seed, then the mean with its 95 % Student-t "
                  "interval. *paper*: whether the comparison bears out the paper's claim (*not shown*: the "
                  "interval contains 0 where the paper expects a sign; *open*: fewer than two seeds). "

@@ -93,3 +93,30 @@ def test_a_results_file_without_markers_is_refused_before_anything_is_written(tm
     assert "results.md: no '<!-- grid-report:begin -->'" in capsys.readouterr().err
     assert not (tmp_path / "figures").exists() and not (grid / "report.md").exists()
     assert results.read_text() == "# Results\n"
+
+
+def _row(condition, seed, train=None, epochs=0.0, evaluation=0.0, certified=None):
+    timing = {"epochs_cpu_seconds": epochs, "evaluation": {"cpu_seconds": evaluation}}
+    if train is not None:
+        timing["train"] = {"cpu_seconds": train}
+    indices = {"recurrence": 0.5, "divergence": 0.25, "lipschitz": {"certified": certified},
+               "per_stage": [{"convergence_rate": 1.5}, {"convergence_rate": None}]}
+    return {"dataset": "fashion_mnist", "condition": condition, "seed": seed, "timing": timing,
+            "test": {"accuracy": 0.9}, "evaluation": {"indices": indices, "occlusion": {"auc": 0.5}}}
+
+
+def test_training_cpu_survives_a_killed_call_and_totals_name_unrecorded_runs():
+    killed = _row("l0", 0, train=600.0, epochs=1400.0, evaluation=100.0)  # first call killed: epochs know more
+    whole = _row("l1", 0, train=1500.0, epochs=1450.0, evaluation=50.0)  # set-up and test beyond the epochs
+    lost = _row("sn-l0", 0, evaluation=30.0)
+    assert report.training_cpu(killed) == 1400.0 and report.training_cpu(whole) == 1500.0
+    assert report.training_cpu(lost) is None
+    assert report.cpu_totals([killed, whole, lost]) == (1400.0 + 100 + 1500 + 50 + 30, ["fashion_mnist sn-l0 s0"])
+
+
+def test_runs_table_has_one_row_per_run_with_its_numbers():
+    rows = [_row("l0", 1, train=120.0), _row("l0", 0, certified=[[0.5, None], [0.875]])]
+    lines = report.runs_table(rows, "fashion_mnist").splitlines()
+    assert len(lines) == 4
+    assert lines[2] == "| l0 | 0 | 0.900 | 0.50 | 0.25 | 1.50 / n/a | 0.875 | 0.50 | n/a |"
+    assert lines[3] == "| l0 | 1 | 0.900 | 0.50 | 0.25 | 1.50 / n/a | n/a | 0.50 | 2.0 |"
