@@ -136,7 +136,9 @@ def train(config, *, resume=False, log=None):
         log: callable taking a line of progress text (default: print to stderr).
 
     Returns:
-        dict with ``run_dir``, ``config``, ``epochs_completed``, ``history`` (per
+        dict with ``run_dir`` (the run directory this process wrote; None on a
+        multi-worker task other than the chief, which writes none: ``config["out"]``
+        is where the chief writes), ``config``, ``epochs_completed``, ``history`` (per
         epoch: metrics, ``seconds`` wall and ``cpu_seconds`` process CPU time),
         ``test`` (loss, accuracy, examples), ``distribution`` (strategy, replicas,
         workers, this process's task, whether it is the chief that writes the run
@@ -206,7 +208,7 @@ def train(config, *, resume=False, log=None):
     history, test = _train_here(config, splits, steps, resume, placement, log)
     log(f"test: loss {test['loss']:.4f}, accuracy {test['accuracy']:.4f} on {test['examples']} images")
     return {
-        "run_dir": config.out,
+        "run_dir": config.out if placement.chief else None,
         "config": config.to_dict(),
         "epochs_completed": len(history),
         "history": history,
