@@ -322,6 +322,8 @@ class _KerasMultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrateg
     3 ``fit`` fails under MultiWorkerMirroredStrategy). Here a structure is
     reduced leaf by leaf, and a scalar with ``axis=0`` as with ``axis=None``:
     the mean over replicas that Keras takes under `tf.distribute.MirroredStrategy`.
+    tests/test_distribution.py fails, saying so, once the installed Keras stops
+    asking for either; then this subclass can go.
     """
 
     def reduce(self, reduce_op, value, axis=None):
