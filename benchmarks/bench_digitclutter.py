@@ -19,7 +19,7 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from iterconv_keras.data import debris, digitclutter  # noqa: E402
+from iterconv_keras.data import debris, digitclutter, glyphs  # noqa: E402
 
 
 def main():
@@ -45,7 +45,7 @@ def main():
         label = f"1 digit, {args.debris_fragments} fragments"
 
     start = time.perf_counter()
-    digitclutter._tables(32)  # one-off per process: glyph rendering and phase tables
+    glyphs.coverage_tables(32)  # one-off per process: glyph rendering and phase tables
     if module is debris:
         debris._fragment_table(32)
     setup = time.perf_counter() - start

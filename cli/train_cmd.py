@@ -103,7 +103,19 @@ def train(ctx, resume, json_output, **settings):
     if json_output:
         emit_json(summary)
     else:
-        click.echo(f"model: {summary['run_dir']}/model.keras")
+        click.echo(model_line(summary))
+
+
+def model_line(summary):
+    """Where the model of a finished run is, as the text output says it.
+
+    A multi-worker task other than the chief writes no run directory (its copy went
+    to a temporary directory, removed), so it names the chief's file, not its own.
+    """
+    if summary["run_dir"] is not None:
+        return f"model: {summary['run_dir']}/model.keras"
+    return (f"model: written by the chief to {summary['config']['out']}/model.keras "
+            f"(this process, {summary['distribution']['task']}, writes no run directory)")
 
 
 def _check_constraint_options(ctx, settings):

@@ -13,7 +13,7 @@
 Whatever the strategy, ``batch_size`` is the global batch: each of the R replicas
 trains on ``batch_size / R`` images of it, and the gradients are summed across
 replicas, so a step is the one-device step on the same images (with batch
-normalisation synchronised across replicas, see `training.build_and_compile`).
+normalisation synchronised across replicas, see `compiling.build_and_compile`).
 Only the chief of a multi-worker cluster writes the run directory; the other
 workers write their copies to a temporary directory that is removed
 (`run_dir_for_this_task`), as Keras' multi-worker checkpointing does.
@@ -322,6 +322,8 @@ class _KerasMultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrateg
     3 ``fit`` fails under MultiWorkerMirroredStrategy). Here a structure is
     reduced leaf by leaf, and a scalar with ``axis=0`` as with ``axis=None``:
     the mean over replicas that Keras takes under `tf.distribute.MirroredStrategy`.
+    tests/test_distribution.py fails, saying so, once the installed Keras stops
+    asking for either; then this subclass can go.
     """
 
     def reduce(self, reduce_op, value, axis=None):

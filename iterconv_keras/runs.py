@@ -19,7 +19,7 @@ write-then-rename pattern; `clean_stale_temporaries` removes what a kill left.
 
 This module imports no Keras or TensorFlow at module level (``zoo show`` reads
 run cards without them): checkpoints are written through the model's own
-``save``.
+``save`` and read back by `restore_training_state`, which imports Keras when called.
 """
 
 import json
@@ -29,7 +29,7 @@ import tempfile
 import time
 
 from iterconv_keras.config import TrainConfig
-from iterconv_keras.errors import UsageError
+from iterconv_keras.errors import IntegrityError, UsageError
 from iterconv_keras.fsutil import check_writable, write_json_atomic
 
 CONFIG_FILE = "config.json"
@@ -194,6 +194,24 @@ def save_checkpoint(model, out, epoch, history):
         raise
     for old in checkpoint_epochs(out)[:-KEEP_CHECKPOINTS]:
         _remove(checkpoint_path(out, old))
+
+
+def restore_training_state(model, path):
+    """Load weights and optimizer state saved by `save_checkpoint` into ``model``."""
+    import keras
+
+    import iterconv_keras.models.metrics  # noqa: F401  (registers ExactSetAccuracy)
+
+    try:
+        saved = keras.saving.load_model(path)
+    except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is the same integrity error
+        raise IntegrityError(f"cannot load checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+    for target, source in zip(model.weights, saved.weights, strict=True):
+        target.assign(source)
+    with model.distribute_strategy.scope():  # the slots mirror the variables they belong to
+        model.optimizer.build(model.trainable_variables)
+    for target, source in zip(model.optimizer.variables, saved.optimizer.variables, strict=True):
+        target.assign(source)
 
 
 def _fsync_dir(path):

@@ -1,11 +1,12 @@
-"""Training runs: build and compile a model, fit it resumably, write the run directory.
+"""Training runs: fit a compiled model resumably, test it, write the run directory.
 
 ``train(config)`` starts a run; ``train(config, resume=True)`` continues the
 one in ``config.out`` from its last complete epoch. The run directory's layout
 and files belong to `iterconv_keras.runs`, the settings to
-`iterconv_keras.config`. Every batch (its images, order and augmentation) is a
-function of (seed, epoch, step) (see `iterconv_keras.data.pipeline`), so a
-resumed run sees the same batches as an uninterrupted one.
+`iterconv_keras.config`, the compiled model to `iterconv_keras.compiling`.
+Every batch (its images, order and augmentation) is a function of (seed,
+epoch, step) (see `iterconv_keras.data.pipeline`), so a resumed run sees the
+same batches as an uninterrupted one.
 """
 
 import gc
@@ -16,17 +17,27 @@ import time
 import keras
 
 from iterconv_keras import distribution, runs
-from iterconv_keras.config import ADAMW_WEIGHT_DECAY, OPTIMIZERS, TrainConfig
+from iterconv_keras.compiling import build_and_compile, make_accuracy, make_loss, make_optimizer
+from iterconv_keras.config import OPTIMIZERS, TrainConfig
 from iterconv_keras.errors import IntegrityError, IterconvError, UsageError
 from iterconv_keras.fsutil import read_json_if_present
-from iterconv_keras.runs import CHECKPOINT_DIR, CONFIG_FILE, HISTORY_FILE, METRICS_FILE, MODEL_FILE
+from iterconv_keras.runs import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    HISTORY_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    restore_training_state,
+)
 
-# Re-exported: the front door maps `TrainConfig` here, and callers written before
-# the run directory had its own module (experiments/sweep.py) read the file names here.
+# Re-exported: the front door maps `TrainConfig` here, callers written before the
+# run directory had its own module (experiments/sweep.py) read the file names here,
+# and tests and benchmarks build models through `training.build_and_compile` & co.
+# and restore checkpoints through `restore_training_state`, which live in
+# `iterconv_keras.compiling` and `iterconv_keras.runs` since this module was split.
 __all__ = ["CHECKPOINT_DIR", "CONFIG_FILE", "HISTORY_FILE", "METRICS_FILE", "MODEL_FILE", "OPTIMIZERS",
            "TrainConfig", "TrainingDiverged", "WorkerLost", "build_and_compile", "evaluate_test", "make_accuracy",
            "make_loss", "make_optimizer", "restore_training_state", "train", "training_dataset"]
-
 
 
 class TrainingDiverged(IterconvError):
@@ -39,85 +50,6 @@ class WorkerLost(IterconvError):
     """A multi-worker run lost another worker (exit 1); every worker resumes with ``--resume``."""
 
     exit_code = 1
-
-
-# -- model and optimizer ------------------------------------------------------------
-
-
-def build_and_compile(config, splits, steps_per_epoch):
-    """Build the variant for ``splits`` and compile it as ``config`` says."""
-    from iterconv_keras.models import variants
-
-    keras.utils.set_random_seed(config.seed)
-    overrides = {
-        "norm": _synchronised(variants.variant_kwargs(config.variant).get("norm", "batch")),
-        "coupling": config.coupling,
-        "multi_label": splits.multi_label,
-        "input_mean": splits.mean,
-        "input_std": splits.std,
-        "block_init": config.block_init,
-        "dtype": config.precision,
-    }
-    if config.spectral_norm:
-        overrides["lipschitz"] = config.lipschitz
-    if config.residual_form is not None:
-        overrides.update(residual_form=config.residual_form, alpha=config.alpha)
-    model = variants.create_model(config.variant, splits.input_shape, splits.num_classes, **overrides)
-    model.compile(
-        optimizer=make_optimizer(config, steps_per_epoch),
-        loss=make_loss(splits.multi_label),
-        metrics=[make_accuracy(splits.multi_label)],
-        jit_compile=config.jit_compile,
-    )
-    if config.coupling > 0 and model.distribute_strategy.num_replicas_in_sync > 1:
-        from iterconv_keras.models import cross_replica
-
-        try:  # before the first step, not inside a traced one
-            cross_replica.check_supported(model.optimizer)
-        except RuntimeError as exc:
-            raise UsageError(str(exc)) from None
-    return model
-
-
-def _synchronised(norm):
-    # Batch statistics over the whole global batch whenever it is split over
-    # replicas, so a multi-replica step is the one-device step.
-    import tensorflow as tf
-
-    return "sync_batch" if norm == "batch" and tf.distribute.get_strategy().num_replicas_in_sync > 1 else norm
-
-
-def make_optimizer(config, steps_per_epoch):
-    lr = config.lr
-    if config.lr_schedule == "cosine":
-        lr = keras.optimizers.schedules.CosineDecay(config.lr, decay_steps=config.epochs * steps_per_epoch)
-    # The config is validated: weight_decay is a number, 0 meaning none (Keras: None).
-    wd = config.weight_decay or None
-    if config.optimizer == "sgd":
-        return keras.optimizers.SGD(lr, weight_decay=wd)
-    if config.optimizer == "momentum":
-        return keras.optimizers.SGD(lr, momentum=0.9, weight_decay=wd)
-    if config.optimizer == "adam":
-        return keras.optimizers.Adam(lr, weight_decay=wd)
-    # Keras' AdamW needs a float; 0.0 decays by nothing. None (an unvalidated config, as the
-    # benchmarks build) is what validate would resolve it to.
-    decay = ADAMW_WEIGHT_DECAY if config.weight_decay is None else config.weight_decay
-    return keras.optimizers.AdamW(lr, weight_decay=float(decay))
-
-
-def make_loss(multi_label):
-    if multi_label:
-        return keras.losses.BinaryCrossentropy(from_logits=True)
-    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-
-def make_accuracy(multi_label):
-    """Accuracy named ``accuracy`` in both cases: exact-set accuracy for clutter."""
-    from iterconv_keras.models.metrics import ExactSetAccuracy
-
-    if multi_label:
-        return ExactSetAccuracy(name="accuracy")
-    return keras.metrics.SparseCategoricalAccuracy(name="accuracy")
 
 
 # -- the run ------------------------------------------------------------------------
@@ -136,7 +68,9 @@ def train(config, *, resume=False, log=None):
         log: callable taking a line of progress text (default: print to stderr).
 
     Returns:
-        dict with ``run_dir``, ``config``, ``epochs_completed``, ``history`` (per
+        dict with ``run_dir`` (the run directory this process wrote; None on a
+        multi-worker task other than the chief, which writes none: ``config["out"]``
+        is where the chief writes), ``config``, ``epochs_completed``, ``history`` (per
         epoch: metrics, ``seconds`` wall and ``cpu_seconds`` process CPU time),
         ``test`` (loss, accuracy, examples), ``distribution`` (strategy, replicas,
         workers, this process's task, whether it is the chief that writes the run
@@ -206,7 +140,7 @@ def train(config, *, resume=False, log=None):
     history, test = _train_here(config, splits, steps, resume, placement, log)
     log(f"test: loss {test['loss']:.4f}, accuracy {test['accuracy']:.4f} on {test['examples']} images")
     return {
-        "run_dir": config.out,
+        "run_dir": config.out if placement.chief else None,
         "config": config.to_dict(),
         "epochs_completed": len(history),
         "history": history,
@@ -326,22 +260,6 @@ def _restore_or_build(config, splits, steps, resume, log, strategy):
     restore_training_state(model, model_path)
     log(f"resuming after epoch {state['epochs_completed']} from {path}")
     return state["epochs_completed"], state["history"], model
-
-
-def restore_training_state(model, path):
-    """Load weights and optimizer state saved by `save_checkpoint` into ``model``."""
-    import iterconv_keras.models.metrics  # noqa: F401  (registers ExactSetAccuracy)
-
-    try:
-        saved = keras.saving.load_model(path)
-    except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is the same integrity error
-        raise IntegrityError(f"cannot load checkpoint {path}: {type(exc).__name__}: {exc}") from exc
-    for target, source in zip(model.weights, saved.weights, strict=True):
-        target.assign(source)
-    with model.distribute_strategy.scope():  # the slots mirror the variables they belong to
-        model.optimizer.build(model.trainable_variables)
-    for target, source in zip(model.optimizer.variables, saved.optimizer.variables, strict=True):
-        target.assign(source)
 
 
 def evaluate_test(model, splits):

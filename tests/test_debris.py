@@ -12,6 +12,7 @@ from conftest import check_seeded_generator
 
 from iterconv_keras.data import debris as db
 from iterconv_keras.data import digitclutter as dc
+from iterconv_keras.data import glyphs
 
 Q = dc.RENDER_SCALE
 
@@ -23,12 +24,12 @@ def _fragment_oracle(params, i, k):
     full-resolution alpha masks, composited on mid-grey pixel by pixel in float, and
     block-averaged. Returns ``(rows, cols, mask [s, s], grey [s, s])``.
     """
-    glyphs = dc._glyphs(params.image_size)
+    masks = glyphs.glyph_masks(params.image_size)
     digit, side = params.digits[i, k], params.sizes[i, k]
     top, left = params.crop_top[i, k], params.crop_left[i, k]
     crop = np.s_[top : top + Q * side, left : left + Q * side]
-    outline = glyphs.outline[digit][crop] / 255.0
-    face = glyphs.face[digit][crop] / 255.0
+    outline = masks.outline[digit][crop] / 255.0
+    face = masks.face[digit][crop] / 255.0
     assert outline.shape == (Q * side, Q * side)  # the crop lies inside the glyph's box
     hires = dc.BACKGROUND * (1 - outline) + dc.EDGE * (outline - face)
     mean = lambda a: a.reshape(side, Q, side, Q).mean(axis=(1, 3))  # noqa: E731
@@ -86,7 +87,7 @@ def test_target_is_drawn_exactly_as_digitclutter_draws_one_digit():
     for name in ("digits", "top", "left"):
         np.testing.assert_array_equal(getattr(params.target, name), getattr(clutter, name))
     side = Q * 32
-    heights = np.array([a.shape[0] for a in dc._glyphs(32).outline])[params.target.digits[:, 0]]
+    heights = np.array([a.shape[0] for a in glyphs.glyph_masks(32).outline])[params.target.digits[:, 0]]
     offset_y = (params.target.top[:, 0] + heights // 2 - side // 2) / side
     assert -0.19 - 1e-3 <= offset_y.min() < -0.17 and 0.17 < offset_y.max() <= 0.19 + 1e-3
 
@@ -97,7 +98,7 @@ def test_same_seed_same_bytes_other_seed_differs_and_prefix_stable():
 
 def test_info_records_font_and_fragment_recipe():
     info = db.generate(50, 5, seed=1).info
-    with open(dc.font_path(), "rb") as handle:
+    with open(glyphs.font_path(), "rb") as handle:
         assert info["font_sha256"] == hashlib.sha256(handle.read()).hexdigest()
     assert info["generator"] == "iterconv_keras.data.debris" and "1551" in info["reference"]
     assert (info["seed"], info["n_fragments"], info["target_digits"]) == (1, 50, 1)

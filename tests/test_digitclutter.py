@@ -11,6 +11,7 @@ from conftest import check_seeded_generator
 from PIL import Image, ImageDraw
 
 from iterconv_keras.data import digitclutter as dc
+from iterconv_keras.data import glyphs
 
 Q = dc.RENDER_SCALE
 
@@ -20,9 +21,9 @@ def _hires_alpha(params, i, k):
     size = params.image_size
     image = Image.new("L", (Q * size, Q * size), 0)
     digit = int(params.digits[i, k])
-    dy, dx = dc._glyphs(size).origin[digit]
+    dy, dx = glyphs.glyph_masks(size).origin[digit]
     origin = (int(params.left[i, k] + dx), int(params.top[i, k] + dy))
-    dc._draw_digit(ImageDraw.Draw(image), origin, digit, dc._pil_font(size), dc._stroke(size), 255, 255)
+    glyphs.draw_digit(ImageDraw.Draw(image), origin, digit, glyphs.pil_font(size), glyphs.stroke_width(size), 255, 255)
     return np.asarray(image)
 
 
@@ -81,7 +82,7 @@ def test_same_seed_same_bytes_other_seed_differs_and_prefix_stable():
 def test_info_records_font_and_recipe():
     clutter = dc.generate(2, 5, seed=1)
     info = clutter.info
-    with open(dc.font_path(), "rb") as handle:
+    with open(glyphs.font_path(), "rb") as handle:
         assert info["font_sha256"] == hashlib.sha256(handle.read()).hexdigest()
     assert info["font_file"] == "DejaVuSans-Bold.ttf"
     assert (info["seed"], info["n_digits"], info["background"], info["render_size"]) == (1, 2, 119, 512)

@@ -25,6 +25,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import exact_set_accuracy
 
+from iterconv_cli import train_cmd
 from iterconv_cli.main import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -176,6 +177,12 @@ def test_two_workers_train_like_one_process(runs):
     assert not (root / "machine1" / "run").exists()
     assert os.listdir(root / "tmp1") == []
     assert "(written by the chief only)" in results["worker1"][2]
+    # Each says truthfully where the model is: worker 1 wrote no run directory.
+    assert chief["run_dir"] == "run" and other["run_dir"] is None
+    assert other["config"]["out"] == "run"
+    assert train_cmd.model_line(chief) == "model: run/model.keras"
+    assert train_cmd.model_line(other) == ("model: written by the chief to run/model.keras "
+                                           "(this process, worker 1, writes no run directory)")
 
 
 def test_mirrored_over_two_devices_through_the_cli_equals_one_device(runs):

@@ -336,3 +336,77 @@ def test_a_keras_without_the_private_sum_is_refused_before_training():
     with pytest.raises(RuntimeError, match="Bare has no _all_reduce_sum_gradients"):
         cross_replica.check_supported(Bare())
     cross_replica.check_supported(keras.optimizers.SGD())  # this Keras has it
+
+
+# -- keras-team/keras#20585, worked around by distribution._KerasMultiWorkerMirroredStrategy -----
+
+_FIXED = ("keras-team/keras#20585 looks fixed in the installed Keras {version}: {what}. Remove the workaround "
+          "(distribution._KerasMultiWorkerMirroredStrategy: use tf.distribute.MultiWorkerMirroredStrategy) once "
+          "tests/test_distributed_runs.py passes with the plain strategy, and drop this test.")
+
+
+class _MultiWorkerProbe(tf.distribute.MultiWorkerMirroredStrategy):
+    """What Keras' trainer takes for a multi-worker strategy, recording what it asks ``reduce`` for.
+
+    A real one needs a cluster of processes (its collectives must be set up before
+    TensorFlow starts, and multi-worker mode needs more than one worker), so this
+    one is never initialised: it answers only the two questions Keras asks to pick
+    its multi-worker path (``isinstance`` and ``extended._in_multi_worker_mode()``);
+    per-replica values are read through ``local``, a real strategy.
+    """
+
+    def __init__(self, local):  # deliberately not super().__init__(): no cluster, no collectives
+        self._extended = type("Extended", (), {"_in_multi_worker_mode": staticmethod(lambda: True)})()
+        self._local = local
+        self.calls = []
+
+    def experimental_local_results(self, value):
+        return self._local.experimental_local_results(value)
+
+    def reduce(self, reduce_op, value, axis=None):
+        self.calls.append((reduce_op, value, axis))
+        return value
+
+
+def test_keras_still_asks_a_multi_worker_strategy_to_reduce_scalar_metrics_along_axis_0(mirrored_strategy):
+    # The bug is both halves: Keras' trainer asks for reduce("MEAN", scalar, axis=0) under a
+    # multi-worker strategy (its reduce_per_replica; the train step's metrics are scalars), and
+    # tf.distribute refuses axis 0 of a rank-0 value (Strategy.reduce, shared by both strategies).
+    from keras.src.backend.tensorflow import trainer
+
+    loss = mirrored_strategy.run(lambda: tf.constant(0.5))
+    probe = _MultiWorkerProbe(mirrored_strategy)
+    trainer.reduce_per_replica({"loss": loss}, probe, reduction="auto")
+    asked = [(str(op).upper(), axis) for op, value, axis in probe.calls if value is loss]
+    assert asked == [("MEAN", 0)], _FIXED.format(version=keras.__version__,
+                                                   what=f"Keras asked reduce for {asked} on a scalar metric")
+    try:
+        mirrored_strategy.reduce("MEAN", loss, axis=0)
+    except ValueError as exc:
+        assert "Invalid reduction dimension 0" in str(exc), str(exc)
+    else:
+        pytest.fail(_FIXED.format(version=f"{keras.__version__} (TensorFlow {tf.__version__})",
+                                  what="tf.distribute now reduces a scalar along axis 0"))
+
+
+def test_keras_still_asks_the_strategy_to_reduce_a_tuple_of_input_batches(mirrored_strategy, monkeypatch):
+    # Before the first step Keras learns the input shapes by reducing the whole (x, y) tuple
+    # of per-replica batches at once; MultiWorkerMirroredStrategy in multi-worker mode refuses
+    # a structure (that refusal needs a cluster of processes, so only Keras' half is checked).
+    asked = []
+    real = mirrored_strategy.reduce
+
+    def recording(reduce_op, value, axis=None):
+        asked.append(value)
+        return real(reduce_op, value, axis)
+
+    monkeypatch.setattr(mirrored_strategy, "reduce", recording)
+    with mirrored_strategy.scope():
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        model.compile(loss="mse")
+    x, y = np.ones((4, 3), np.float32), np.zeros((4, 2), np.float32)
+    model.evaluate(tf.data.Dataset.from_tensor_slices((x, y)).batch(4), verbose=0)
+    structures = [v for v in asked if isinstance(v, (tuple, list, dict))]
+    assert structures, _FIXED.format(version=keras.__version__, what="Keras no longer hands reduce a tuple of "
+                                     f"input batches (it asked for {[type(v).__name__ for v in asked]})")
+    assert all(isinstance(leaf, tf.distribute.DistributedValues) for leaf in tf.nest.flatten(structures[0]))

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from iterconv_cli.main import cli
 from iterconv_keras import loading, zoo
 from iterconv_keras.errors import IntegrityError, ModelNotFound, UsageError
-from iterconv_keras.zoo import manifest, publish, savedmodel
+from iterconv_keras.zoo import manifest, retire, savedmodel
 
 # The toy zoo's fixtures, reused: models (two tiny models), pristine_zoo (exported once), zoo_root (a copy per test).
 models, pristine_zoo, zoo_root = test_zoo.models, test_zoo.pristine_zoo, test_zoo.zoo_root
@@ -194,7 +194,7 @@ def test_a_failed_write_renames_the_folder_back_and_restores_the_manifest(monkey
     if failing == "manifest":
         monkeypatch.setattr(manifest, "write_json_atomic", broken)
     else:
-        monkeypatch.setattr(publish.serving, "write_zoo_config", broken)
+        monkeypatch.setattr(retire.serving, "write_zoo_config", broken)
     with pytest.raises(OSError, match="disk full"):
         zoo.retire_version("toy", 2, REASON, root=root)
     staged = renames[0][1]

@@ -51,6 +51,7 @@ import functools
 import numpy as np
 
 from iterconv_keras.data import digitclutter as dc
+from iterconv_keras.data import glyphs
 
 FRAGMENT_COUNTS = (10, 30, 50)
 # Fragment side in output pixels per output pixel of image size: 6..9 at 32x32, the
@@ -152,13 +153,13 @@ def sample_params(n_fragments, count, rng, image_size=32):
     uniforms = rng.random((count, head + _FRAGMENT_UNIFORMS * n_fragments))
     target = dc.params_from_uniforms(uniforms[:, :head], 1, image_size)
     u = uniforms[:, head:].reshape(count, n_fragments, _FRAGMENT_UNIFORMS)
-    glyphs = dc._glyphs(image_size)
-    heights = np.array([a.shape[0] for a in glyphs.outline])
-    widths = np.array([a.shape[1] for a in glyphs.outline])
+    masks = glyphs.glyph_masks(image_size)
+    heights = np.array([a.shape[0] for a in masks.outline])
+    widths = np.array([a.shape[1] for a in masks.outline])
     low, high = fragment_size_range(image_size)
     digits = _uniform_int(u[..., 0], 0, 9)
     sizes = _uniform_int(u[..., 1], low, high)
-    span = dc.RENDER_SCALE * sizes
+    span = glyphs.RENDER_SCALE * sizes
     # The crop stays inside the glyph's ink box; every side fits (the narrowest glyph,
     # "1", is about 13.6 output pixels wide at 32x32, fragments at most 9).
     crop_top = _uniform_int(u[..., 2], 0, np.maximum(heights[digits] - span, 0))
@@ -183,16 +184,16 @@ class _FragmentTable:
 
 @functools.lru_cache(maxsize=8)
 def _fragment_table(image_size):
-    tables = dc._tables(image_size)
-    glyphs = dc._glyphs(image_size)
-    q = dc.RENDER_SCALE
+    tables = glyphs.coverage_tables(image_size)
+    masks = glyphs.glyph_masks(image_size)
+    q = glyphs.RENDER_SCALE
     _, _, _, hc, wc = tables.keep.shape
     grey = np.full((10, q, q, hc + 1, wc + 1), -1, np.int16)
     for digit in range(10):
         value = np.clip(np.floor(dc.BACKGROUND * tables.keep[digit] + tables.add[digit] + 0.5), 0, 255)
         # At least half covered, from the exact integer coverage (the original's mask
         # threshold was 127 of 255 after down-scaling).
-        covered = 2 * dc._phase_coverage(glyphs.outline[digit], q, hc, wc) >= 255 * q * q
+        covered = 2 * glyphs.phase_coverage(masks.outline[digit], q, hc, wc) >= 255 * q * q
         grey[digit, :, :, :hc, :wc] = np.where(covered, value, -1)
     return _FragmentTable(grey.reshape(-1), hc + 1, wc + 1)
 
@@ -212,7 +213,7 @@ def render(params):
         return out
     size = params.image_size
     table = _fragment_table(size)
-    q = dc.RENDER_SCALE
+    q = glyphs.RENDER_SCALE
     side = fragment_size_range(size)[1]
     # The canvas is padded by one fragment side so that windows never leave it.
     pad = size + side
@@ -268,32 +269,32 @@ def render_reference(params):
     from PIL import Image, ImageDraw
 
     size = params.image_size
-    q = dc.RENDER_SCALE
-    font = dc._pil_font(size)
-    stroke = dc._stroke(size)
-    glyphs = dc._glyphs(size)
+    q = glyphs.RENDER_SCALE
+    font = glyphs.pil_font(size)
+    stroke = glyphs.stroke_width(size)
+    masks = glyphs.glyph_masks(size)
     out = np.empty((params.digits.shape[0], size, size), np.uint8)
     for i in range(out.shape[0]):
         image = Image.new("L", (q * size, q * size), dc.BACKGROUND)
         digit = int(params.target.digits[i, 0])
-        dy, dx = glyphs.origin[digit]
+        dy, dx = masks.origin[digit]
         origin = (int(params.target.left[i, 0] + dx), int(params.target.top[i, 0] + dy))
-        dc._draw_digit(ImageDraw.Draw(image), origin, digit, font, stroke, dc.FACE, dc.EDGE)
+        glyphs.draw_digit(ImageDraw.Draw(image), origin, digit, font, stroke, dc.FACE, dc.EDGE)
         canvas = np.array(image)
         for k in range(params.digits.shape[1]):
             digit, side = int(params.digits[i, k]), int(params.sizes[i, k])
-            dy, dx = glyphs.origin[digit]
+            dy, dx = masks.origin[digit]
             origin = (int(dx - params.crop_left[i, k]), int(dy - params.crop_top[i, k]))
             layer = Image.new("L", (q * side, q * side), dc.BACKGROUND)
-            dc._draw_digit(ImageDraw.Draw(layer), origin, digit, font, stroke, dc.FACE, dc.EDGE)
+            glyphs.draw_digit(ImageDraw.Draw(layer), origin, digit, font, stroke, dc.FACE, dc.EDGE)
             alpha = Image.new("L", (q * side, q * side), 0)
-            dc._draw_digit(ImageDraw.Draw(alpha), origin, digit, font, stroke, 255, 255)
+            glyphs.draw_digit(ImageDraw.Draw(alpha), origin, digit, font, stroke, 255, 255)
             # A block mean >= 128 after rounding half up is a mean >= 127.5: half covered.
-            covered = np.kron(dc.block_mean(np.asarray(alpha), side) >= 128, np.ones((q, q), bool))
+            covered = np.kron(glyphs.block_mean(np.asarray(alpha), side) >= 128, np.ones((q, q), bool))
             top, left = q * int(params.top[i, k]), q * int(params.left[i, k])
             region = canvas[top : top + q * side, left : left + q * side]
             region[covered] = np.asarray(layer)[covered]
-        out[i] = dc.block_mean(canvas, size)
+        out[i] = glyphs.block_mean(canvas, size)
     return out
 
 

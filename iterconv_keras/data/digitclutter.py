@@ -18,7 +18,7 @@ the hi-res canvas is ``16 * image_size`` on a side with font size ``12 * image_s
 How it is fast: the full-size canvas is never built. Every glyph's outline and face
 coverage is rendered once per process with PIL and turned, with an integral image,
 into coverage tables at the output resolution for each of the 16x16 sub-pixel
-phases. An image is then composited with ``out <- out * (1 - o) + 255 * (o - f)``
+phases (`iterconv_keras.data.glyphs`). An image is then composited with ``out <- out * (1 - o) + 255 * (o - f)``
 per layer on 32x32 cells, vectorised over a batch. The only approximation is where
 the edges of two digits meet inside one output pixel; the fidelity test bounds the
 difference against a full-size PIL render.
@@ -31,23 +31,17 @@ of the rendered glyph tables are recorded in ``info``).
 """
 
 import dataclasses
-import functools
-import hashlib
-import os
 
 import numpy as np
+
+from iterconv_keras.data import glyphs
+from iterconv_keras.data.glyphs import FONT_FILE, FONT_SIZE_PER_PIXEL, RENDER_SCALE, block_mean, font_sha256
 
 BACKGROUND = 119
 FACE = 0
 EDGE = 255
 X_RANGE = (-0.29, 0.29)
 Y_RANGE = (-0.19, 0.19)
-# Hi-res rendering factor and font geometry relative to the output size: 512 canvas,
-# font size 384 and a 10-pixel outline for 32x32 output, as in Spoerer et al. (2017).
-RENDER_SCALE = 16
-FONT_SIZE_PER_PIXEL = 12
-STROKE_PER_PIXEL = 10 / 32
-FONT_FILE = "DejaVuSans-Bold.ttf"
 MIN_DIGITS, MAX_DIGITS = 2, 5
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 128
 # Images composited per vectorised batch: large enough to amortise numpy call
@@ -91,28 +85,6 @@ class Params:
     image_size: int
 
 
-def font_path():
-    """Path of DejaVu Sans Bold as shipped inside matplotlib (same file everywhere)."""
-    import matplotlib
-
-    path = os.path.join(matplotlib.get_data_path(), "fonts", "ttf", FONT_FILE)
-    if not os.path.isfile(path):
-        # Fall back to the font manager, which knows fonts installed elsewhere.
-        from matplotlib import font_manager
-
-        path = font_manager.findfont(
-            font_manager.FontProperties(family="DejaVu Sans", weight="bold"), fallback_to_default=False
-        )
-    return path
-
-
-@functools.lru_cache(maxsize=1)
-def font_sha256():
-    """sha256 of the font file, recorded so a different font is noticed."""
-    with open(font_path(), "rb") as handle:
-        return hashlib.sha256(handle.read()).hexdigest()
-
-
 def validate(n_digits, count, image_size, seed=0):
     """Raise ``ValueError`` echoing a bad digit count, image count, image size or seed.
 
@@ -136,111 +108,6 @@ def validate_generation(count, image_size, seed):
         raise ValueError(f"image_size must be an integer, got {image_size!r}")
     if not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
         raise ValueError(f"image_size must be in {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE}, got {image_size!r}")
-
-
-def _pil_font(image_size):
-    from PIL import ImageFont
-
-    # The basic layout engine avoids a dependency on libraqm being present.
-    return ImageFont.truetype(
-        font_path(), FONT_SIZE_PER_PIXEL * image_size, layout_engine=ImageFont.Layout.BASIC
-    )
-
-
-def _stroke(image_size):
-    return max(1, int(round(STROKE_PER_PIXEL * image_size)))
-
-
-def _draw_digit(draw, origin, digit, font, stroke, face, edge):
-    # fontmode "1": faces are not anti-aliased, as with ImageMagick's +antialias in
-    # the original; Pillow still anti-aliases the outline stroke.
-    draw.fontmode = "1"
-    draw.text(origin, str(digit), font=font, fill=face, stroke_width=stroke, stroke_fill=edge)
-
-
-@dataclasses.dataclass
-class _Glyphs:
-    """Hi-res alpha masks of the ten digits, cropped to their outline's bounding box."""
-
-    outline: list  # uint8 [h, w] alpha (0..255) of face plus outline
-    face: list  # uint8 [h, w] alpha of the face alone
-    origin: list  # (dy, dx): PIL text origin relative to the crop's top-left
-
-
-@functools.lru_cache(maxsize=8)
-def _glyphs(image_size):
-    from PIL import Image, ImageDraw
-
-    font = _pil_font(image_size)
-    stroke = _stroke(image_size)
-    side = RENDER_SCALE * image_size
-    pad = 2 * side  # generous: text origins sit above and left of the ink
-    outline, face, origin = [], [], []
-    for digit in range(10):
-        both = Image.new("L", (2 * pad, 2 * pad), 0)
-        _draw_digit(ImageDraw.Draw(both), (pad // 2, pad // 2), digit, font, stroke, 255, 255)
-        alone = Image.new("L", (2 * pad, 2 * pad), 0)
-        draw = ImageDraw.Draw(alone)
-        draw.fontmode = "1"
-        draw.text((pad // 2, pad // 2), str(digit), font=font, fill=255)
-        both, alone = np.asarray(both), np.asarray(alone)
-        rows = np.flatnonzero(both.any(axis=1))
-        cols = np.flatnonzero(both.any(axis=0))
-        r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-        outline.append(np.ascontiguousarray(both[r0:r1, c0:c1]))
-        face.append(np.ascontiguousarray(alone[r0:r1, c0:c1]))
-        origin.append((pad // 2 - r0, pad // 2 - c0))
-    return _Glyphs(outline, face, origin)
-
-
-@dataclasses.dataclass
-class _Tables:
-    """Per-digit, per-sub-pixel-phase compositing factors at the output resolution.
-
-    ``keep[d, py, px]`` is ``1 - o`` and ``add[d, py, px]`` is ``255 * (o - f)``, with
-    o and f the outline and face coverage fractions of each output pixel when digit
-    d's box has its top-left at sub-pixel phase (py, px).
-    """
-
-    keep: np.ndarray  # float64 [10, q, q, hc, wc]
-    add: np.ndarray  # float64 [10, q, q, hc, wc]
-    sha256: str
-
-
-def _phase_coverage(alpha, q, hc, wc):
-    """Sum of alpha in each q x q cell, for every placement phase, from an integral image.
-
-    Returns int64 ``[q, q, hc, wc]``: entry [py, px, i, j] sums the mask pixels that
-    fall in cell (i, j) when the mask's top-left is at (py, px) of cell (0, 0).
-    """
-    h, w = alpha.shape
-    integral = np.zeros((h + 1, w + 1), np.int64)
-    integral[1:, 1:] = alpha.astype(np.int64).cumsum(axis=0).cumsum(axis=1)
-    phase = np.arange(q)
-    rows = np.clip(q * np.arange(hc + 1)[None, :] - phase[:, None], 0, h)  # [q, hc+1]
-    cols = np.clip(q * np.arange(wc + 1)[None, :] - phase[:, None], 0, w)  # [q, wc+1]
-    corner = integral[rows[:, None, :, None], cols[None, :, None, :]]  # [q, q, hc+1, wc+1]
-    return corner[:, :, 1:, 1:] - corner[:, :, :-1, 1:] - corner[:, :, 1:, :-1] + corner[:, :, :-1, :-1]
-
-
-@functools.lru_cache(maxsize=8)
-def _tables(image_size):
-    glyphs = _glyphs(image_size)
-    q = RENDER_SCALE
-    hc = max(a.shape[0] for a in glyphs.outline) // q + 2
-    wc = max(a.shape[1] for a in glyphs.outline) // q + 2
-    keep = np.empty((10, q, q, hc, wc))
-    add = np.empty((10, q, q, hc, wc))
-    digest = hashlib.sha256()
-    area = 255.0 * q * q
-    for digit in range(10):
-        o = _phase_coverage(glyphs.outline[digit], q, hc, wc)
-        f = _phase_coverage(glyphs.face[digit], q, hc, wc)
-        digest.update(o.tobytes())
-        digest.update(f.tobytes())
-        keep[digit] = 1.0 - o / area
-        add[digit] = (o - f) * (255.0 / area)
-    return _Tables(keep, add, digest.hexdigest())
 
 
 def sample_params(n_digits, count, rng, image_size=32):
@@ -285,9 +152,9 @@ def params_from_uniforms(uniforms, n_digits, image_size=32):
     dx = X_RANGE[0] + (X_RANGE[1] - X_RANGE[0]) * uniforms[:, 10 : 10 + n_digits]
     dy = Y_RANGE[0] + (Y_RANGE[1] - Y_RANGE[0]) * uniforms[:, 10 + n_digits :]
     side = RENDER_SCALE * image_size
-    glyphs = _glyphs(image_size)
-    heights = np.array([a.shape[0] for a in glyphs.outline])
-    widths = np.array([a.shape[1] for a in glyphs.outline])
+    masks = glyphs.glyph_masks(image_size)
+    heights = np.array([a.shape[0] for a in masks.outline])
+    widths = np.array([a.shape[1] for a in masks.outline])
     # Positions are whole hi-res pixels, as in the original (int(size * offset)).
     centre_y = side // 2 + np.floor(dy * side + 0.5).astype(np.int64)
     centre_x = side // 2 + np.floor(dx * side + 0.5).astype(np.int64)
@@ -305,7 +172,7 @@ def render(params):
     Returns:
         uint8 ``[N, S, S]`` images.
     """
-    tables = _tables(params.image_size)
+    tables = glyphs.coverage_tables(params.image_size)
     q = RENDER_SCALE
     size = params.image_size
     _, _, _, hc, wc = tables.keep.shape
@@ -350,33 +217,19 @@ def render_reference(params):
 
     size = params.image_size
     side = RENDER_SCALE * size
-    font = _pil_font(size)
-    stroke = _stroke(size)
-    glyphs = _glyphs(size)
+    font = glyphs.pil_font(size)
+    stroke = glyphs.stroke_width(size)
+    masks = glyphs.glyph_masks(size)
     out = np.empty((params.digits.shape[0], size, size), np.uint8)
     for i, digits in enumerate(params.digits):
         image = Image.new("L", (side, side), BACKGROUND)
         draw = ImageDraw.Draw(image)
         for k, digit in enumerate(digits):
-            dy, dx = glyphs.origin[digit]
+            dy, dx = masks.origin[digit]
             origin = (int(params.left[i, k] + dx), int(params.top[i, k] + dy))
-            _draw_digit(draw, origin, int(digit), font, stroke, FACE, EDGE)
+            glyphs.draw_digit(draw, origin, int(digit), font, stroke, FACE, EDGE)
         out[i] = block_mean(np.asarray(image), size)
     return out
-
-
-def block_mean(hires, size):
-    """Mean of each ``RENDER_SCALE`` x ``RENDER_SCALE`` block of a hi-res canvas, rounded half up.
-
-    Args:
-        hires: uint8 ``[16 * size, 16 * size]`` canvas.
-        size: output side length.
-
-    Returns:
-        int64 ``[size, size]`` grey levels, exact integer arithmetic.
-    """
-    blocks = np.asarray(hires, np.int64).reshape(size, RENDER_SCALE, size, RENDER_SCALE).sum(axis=(1, 3))
-    return (2 * blocks + RENDER_SCALE**2) // (2 * RENDER_SCALE**2)
 
 
 def recipe_info(n_digits, seed, image_size=32):
@@ -391,13 +244,13 @@ def recipe_info(n_digits, seed, image_size=32):
         "font_file": FONT_FILE,
         "font_sha256": font_sha256(),
         "font_size": FONT_SIZE_PER_PIXEL * int(image_size),
-        "stroke_width": _stroke(image_size),
+        "stroke_width": glyphs.stroke_width(image_size),
         "background": BACKGROUND,
         "face": FACE,
         "edge": EDGE,
         "x_offset_range": list(X_RANGE),
         "y_offset_range": list(Y_RANGE),
-        "glyph_tables_sha256": _tables(image_size).sha256,
+        "glyph_tables_sha256": glyphs.coverage_tables(image_size).sha256,
     }
 
 

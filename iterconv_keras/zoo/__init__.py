@@ -6,8 +6,9 @@ One module per concern, each the only owner of its part of the format:
   ``MANIFEST.json``, the lock, checksums, listing;
 - `savedmodel`: the version directory (SavedModel + ``assets.extra``) and its signatures;
 - `card`: the `ModelCard` schema (``assets.extra/metadata.json``);
-- `publish`: `export_version` (stage, atomic rename, register) and `retire_version`
-  (rename out, record in the manifest, regenerate the TF Serving config);
+- `publish`: `export_version` (stage, atomic rename, register);
+- `retire`: `retire_version` (rename out, record in the manifest, regenerate the
+  TF Serving config);
 - `verify`: checksums and loading checks;
 - `serving`: TF Serving's ``models.config``.
 
@@ -41,7 +42,8 @@ from iterconv_keras.zoo.manifest import (
     validate_name,
     writable_root,
 )
-from iterconv_keras.zoo.publish import export_version, retire_version
+from iterconv_keras.zoo.publish import export_version
+from iterconv_keras.zoo.retire import retire_version
 from iterconv_keras.zoo.serving import CONTAINER_BASE_PATH, SERVING_CONFIG, refresh_zoo_config, serving_config
 from iterconv_keras.zoo.verify import check_files, load_serving, raise_on_problems, verified, verify, verify_report
 

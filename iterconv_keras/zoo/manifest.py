@@ -1,5 +1,8 @@
 """Where the zoo is and what it holds: root, names, ``MANIFEST.json``, lock, checksums.
 
+Retiring a version moves its entry to the name's ``retired`` records
+(`iterconv_keras.zoo.retire`); `retired_message` says so to whoever asks for it.
+
 The zoo layout (docs/serving.md)::
 
     <root>/MANIFEST.json     models, versions, default version, sha256 of every file,
@@ -207,29 +210,8 @@ def register_version(root, name, version, checksums, card):
         "parameters": card.parameters,
         "files": checksums,
     }
-    entry["versions"] = _by_version(entry["versions"])
+    entry["versions"] = by_version(entry["versions"])
     entry["default_version"] = max(int(v) for v in entry["versions"])
-    return write_manifest(root, manifest)
-
-
-def retire_entry(root, name, version, reason, when):
-    """Move ``name@version`` from the live versions to the name's ``retired`` records (atomically; under `locked`).
-
-    The record keeps everything the live entry held (creation time, dataset,
-    metrics, parameters, checksums) plus ``retired_at`` and ``reason``. If the
-    version was the default, the default moves to the highest live version.
-    The caller checks that the version is live and not the last one.
-
-    Returns:
-        The new manifest.
-    """
-    manifest = read_manifest(root)
-    entry = manifest["models"][name]
-    record = entry["versions"].pop(str(version))
-    entry[RETIRED] = _by_version({**entry.get(RETIRED, {}), str(version): {**record, "retired_at": when,
-                                                                           "reason": reason}})
-    if int(entry["default_version"]) == int(version):
-        entry["default_version"] = max(int(v) for v in entry["versions"])
     return write_manifest(root, manifest)
 
 
@@ -241,7 +223,8 @@ def write_manifest(root, manifest):
     return manifest
 
 
-def _by_version(mapping):
+def by_version(mapping):
+    """``mapping`` (version string -> record) ordered by version number, as the manifest stores it."""
     return dict(sorted(mapping.items(), key=lambda item: int(item[0])))
 
 
