@@ -360,6 +360,13 @@ def _mean_curve(runs, extract):
     return stack.mean(axis=0), (stack.std(axis=0, ddof=1) if len(curves) > 1 else None)
 
 
+def condition_color(condition):
+    """One colour per condition, the same in every figure (matplotlib's ten default colours;
+    grey for a condition outside the grid)."""
+    order = [*COUPLING_GRID, "sn-l0", "sn-l1", "conventional", "contractive-l0", "contractive-l1"]
+    return f"C{order.index(condition)}" if condition in order else "0.4"
+
+
 def plot_curves(rows, datasets, path, extract, xs_of, xlabel, ylabel, title, dashed=None):
     plt, fig, axes = _figure(len(datasets))
     for ax, dataset in zip(axes[0], datasets, strict=True):
@@ -372,10 +379,8 @@ def plot_curves(rows, datasets, path, extract, xs_of, xlabel, ylabel, title, das
                 if mean is None:
                     continue
                 xs = xs_of(next(iter(runs[condition].values())))
-                line = ax.errorbar(xs, mean, yerr=sd, ls=style, marker=".", capsize=2,
-                                   label=condition if style == "-" else None)
-                if style == "--":
-                    line[0].set_color(ax.lines[-2].get_color() if len(ax.lines) > 1 else None)
+                ax.errorbar(xs, mean, yerr=sd, ls=style, marker=".", capsize=2, color=condition_color(condition),
+                            label=condition if style == "-" else None)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.set_title(DATASET_TITLES.get(dataset, dataset))

@@ -120,3 +120,13 @@ def test_runs_table_has_one_row_per_run_with_its_numbers():
     assert len(lines) == 4
     assert lines[2] == "| l0 | 0 | 0.900 | 0.50 | 0.25 | 1.50 / n/a | 0.875 | 0.50 | n/a |"
     assert lines[3] == "| l0 | 1 | 0.900 | 0.50 | 0.25 | 1.50 / n/a | n/a | 0.50 | 2.0 |"
+
+
+def test_every_condition_of_the_sweep_has_its_own_colour():
+    spec = importlib.util.spec_from_file_location("sweep", _PATH.parent / "sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    conditions = [c.name for c in sweep.CONDITIONS]
+    colours = [report.condition_color(c) for c in conditions]
+    assert len(set(colours)) == len(conditions) and "0.4" not in colours
+    assert report.condition_color("something-else") == "0.4"
