@@ -134,8 +134,10 @@ def mean_sd(vals):
 
 # (claim, measure, A, B, what the paper expects of A - B). "A > B" / "A < B": the claim
 # is that the difference has this sign; "A <= B": the claim is that A does not help (A is
-# not better than B). None: our own question, not a claim of the paper.
+# not better than B). None: our own question, not a claim of the paper. B None: A against 0.
 CLAIMS = [
+    ("Conventionally trained ResNets do not learn iterative solutions", "recurrence index", "conventional", None,
+     "A <= B"),
     ("Coupling makes networks iterative", "recurrence index", "l1", "l0", "A > B"),
     ("Coupling under the constraint", "recurrence index", "sn-l1", "sn-l0", "A > B"),
     ("The constraint makes networks convergent", "log10 convergence rate", "sn-l0", "l0", "A < B"),
@@ -207,12 +209,14 @@ def claims_table(rows, datasets):
     for title, metric, a, b, expected in CLAIMS:
         for dataset in datasets:
             runs = by_condition(rows, dataset)
-            interval = paired_interval(values(runs.get(a, {}), metric), values(runs.get(b, {}), metric))
+            first = values(runs.get(a, {}), metric)
+            second = values(runs.get(b, {}), metric) if b is not None else dict.fromkeys(first, 0.0)
+            interval = paired_interval(first, second)
             n = interval["n"] if interval else 0
             ci = (f"[{_fmt(interval['low'])}, {_fmt(interval['high'])}]"
                   if interval and interval["low"] is not None else "-")
             needed = seeds_to_resolve(interval) if verdict(interval) == "no detectable difference" else None
-            lines.append(f"| {title} | {dataset} | {metric} | {a} | {b} | {n} | "
+            lines.append(f"| {title} | {dataset} | {metric} | {a} | {'0' if b is None else b} | {n} | "
                          f"{_fmt(interval['mean'] if interval else None)} | {ci} | {verdict(interval)} | "
                          f"{agreement(interval, expected)} | {'-' if needed is None else needed} |")
     return "\n".join(lines) + "\n"

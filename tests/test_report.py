@@ -130,3 +130,15 @@ def test_every_condition_of_the_sweep_has_its_own_colour():
     colours = [report.condition_color(c) for c in conditions]
     assert len(set(colours)) == len(conditions) and "0.4" not in colours
     assert report.condition_color("something-else") == "0.4"
+
+
+def test_a_claim_without_b_compares_a_with_zero():
+    def row(seed, ri):
+        return {"dataset": "digitclutter", "condition": "conventional", "seed": seed, "test": {"accuracy": 0.9},
+                "evaluation": {"indices": {"recurrence": ri}}}
+
+    table = report.claims_table([row(0, -1.0), row(1, -0.5), row(2, -0.75)], ["digitclutter"])
+    line = next(x for x in table.splitlines() if x.startswith("| Conventionally trained"))
+    # Mean -0.75, sd 0.25, half width 4.303 * 0.25 / sqrt(3) = 0.6211: [-1.371, -0.129].
+    assert line == ("| Conventionally trained ResNets do not learn iterative solutions | digitclutter | "
+                    "recurrence index | conventional | 0 | 3 | -0.750 | [-1.371, -0.129] | A < B | agrees | - |")
