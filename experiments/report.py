@@ -17,15 +17,22 @@ Paired comparisons: for a claim "A versus B" the difference is taken per seed (t
 same seed trains both conditions on the same data order), then
 ``mean +- t(0.975, n-1) * sd / sqrt(n)`` is its 95 % interval (Student's t, n pairs).
 With one pair there is no interval; the report says so.
+
+Exit codes: 0 written; 2 usage error (no or malformed summary.json, a results file
+without the markers, an output that cannot be written): one line on stderr and
+nothing written.
 """
 
 import argparse
+import collections
 import json
 import math
 import os
 import sys
 
 import numpy as np
+
+from iterconv_keras import fsutil
 
 # Two-sided 95 % quantiles of Student's t, by degrees of freedom (no SciPy needed).
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
@@ -132,38 +139,50 @@ def mean_sd(vals):
 
 # ---------------------------------------------------------------------------- the report
 
-# (claim, measure, A, B, what the paper expects of A - B). "A > B" / "A < B": the claim
-# is that the difference has this sign; "A <= B": the claim is that A does not help (A is
-# not better than B). None: our own question, not a claim of the paper. B None: A against 0.
+# Claims checked by paired comparisons. ``b`` None compares A with 0. ``expected``: "A > B" /
+# "A < B" (the difference has this sign), "A <= B" (A does not help: it is not better).
+# ``source``: "paper" (Lippl, Peters & Kriegeskorte 2024, section 1 of the method), "paper*"
+# (the paper's claim, measured our way: it tests robustness on Digitclutter, whose digits
+# occlude each other; patch-occlusion AUC is our operationalisation), "ours" (a question
+# of this project: the contractive block and the initialisation go beyond the paper).
+Claim = collections.namedtuple("Claim", "title metric a b expected source")
 CLAIMS = [
-    ("Conventionally trained ResNets do not learn iterative solutions", "recurrence index", "conventional", None,
-     "A <= B"),
-    ("Coupling makes networks iterative", "recurrence index", "l1", "l0", "A > B"),
-    ("Coupling under the constraint", "recurrence index", "sn-l1", "sn-l0", "A > B"),
-    ("The constraint makes networks convergent", "log10 convergence rate", "sn-l0", "l0", "A < B"),
-    ("The contractive block makes networks convergent", "log10 convergence rate", "contractive-l0", "l0", "A < B"),
-    ("Coupling does not help accuracy", "test accuracy", "l1", "l0", "A <= B"),
-    ("The constraint does not help accuracy", "test accuracy", "sn-l0", "l0", "A <= B"),
-    ("Convergence by construction does not help accuracy", "test accuracy", "contractive-l0", "l0", "A <= B"),
-    ("Coupling does not help occlusion robustness", "occlusion AUC", "l1", "l0", "A <= B"),
-    ("The constraint does not help occlusion robustness", "occlusion AUC", "sn-l0", "l0", "A <= B"),
-    ("Convergence by construction does not help occlusion robustness", "occlusion AUC", "contractive-l0", "l0",
-     "A <= B"),
-    ("Tied initialisation is a head start towards recurrence", "recurrence index", "l0", "conventional", None),
-    ("Tied versus conventional initialisation: accuracy", "test accuracy", "l0", "conventional", None),
+    Claim("Conventionally trained ResNets do not learn iterative solutions", "recurrence index", "conventional",
+          None, "A <= B", "paper"),
+    Claim("Coupling makes networks iterative", "recurrence index", "l1", "l0", "A > B", "paper"),
+    Claim("Coupling under the constraint", "recurrence index", "sn-l1", "sn-l0", "A > B", "paper"),
+    Claim("The constraint makes networks convergent (rate below 1)", "log10 convergence rate", "sn-l0", None,
+          "A < B", "paper"),
+    Claim("The constraint makes networks more convergent than lambda 0", "log10 convergence rate", "sn-l0", "l0",
+          "A < B", "paper"),
+    Claim("The contractive block makes networks convergent (rate below 1)", "log10 convergence rate",
+          "contractive-l0", None, "A < B", "ours"),
+    Claim("Coupling does not help accuracy", "test accuracy", "l1", "l0", "A <= B", "paper"),
+    Claim("The constraint does not help accuracy", "test accuracy", "sn-l0", "l0", "A <= B", "paper"),
+    Claim("Convergence by construction does not help accuracy", "test accuracy", "contractive-l0", "l0", "A <= B",
+          "ours"),
+    Claim("Coupling does not help occlusion robustness", "occlusion AUC", "l1", "l0", "A <= B", "paper*"),
+    Claim("The constraint does not help occlusion robustness", "occlusion AUC", "sn-l0", "l0", "A <= B", "paper*"),
+    Claim("Convergence by construction does not help occlusion robustness", "occlusion AUC", "contractive-l0", "l0",
+          "A <= B", "ours"),
+    Claim("Tied initialisation is a head start towards recurrence", "recurrence index", "l0", "conventional",
+          "A > B", "ours"),
+    Claim("Tied versus conventional initialisation: accuracy", "test accuracy", "l0", "conventional", None, "ours"),
 ]
 
 
 def agreement(interval, expected):
-    """Whether a paired comparison bears out the paper's expectation for it.
+    """Whether a paired comparison bears out the expectation stated for it.
 
     Args:
         interval: a ``paired_interval`` result (or None).
-        expected: "A > B", "A < B", "A <= B" (A does not help) or None (not a claim of the paper).
+        expected: "A > B", "A < B", "A <= B" (A does not help) or None (no expectation).
 
     Returns:
-        "agrees", "disagrees", "not shown" (interval contains 0 where the paper expects a
-        sign), "open" (fewer than two seeds) or "-" (no expectation).
+        "agrees" (the interval lies on the expected side of 0), "disagrees" (it lies on the
+        other side), "not shown" (it contains 0 where a sign is expected), "not
+        contradicted" (it contains 0 where A is expected not to help: absence of a
+        difference at this n, not evidence of none), "open" (fewer than two seeds) or "-".
     """
     found = verdict(interval)
     if expected is None:
@@ -171,7 +190,7 @@ def agreement(interval, expected):
     if found in ("no runs yet", "one seed only: no interval"):
         return "open"
     if expected == "A <= B":
-        return "disagrees" if found == "A > B" else "agrees"
+        return {"A > B": "disagrees", "A < B": "agrees"}.get(found, "not contradicted")
     if found == expected:
         return "agrees"
     return "disagrees" if found in ("A > B", "A < B") else "not shown"
@@ -204,22 +223,30 @@ def _fmt(x, digits=3):
 
 
 def claims_table(rows, datasets):
-    lines = ["| claim | dataset | measure | A | B | n | mean A - B | 95 % interval | verdict | paper | "
-             "seeds to resolve |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for title, metric, a, b, expected in CLAIMS:
+    lines = ["| claim | dataset | measure | A | B | n | mean A - B | 95 % interval | verdict | expected (source) | "
+             "outcome | seeds to resolve |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for claim in CLAIMS:
         for dataset in datasets:
             runs = by_condition(rows, dataset)
-            first = values(runs.get(a, {}), metric)
-            second = values(runs.get(b, {}), metric) if b is not None else dict.fromkeys(first, 0.0)
+            first = values(runs.get(claim.a, {}), claim.metric)
+            second = values(runs.get(claim.b, {}), claim.metric) if claim.b is not None else dict.fromkeys(first, 0.0)
             interval = paired_interval(first, second)
             n = interval["n"] if interval else 0
             ci = (f"[{_fmt(interval['low'])}, {_fmt(interval['high'])}]"
                   if interval and interval["low"] is not None else "-")
             needed = seeds_to_resolve(interval) if verdict(interval) == "no detectable difference" else None
-            lines.append(f"| {title} | {dataset} | {metric} | {a} | {'0' if b is None else b} | {n} | "
+            expected = f"{claim.expected} ({claim.source})" if claim.expected else f"- ({claim.source})"
+            lines.append(f"| {claim.title} | {dataset} | {claim.metric} | {claim.a} | "
+                         f"{'0' if claim.b is None else claim.b} | {n} | "
                          f"{_fmt(interval['mean'] if interval else None)} | {ci} | {verdict(interval)} | "
-                         f"{agreement(interval, expected)} | {'-' if needed is None else needed} |")
+                         f"{expected} | {agreement(interval, claim.expected)} | {_seeds(needed)} |")
     return "\n".join(lines) + "\n"
+
+
+def _seeds(needed, most=1000):
+    if needed is None:
+        return "-"
+    return f"> {most}" if needed > most else str(needed)
 
 
 def conditions_table(rows, dataset):
@@ -324,7 +351,7 @@ def plot_versus_lambda(rows, datasets, metric, path, ylabel):
                     ys.append(mean)
                     es.append(sd or 0.0)
             if xs:
-                ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=family)
+                ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=family, color=condition_color(names[0]))
         ax.set_xticks(range(len(ticks)), [f"{t:g}" for t in ticks])
         ax.set_xlabel("coupling lambda")
         ax.set_ylabel(ylabel)
@@ -428,6 +455,17 @@ def make_figures(rows, datasets, folder):
 
 
 BEGIN, END = "<!-- grid-report:begin -->", "<!-- grid-report:end -->"
+CLAIMS_LEGEND = (
+    "A - B per seed (B = 0: A itself), then the mean with its 95 % Student-t interval; the verdict "
+    "says on which side of 0 the interval lies. *expected (source)*: what the claim says of A - B "
+    "(A <= B: A does not help) and whose claim it is: *paper* (Lippl, Peters & Kriegeskorte 2024), "
+    "*paper\\** (the paper's claim measured our way: patch-occlusion AUC), *ours* (beyond the paper: "
+    "the contractive block, the initialisation). *outcome*: *agrees* / *disagrees* (the interval "
+    "lies on the expected / the other side of 0), *not shown* (it contains 0 where a sign is "
+    "expected), *not contradicted* (it contains 0 where A should not help: no difference found at "
+    "this n, which is not evidence of none), *open* (fewer than two seeds). *seeds to resolve*: "
+    "for an interval containing 0, the seeds at which it would exclude 0 if the observed mean and "
+    "spread held (a planning number, not a result).")
 
 
 def render(summary, datasets, figures, figure_prefix):
@@ -437,14 +475,10 @@ def render(summary, datasets, figures, figure_prefix):
     parts = [f"{len(rows)} finished runs; {cpu / 3600:.2f} CPU-hours recorded (training and evaluation)"
              + (f", without the training of {', '.join(unrecorded)} (unrecorded)" if unrecorded else "") + ".\n"]
     for dataset in datasets:
-        parts.append(f"#### {DATASET_TITLES[dataset]}\n\nMean over seeds (+- 1 sd when there are "
+        parts.append(f"#### {DATASET_TITLES.get(dataset, dataset)}\n\nMean over seeds (+- 1 sd when there are "
                      "several).\n\n" + conditions_table(rows, dataset) + "\nEvery run (train CPU-min: "
                      "n/a where the run's training time was not recorded):\n\n" + runs_table(rows, dataset))
-    parts.append("#### Claims, paired over seeds\n\nA - B per seed, then the mean with its 95 % Student-t "
-                 "interval. *paper*: whether the comparison bears out the paper's claim (*not shown*: the "
-                 "interval contains 0 where the paper expects a sign; *open*: fewer than two seeds). "
-                 "*seeds to resolve*: for an interval containing 0, how many seeds would exclude 0 if the "
-                 "observed mean and spread held (a planning number).\n\n" + claims_table(rows, datasets))
+    parts.append("#### Claims, paired over seeds\n\n" + CLAIMS_LEGEND + "\n\n" + claims_table(rows, datasets))
     parts.append("#### Figures\n")
     for path in figures:
         name = os.path.splitext(os.path.basename(path))[0]
@@ -464,11 +498,24 @@ def splice(document, text):
     return document[:begin + len(BEGIN)] + "\n" + text + "\n" + document[end:]
 
 
-def write_atomically(path, text):
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w") as f:
-        f.write(text)
-    os.replace(temporary, path)
+def load_summary(path):
+    """The sweep's summary document; ValueError (one line) when it is missing or malformed."""
+    try:
+        with open(path) as f:
+            summary = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"no {path}; run experiments/sweep.py first") from None
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"cannot read {path}: {error}") from None
+    if not isinstance(summary, dict) or not isinstance(summary.get("runs"), list):
+        raise ValueError(f"{path} is not a sweep summary (no list of runs)")
+    return summary
+
+
+def datasets_of(rows):
+    """The datasets with runs: the known ones in `DATASET_TITLES` order, then any other, sorted."""
+    present = {r["dataset"] for r in rows}
+    return [d for d in DATASET_TITLES if d in present] + sorted(present - set(DATASET_TITLES))
 
 
 def main(argv=None):
@@ -480,30 +527,35 @@ def main(argv=None):
                         help="also fill the section between the grid-report markers of this Markdown file "
                              "(docs/results.md)")
     args = parser.parse_args(argv)
-    path = os.path.join(args.grid, "summary.json")
-    if not os.path.isfile(path):
-        print(f"report: no {path}; run experiments/sweep.py first", file=sys.stderr)
-        return 2
-    with open(path) as f:
-        summary = json.load(f)
-    rows = summary["runs"]
-    datasets = [d for d in DATASET_TITLES if any(r["dataset"] == d for r in rows)]
-    document = None
-    if args.results:  # checked before any figure is drawn: nothing is written on a bad target
-        try:
-            with open(args.results) as f:
-                document = f.read()
-            splice(document, "")
-        except (OSError, ValueError) as error:
-            print(f"report: {args.results}: {error}", file=sys.stderr)
-            return 2
-    figures = make_figures(rows, datasets, args.figures)
     out = args.out or os.path.join(args.grid, "report.md")
+    # Everything is checked before the first figure is drawn: a bad input writes nothing.
+    try:
+        summary = load_summary(os.path.join(args.grid, "summary.json"))
+        document = None
+        if args.results:
+            try:
+                with open(args.results) as f:
+                    document = f.read()
+            except OSError as error:
+                raise ValueError(f"cannot read {args.results}: {error.strerror}") from None
+            try:
+                splice(document, "")
+            except ValueError as error:
+                raise ValueError(f"{args.results}: {error}") from None
+        for target in (out, os.path.join(args.figures, "probe.png"), args.results):
+            if target:
+                fsutil.check_writable(target)
+    except ValueError as error:
+        print(f"report: {error}", file=sys.stderr)
+        return 2
+    rows = summary["runs"]
+    datasets = datasets_of(rows)
+    figures = make_figures(rows, datasets, args.figures)
     prefix = os.path.relpath(args.figures, os.path.dirname(os.path.abspath(out))) + "/"
-    write_atomically(out, "# Grid report\n\n" + render(summary, datasets, figures, prefix))
+    fsutil.write_text_atomic(out, "# Grid report\n\n" + render(summary, datasets, figures, prefix))
     if document is not None:
         prefix = os.path.relpath(args.figures, os.path.dirname(os.path.abspath(args.results))) + "/"
-        write_atomically(args.results, splice(document, render(summary, datasets, figures, prefix)))
+        fsutil.write_text_atomic(args.results, splice(document, render(summary, datasets, figures, prefix)))
     print(f"report: {out}; figures: {', '.join(os.path.basename(p) for p in figures)}", file=sys.stderr)
     return 0
 

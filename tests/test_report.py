@@ -47,7 +47,8 @@ def _interval(diffs):
     ([-1.0, -1.1, -0.9], "A < B", "agrees"),
     ([1.0, 1.1, 0.9], "A <= B", "disagrees"),  # "does not help", yet it helps
     ([-1.0, -1.1, -0.9], "A <= B", "agrees"),  # it hurts: still does not help
-    ([-1.0, 1.1, 0.2], "A <= B", "agrees"),
+    ([-1.0, 1.1, 0.2], "A <= B", "not contradicted"),  # no difference found is not no difference
+    ([1.0, 1.1, 0.9], "A < B", "disagrees"),
     ([1.0], "A > B", "open"),
     ([1.0, 1.1], None, "-"),
 ])
@@ -141,4 +142,46 @@ def test_a_claim_without_b_compares_a_with_zero():
     line = next(x for x in table.splitlines() if x.startswith("| Conventionally trained"))
     # Mean -0.75, sd 0.25, half width 4.303 * 0.25 / sqrt(3) = 0.6211: [-1.371, -0.129].
     assert line == ("| Conventionally trained ResNets do not learn iterative solutions | digitclutter | "
-                    "recurrence index | conventional | 0 | 3 | -0.750 | [-1.371, -0.129] | A < B | agrees | - |")
+                    "recurrence index | conventional | 0 | 3 | -0.750 | [-1.371, -0.129] | A < B | "
+                    "A <= B (paper) | agrees | - |")
+
+
+def test_an_unresolvable_difference_reads_more_than_the_limit():
+    assert report._seeds(report.seeds_to_resolve(_interval([-1.0, 1.02]))) == "> 1000"
+    assert report._seeds(11) == "11" and report._seeds(None) == "-"
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"runs": 3}', "[]"])
+def test_a_malformed_summary_is_one_line_and_writes_nothing(tmp_path, capsys, content):
+    (tmp_path / "summary.json").write_text(content)
+    code = report.main(["--grid", str(tmp_path), "--figures", str(tmp_path / "figures")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("report: ") and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+
+
+def test_an_unwritable_report_is_refused_before_any_figure(tmp_path, capsys):
+    (tmp_path / "summary.json").write_text('{"runs": []}')
+    (tmp_path / "a-file").write_text("")
+    code = report.main(["--grid", str(tmp_path), "--figures", str(tmp_path / "figures"),
+                        "--out", str(tmp_path / "a-file" / "report.md")])
+    assert code == 2 and "a-file" in capsys.readouterr().err
+    assert not (tmp_path / "figures").exists()
+
+
+_REPO = _PATH.parent.parent
+
+
+def test_results_md_holds_what_the_report_makes_of_the_committed_summary(tmp_path):
+    # docs/results.md's marked section is generated, never edited: regenerate it from the
+    # committed summary.json in a scratch copy (same docs/figures layout) and compare.
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    committed = (_REPO / "docs" / "results.md").read_text()
+    (docs / "results.md").write_text(report.splice(committed, "stale"))
+    code = report.main(["--grid", str(_REPO / "experiments" / "grid"), "--figures", str(docs / "figures"),
+                        "--out", str(tmp_path / "report.md"), "--results", str(docs / "results.md")])
+    assert code == 0
+    assert (docs / "results.md").read_text() == committed, "rerun experiments/report.py --results docs/results.md"
+    assert sorted(p.name for p in (docs / "figures").iterdir()) == sorted(
+        p.name for p in (_REPO / "docs" / "figures").iterdir())
