@@ -1,18 +1,22 @@
 """Publish the grid's seed-0 models to the zoo, then rewrite the README's zoo table from the cards.
 
 Every finished seed-0 run of the grid (``experiments/sweep.py``) whose model is on
-this machine and which no live zoo version came from yet is exported with
+this machine and which was never published is exported with
 ``iterconv export RUN --name NAME`` under the name `NAMES` gives its condition
-(a new version where the name exists). A version's card records its source run,
-so "already published" is read from the zoo itself. The README's zoo table (one
-row per name: its default version) is then rewritten from the cards, so it can
-never disagree with them (tests/test_repo_zoo.py checks that it does not).
+(a new version where the name exists). ``GRID/published.json`` records each
+export (run, relative to the grid -> ``NAME@VERSION``) as it happens and keeps
+the record when a version is later retired, so a retired version is never
+silently re-exported as a newer default. The README's zoo table (one row per
+name: its default version) is then rewritten from the cards, so it cannot
+disagree with them (tests/test_repo_zoo.py checks that it does not); it is
+rewritten even when an export failed, from the versions that exist.
 
 Usage:
     python experiments/publish.py --grid experiments/grid --zoo zoo --readme README.md
     python experiments/publish.py --dry-run      # say what would be exported, change nothing
 
-Exit codes: 0 done, 1 an export failed, 2 usage error (no grid, no table in the README).
+Exit codes: 0 done, 1 an export failed (those before it stay published and
+recorded), 2 usage error (no grid, no README or no zoo table in it): one line on stderr.
 """
 
 import argparse
@@ -48,34 +52,37 @@ TABLE_HEADER = ("| name | version | dataset | coupling | Lipschitz | test accura
                 "convergence rate per stage | occlusion AUC |")
 
 
+RECORD = "published.json"
+
+
 def exportable_runs(grid):
-    """``[(run_dir, name)]``: finished seed-0 runs with a local model, in `NAMES` order."""
+    """``[(run, name)]``: finished seed-0 runs with a local model, in `NAMES` order.
+
+    ``run`` is the run directory relative to ``grid`` (``DATASET/CONDITION-s0``).
+    """
     found = []
     for (dataset, condition), name in NAMES.items():
-        run_dir = os.path.join(grid, dataset, f"{condition}-s0")
-        if all(os.path.isfile(os.path.join(run_dir, f)) for f in ("model.keras", "metrics.json", "eval.json")):
-            found.append((run_dir, name))
+        run = f"{dataset}/{condition}-s0"
+        if all(os.path.isfile(os.path.join(grid, run, f)) for f in ("model.keras", "metrics.json", "eval.json")):
+            found.append((run, name))
     return found
 
 
-def published_sources(zoo_root):
-    """Source paths (as the cards hold them) of every live zoo version."""
-    from iterconv_keras import zoo
-
-    sources = set()
-    for entry in zoo.list_pretrained(zoo_root):
-        for version in entry["versions"]:
-            card = zoo.show(f"{entry['name']}@{version}", zoo_root)["card"].to_json()
-            if card.get("source"):
-                sources.add(os.path.normpath(card["source"]))
-    return sources
+def read_record(grid):
+    """run (relative to the grid) -> list of ``NAME@VERSION`` it was published as."""
+    path = os.path.join(grid, RECORD)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
 
 
-def is_published(run_dir, sources):
-    """Whether a live version came from ``run_dir`` (cards hold absolute paths of the machine
-    that exported them, so the grid-relative tail ``DATASET/CONDITION-sSEED`` is compared)."""
-    tail = os.path.join(*os.path.normpath(os.path.abspath(run_dir)).split(os.sep)[-2:])
-    return any(source.endswith(os.sep + tail) for source in sources)
+def record_export(grid, run, reference):
+    from iterconv_keras import fsutil
+
+    record = read_record(grid)
+    record.setdefault(run, []).append(reference)
+    fsutil.write_json_atomic(os.path.join(grid, RECORD), record, sort_keys=True)
 
 
 def _dataset_title(card):
@@ -117,12 +124,25 @@ def replace_table(readme, lines):
     """``readme`` with the zoo table (from its header to the next blank line) replaced by ``lines``."""
     rows = readme.split("\n")
     if TABLE_HEADER not in rows:
-        raise ValueError("no zoo table (its header row) found")
+        raise ValueError("no zoo table (its header row) in the README")
     start = rows.index(TABLE_HEADER)
     end = start
     while end < len(rows) and rows[end].strip():
         end += 1
     return "\n".join(rows[:start] + lines + rows[end:])
+
+
+def export(grid, zoo_root, run, name):
+    """Export one run with the CLI and record it; ValueError (one line) when the export fails."""
+    result = subprocess.run([sys.executable, "-m", "iterconv_cli.main", "export", os.path.join(grid, run),
+                             "--name", name, "--zoo", zoo_root, "--json"], capture_output=True, text=True)
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or [f"exit code {result.returncode}"])[-1]
+        raise ValueError(f"exporting {run} failed: {last}")
+    exported = json.loads(result.stdout)
+    reference = f"{exported['name']}@{exported['version']}"
+    record_export(grid, run, reference)
+    return reference
 
 
 def main(argv=None):
@@ -132,34 +152,35 @@ def main(argv=None):
     parser.add_argument("--readme", default="README.md")
     parser.add_argument("--dry-run", action="store_true", help="say what would be exported; change nothing")
     args = parser.parse_args(argv)
-    if not os.path.isdir(args.grid):
-        print(f"publish: no grid at {args.grid}", file=sys.stderr)
+    try:  # checked before anything is exported
+        if not os.path.isdir(args.grid):
+            raise ValueError(f"no grid at {args.grid}")
+        try:
+            with open(args.readme) as f:
+                readme = f.read()
+        except OSError as error:
+            raise ValueError(f"cannot read {args.readme}: {error.strerror}") from None
+        replace_table(readme, [])
+    except ValueError as error:
+        print(f"publish: {error}", file=sys.stderr)
         return 2
-    with open(args.readme) as f:
-        readme = f.read()
-    if TABLE_HEADER not in readme.split("\n"):  # checked before anything is exported
-        print(f"publish: {args.readme}: no zoo table (its header row) found", file=sys.stderr)
-        return 2
-    sources = published_sources(args.zoo)
-    todo = [(run, name) for run, name in exportable_runs(args.grid) if not is_published(run, sources)]
-    for run_dir, name in todo:
-        print(f"publish: {run_dir} -> {name}" + (" (dry run)" if args.dry_run else ""), file=sys.stderr)
-        if args.dry_run:
-            continue
-        result = subprocess.run([sys.executable, "-m", "iterconv_cli.main", "export", run_dir, "--name", name,
-                                 "--zoo", args.zoo, "--json"], capture_output=True, text=True)
-        if result.returncode != 0:
-            print(f"publish: exporting {run_dir} failed: {result.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
-            return 1
-        exported = json.loads(result.stdout)
-        print(f"publish: {exported.get('name')}@{exported.get('version')}", file=sys.stderr)
-    if not args.dry_run:
-        updated = replace_table(readme, zoo_table(args.zoo))
-        temporary = f"{args.readme}.tmp-{os.getpid()}"
-        with open(temporary, "w") as f:
-            f.write(updated)
-        os.replace(temporary, args.readme)
-    return 0
+    published = read_record(args.grid)
+    todo = [(run, name) for run, name in exportable_runs(args.grid) if run not in published]
+    code = 0
+    try:
+        for run, name in todo:
+            print(f"publish: {run} -> {name}" + (" (dry run)" if args.dry_run else ""), file=sys.stderr)
+            if not args.dry_run:
+                print(f"publish: {export(args.grid, args.zoo, run, name)}", file=sys.stderr)
+    except ValueError as error:
+        print(f"publish: {error}", file=sys.stderr)
+        code = 1
+    finally:
+        if not args.dry_run:  # the table follows the zoo as it is, failed export or not
+            from iterconv_keras import fsutil
+
+            fsutil.write_text_atomic(args.readme, replace_table(readme, zoo_table(args.zoo)))
+    return code
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
 """experiments/publish.py: which grid runs go to the zoo under which name, and the README table."""
 
 import importlib.util
-import os
 import pathlib
 
 import pytest
@@ -29,14 +28,6 @@ def test_every_condition_of_the_sweep_has_one_valid_distinct_name():
         manifest.validate_name(name)
 
 
-def test_a_run_is_published_when_a_card_names_it_from_any_machine():
-    sources = {os.path.normpath("/elsewhere/checkout/experiments/grid/digitclutter/l0-s0")}
-    assert publish.is_published("experiments/grid/digitclutter/l0-s0", sources)
-    assert not publish.is_published("experiments/grid/fashion_mnist/l0-s0", sources)
-    assert not publish.is_published("experiments/grid/digitclutter/sn-l0-s0", sources)  # a suffix of the name
-    assert not publish.is_published("experiments/grid/digitclutter/l0-s0", set())
-
-
 def test_exportable_runs_need_the_model_and_the_evaluation(tmp_path):
     run = tmp_path / "digitclutter" / "l1-s0"
     run.mkdir(parents=True)
@@ -44,9 +35,49 @@ def test_exportable_runs_need_the_model_and_the_evaluation(tmp_path):
         (run / name).write_text("x")
     assert publish.exportable_runs(str(tmp_path)) == []
     (run / "eval.json").write_text("{}")
-    assert publish.exportable_runs(str(tmp_path)) == [(str(run), "digitclutter-small-recurrent")]
+    assert publish.exportable_runs(str(tmp_path)) == [("digitclutter/l1-s0", "digitclutter-small-recurrent")]
     (tmp_path / "digitclutter" / "l1-s1").mkdir()  # other seeds are never exported
-    assert publish.exportable_runs(str(tmp_path)) == [(str(run), "digitclutter-small-recurrent")]
+    assert publish.exportable_runs(str(tmp_path)) == [("digitclutter/l1-s0", "digitclutter-small-recurrent")]
+
+
+def test_the_record_keeps_every_export_of_a_run(tmp_path):
+    assert publish.read_record(str(tmp_path)) == {}
+    publish.record_export(str(tmp_path), "fashion_mnist/l0-s0", "fashion-mnist-small@2")
+    publish.record_export(str(tmp_path), "fashion_mnist/l0-s0", "fashion-mnist-small@4")
+    assert publish.read_record(str(tmp_path)) == {"fashion_mnist/l0-s0": ["fashion-mnist-small@2",
+                                                                          "fashion-mnist-small@4"]}
+
+
+def test_a_readme_without_the_table_is_refused_before_any_export(tmp_path, capsys):
+    _finished_run_with_a_broken_model(tmp_path)
+    (tmp_path / "README.md").write_text("# no table\n")
+    code = publish.main(["--grid", str(tmp_path / "grid"), "--zoo", str(tmp_path / "zoo"),
+                         "--readme", str(tmp_path / "README.md")])
+    assert code == 2 and capsys.readouterr().err == "publish: no zoo table (its header row) in the README\n"
+    assert not (tmp_path / "grid" / publish.RECORD).exists() and not (tmp_path / "zoo").exists()
+
+
+def _finished_run_with_a_broken_model(tmp_path):
+    run = tmp_path / "grid" / "fashion_mnist" / "l1-s0"
+    run.mkdir(parents=True)
+    (run / "model.keras").write_text("not a zip file")
+    for name in ("metrics.json", "eval.json"):
+        (run / name).write_text("{}")
+
+
+def test_a_failed_export_is_one_line_and_the_table_still_follows_the_zoo(tmp_path, capsys):
+    _finished_run_with_a_broken_model(tmp_path)
+    (tmp_path / "zoo").mkdir()
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n\n{publish.TABLE_HEADER}\n|---|\n| `gone` | 1 |\n\nafter\n")
+    code = publish.main(["--grid", str(tmp_path / "grid"), "--zoo", str(tmp_path / "zoo"), "--readme", str(readme)])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 1
+    assert err[0] == "publish: fashion_mnist/l1-s0 -> fashion-mnist-small-recurrent"
+    assert err[1].startswith("publish: exporting fashion_mnist/l1-s0 failed: ") and len(err) == 2
+    assert not (tmp_path / "grid" / publish.RECORD).exists()
+    # The empty zoo's table: header and rule, the stale row gone, the rest untouched.
+    assert readme.read_text() == f"intro\n\n{publish.TABLE_HEADER}\n|" + "---|" * 10 + "\n\nafter\n"
 
 
 def test_replace_table_touches_only_the_table():
