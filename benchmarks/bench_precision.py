@@ -2,7 +2,7 @@
 
 Model: the ``small`` variant (3 stages of 4 blocks, 16/32/64 channels, stride-2
 stem) on 32x32x1 inputs with 10 classes, batch 128, Adam, trained through
-`training.build_and_compile` and `pipeline.training_batches` exactly as
+`compiling.build_and_compile` and `pipeline.training_batches` exactly as
 ``iterconv train --precision P`` trains (`run_all.KerasTrainer`). The precisions
 are measured interleaved (float32, mixed_bfloat16, float32, ... after warm-up),
 so load from other processes hits them alike; the figures are the median of the

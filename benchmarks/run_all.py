@@ -13,7 +13,7 @@ forward), inference images/s of the exported SavedModel (``serving_default``)
 against ``model.predict`` at batch 1 and 256, the Digitclutter generation rate
 (``bench_digitclutter.py``) and the index-suite cost multiple (``bench_indices.py``).
 
-Our side trains through `iterconv_keras.training.build_and_compile` and
+Our side trains through `iterconv_keras.compiling.build_and_compile` and
 `pipeline.training_batches`, i.e. exactly what ``iterconv train`` runs
 (including its default of ``TrainConfig.jit_compile``).
 
@@ -134,11 +134,12 @@ class KerasTrainer:
     def __init__(self, variant, image_shape, batch, coupling, lipschitz, jit_compile, precision="float32"):
         import numpy as np
 
-        from iterconv_keras import training
+        from iterconv_keras import compiling
+        from iterconv_keras.config import TrainConfig
         from iterconv_keras.data import pipeline
 
-        config = training.TrainConfig(variant=variant, coupling=coupling, spectral_norm=lipschitz is not None,
-                                      lipschitz=lipschitz or 0.9, batch_size=batch, precision=precision)
+        config = TrainConfig(variant=variant, coupling=coupling, spectral_norm=lipschitz is not None,
+                             lipschitz=lipschitz or 0.9, batch_size=batch, precision=precision)
         if jit_compile is not None:
             config.jit_compile = jit_compile
         self.jit_compile = config.jit_compile
@@ -148,7 +149,7 @@ class KerasTrainer:
         n = 20 * batch
         x = rng.integers(0, 256, size=(n, *image_shape), dtype=np.uint8)
         y = rng.integers(0, NUM_CLASSES, size=n)
-        self.model = training.build_and_compile(config.validate(), splits, steps_per_epoch=20)
+        self.model = compiling.build_and_compile(config.validate(), splits, steps_per_epoch=20)
         self.dataset, _ = pipeline.training_batches(x, y, batch_size=batch, seed=0, initial_epoch=0,
                                                     epochs=1_000_000)
 

@@ -9,6 +9,7 @@ from iterconv_keras.config import (  # stdlib only: --help stays instant
     OPTIMIZERS,
     PRECISIONS,
     STRATEGIES,
+    TrainConfig,
 )
 from iterconv_keras.data.sources import DATASET_NAMES  # stdlib only
 from iterconv_keras.models.variants import list_variants  # a table of keyword rows, no imports
@@ -90,8 +91,6 @@ def train(ctx, resume, json_output, **settings):
     The run directory holds config.json (written first), history.json, resumable
     checkpoints, model.keras and metrics.json.
     """
-    from iterconv_keras.training import TrainConfig
-
     _check_constraint_options(ctx, settings)
     config = TrainConfig(**settings).validate()
     if resume:

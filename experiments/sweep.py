@@ -97,7 +97,7 @@ class SweepError(Exception):
 
 def unknown_settings(overrides):
     """The override keys `TrainConfig` has no field for (a condition not runnable yet)."""
-    from iterconv_keras.training import TrainConfig
+    from iterconv_keras.config import TrainConfig
 
     return sorted(set(overrides) - {f.name for f in dataclasses.fields(TrainConfig)})
 
@@ -121,7 +121,7 @@ def plan(datasets, conditions, seeds):
 
 def run_config(args, dataset, condition, seed, run_dir):
     """The validated `TrainConfig` of one run."""
-    from iterconv_keras.training import TrainConfig
+    from iterconv_keras.config import TrainConfig
 
     settings = dict(BUDGETS[dataset])
     for key in ("epochs", "train_size"):
@@ -174,7 +174,7 @@ def train_run(config, log):
     # metrics.json is written after model.keras, so it marks a finished run on its own:
     # the sweep's committed results carry it, not the 5 MB model (a fresh checkout
     # of the repository must not retrain what an earlier session finished).
-    if os.path.isfile(os.path.join(run_dir, training.METRICS_FILE)):
+    if os.path.isfile(os.path.join(run_dir, runs.METRICS_FILE)):
         return False
     # model.keras without metrics.json: killed while writing the final files. A resume
     # finds no epoch left, re-projects onto the bound and writes them.

@@ -16,28 +16,11 @@ import time
 
 import keras
 
-from iterconv_keras import distribution, runs
-from iterconv_keras.compiling import build_and_compile, make_accuracy, make_loss, make_optimizer
-from iterconv_keras.config import OPTIMIZERS, TrainConfig
+from iterconv_keras import compiling, distribution, runs
 from iterconv_keras.errors import IntegrityError, IterconvError, UsageError
 from iterconv_keras.fsutil import read_json_if_present
-from iterconv_keras.runs import (
-    CHECKPOINT_DIR,
-    CONFIG_FILE,
-    HISTORY_FILE,
-    METRICS_FILE,
-    MODEL_FILE,
-    restore_training_state,
-)
 
-# Re-exported: the front door maps `TrainConfig` here, callers written before the
-# run directory had its own module (experiments/sweep.py) read the file names here,
-# and tests and benchmarks build models through `training.build_and_compile` & co.
-# and restore checkpoints through `restore_training_state`, which live in
-# `iterconv_keras.compiling` and `iterconv_keras.runs` since this module was split.
-__all__ = ["CHECKPOINT_DIR", "CONFIG_FILE", "HISTORY_FILE", "METRICS_FILE", "MODEL_FILE", "OPTIMIZERS",
-           "TrainConfig", "TrainingDiverged", "WorkerLost", "build_and_compile", "evaluate_test", "make_accuracy",
-           "make_loss", "make_optimizer", "restore_training_state", "train", "training_dataset"]
+__all__ = ["TrainingDiverged", "WorkerLost", "evaluate_test", "train", "training_dataset"]
 
 
 class TrainingDiverged(IterconvError):
@@ -193,7 +176,7 @@ def _fit_and_test(config, splits, steps, resume, placement, write_dir, log):
             raise TrainingDiverged(
                 f"loss became {guard.failure['loss']} at epoch {guard.failure['epoch'] + 1}, step "
                 f"{guard.failure['step'] + 1}; the last good checkpoint "
-                f"(epoch {len(history)}) is kept in {config.out}/{CHECKPOINT_DIR}"
+                f"(epoch {len(history)}) is kept in {config.out}/{runs.CHECKPOINT_DIR}"
             )
     elif model.lipschitz is not None:
         # Killed after the last checkpoint but before model.keras: the projection that
@@ -248,7 +231,7 @@ def _verbosity():
 def _restore_or_build(config, splits, steps, resume, log, strategy):
     """Return (epochs completed, history, model compiled under ``strategy``), from a checkpoint if any."""
     with strategy.scope():
-        model = build_and_compile(config, splits, steps)
+        model = compiling.build_and_compile(config, splits, steps)
     epochs = runs.checkpoint_epochs(config.out) if resume else []
     if not epochs:
         return 0, [], model
@@ -257,7 +240,7 @@ def _restore_or_build(config, splits, steps, resume, log, strategy):
     state = read_json_if_present(state_path)
     if not {"epochs_completed", "history"} <= set(state):
         raise IntegrityError(f"checkpoint state {state_path} is missing or incomplete")
-    restore_training_state(model, model_path)
+    runs.restore_training_state(model, model_path)
     log(f"resuming after epoch {state['epochs_completed']} from {path}")
     return state["epochs_completed"], state["history"], model
 
@@ -289,7 +272,7 @@ def _one_device_copy(model, multi_label):
     # Called outside every strategy scope (after fit), so the copy lives on the default device.
     copy = type(model).from_config(model.get_config())
     copy.set_weights(model.get_weights())
-    copy.compile(loss=make_loss(multi_label), metrics=[make_accuracy(multi_label)])
+    copy.compile(loss=compiling.make_loss(multi_label), metrics=[compiling.make_accuracy(multi_label)])
     return copy
 
 

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from iterconv_cli.main import cli
-from iterconv_keras.training import TrainConfig
+from iterconv_keras.config import TrainConfig
 
 FAST = ["--variant", "tiny", "--epochs", "1", "--batch-size", "32", "--train-size", "64",
         "--validation-size", "0", "--test-size", "32"]

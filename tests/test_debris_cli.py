@@ -133,7 +133,7 @@ def test_load_for_model_gives_the_test_split_training_uses():
 def test_command_line_defaults_match_the_library():
     # The commands keep literal defaults (for a fast --help); the library decides them.
     from iterconv_cli import data_cmd
-    from iterconv_keras.training import TrainConfig
+    from iterconv_keras.config import TrainConfig
 
     train = {p.name: p.default for p in train_cmd.COMMAND.params}
     data = {p.name: p.default for p in data_cmd.COMMAND.commands["debris"].params}

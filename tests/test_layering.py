@@ -118,3 +118,26 @@ def test_table_modules_import_only_the_standard_library_at_import(module):
     third_party = [n for n in names if n.split(".")[0] not in sys.stdlib_module_names and n != "iterconv_keras"
                    and not n.startswith(("iterconv_keras.errors", "iterconv_keras.fsutil"))]
     assert not third_party, third_party
+
+
+def _top_level_names(path, imported):
+    """Names a module binds at its top level: its own definitions, or (``imported``) the names it imports."""
+    names = set()
+    for node in ast.parse(path.read_text(), filename=str(path)).body:
+        if imported and isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {alias.asname or alias.name.split(".")[0] for alias in node.names}
+        elif not imported and isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif not imported and isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {t.id for t in targets if isinstance(t, ast.Name)}
+    return {n for n in names if not n.startswith("__")}
+
+
+def test_training_gives_no_second_name_to_what_compiling_runs_and_config_define():
+    # training.py was split into compiling.py (the compiled model), runs.py (the run
+    # directory) and config.py (TrainConfig): each of their names has one home, so a
+    # caller reads `compiling.make_loss`, never `training.make_loss`.
+    owned = set().union(*(_top_level_names(PACKAGE / f"{module}.py", imported=False)
+                          for module in ("compiling", "runs", "config")))
+    assert not _top_level_names(PACKAGE / "training.py", imported=True) & owned

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from iterconv_cli.main import cli
-from iterconv_keras import runs, training
+from iterconv_keras import compiling, runs
 from iterconv_keras.config import TrainConfig
 from iterconv_keras.errors import UsageError
 
@@ -65,7 +65,7 @@ def test_an_unknown_lr_schedule_echoes_the_value():
 def test_lr_schedule_reaches_the_optimizer(name, decays):
     import keras
 
-    optimizer = training.make_optimizer(TrainConfig(lr_schedule=name, lr=0.5, epochs=2).validate(), 10)
+    optimizer = compiling.make_optimizer(TrainConfig(lr_schedule=name, lr=0.5, epochs=2).validate(), 10)
     optimizer.build([keras.Variable(0.0)])
     # Cosine decay reaches 0 after epochs x steps; a constant rate stays at lr.
     optimizer.iterations.assign(20)

@@ -18,7 +18,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from iterconv_keras import loading, training, zoo
+from iterconv_keras import compiling, loading, zoo
 from iterconv_keras.data import datasets, generated, pipeline, sources
 from iterconv_keras.zoo.card import ModelCard
 
@@ -89,7 +89,7 @@ def test_generated_data_models_reproduce_their_recorded_accuracy(name):
                            debris_fragments=card.setting("debris_fragments") or generated.DEFAULT_DEBRIS_FRAGMENTS,
                            train_size=8, validation_size=0, test_size=recorded.get("examples", 5000))
     model = loaded.model
-    model.compile(loss=training.make_loss(model.multi_label), metrics=[training.make_accuracy(model.multi_label)])
+    model.compile(loss=compiling.make_loss(model.multi_label), metrics=[compiling.make_accuracy(model.multi_label)])
     result = model.evaluate(pipeline.evaluation_batches(splits.x_test, splits.y_test), verbose=0, return_dict=True)
     # Same generated images, same weights: equal up to float summation order.
     assert result["accuracy"] == pytest.approx(recorded["accuracy"], abs=1e-3)

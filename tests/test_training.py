@@ -9,9 +9,9 @@ import pytest
 from conftest import exact_set_accuracy
 
 from iterconv_keras import runs, training
+from iterconv_keras.config import TrainConfig
 from iterconv_keras.errors import UsageError
 from iterconv_keras.fsutil import write_json_atomic
-from iterconv_keras.training import TrainConfig
 
 FAST = {"variant": "tiny", "epochs": 2, "batch_size": 64, "train_size": 256, "validation_size": 64, "test_size": 128,
         "lr": 0.01}

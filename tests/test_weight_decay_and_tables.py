@@ -5,12 +5,12 @@ import pathlib
 
 import pytest
 
-from iterconv_keras import training
+from iterconv_keras import compiling
 from iterconv_keras.config import ADAMW_WEIGHT_DECAY, BLOCK_INITS, LR_SCHEDULES, OPTIMIZERS, TrainConfig
 
 
 def _decay(**settings):
-    return training.make_optimizer(TrainConfig(**settings).validate(), 10).weight_decay
+    return compiling.make_optimizer(TrainConfig(**settings).validate(), 10).weight_decay
 
 
 def test_zero_weight_decay_switches_adamw_decay_off():
@@ -29,7 +29,8 @@ def test_default_weight_decay_is_resolved_and_recorded(optimizer, expected):
 
 def test_an_unvalidated_adamw_config_gets_the_default_decay():
     # The benchmarks build optimizers from configs they never validate.
-    assert training.make_optimizer(TrainConfig(optimizer="adamw"), 10).weight_decay == pytest.approx(ADAMW_WEIGHT_DECAY)
+    optimizer = compiling.make_optimizer(TrainConfig(optimizer="adamw"), 10)
+    assert optimizer.weight_decay == pytest.approx(ADAMW_WEIGHT_DECAY)
 
 
 def test_old_adamw_configs_keep_their_1e4():

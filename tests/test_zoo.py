@@ -423,6 +423,38 @@ def test_each_file_name_of_a_format_is_spelled_in_one_module():
     assert {name: sorted(paths) for name, paths in spelled.items()} == _OWNED_NAMES
 
 
+def _zoo_modules():
+    folder = os.path.join(REPO, "iterconv_keras", "zoo")
+    return {f[:-3]: ast.parse(open(os.path.join(folder, f)).read()) for f in sorted(os.listdir(folder))
+            if f.endswith(".py")}
+
+
+def test_only_the_manifest_module_writes_the_manifest():
+    # MANIFEST.json's structure has one owner: publish and retire ask manifest.py to
+    # register, retire or restore an entry rather than editing the document themselves.
+    writers = {module for module, tree in _zoo_modules().items() for node in ast.walk(tree)
+               if (isinstance(node, ast.Attribute) and node.attr == "write_manifest")
+               or (isinstance(node, ast.Name) and node.id == "write_manifest")}
+    assert writers == {"manifest"}
+
+
+def test_zoo_writers_depend_on_the_manifest_not_on_each_other():
+    def imported(tree):
+        # Sibling modules named by `from iterconv_keras.zoo import x`, `... .zoo.x import y` or `import ... .zoo.x`.
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "iterconv_keras.zoo":
+                names |= {alias.name for alias in node.names}
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                names |= {m.split(".")[2] for m in modules if m.startswith("iterconv_keras.zoo.")}
+        return names
+
+    trees = _zoo_modules()
+    assert "manifest" in imported(trees["publish"]) and "manifest" in imported(trees["retire"])
+    assert "retire" not in imported(trees["publish"]) and "publish" not in imported(trees["retire"])
+
+
 def test_the_zoo_never_imports_loading():
     for path in _python_files(os.path.join("iterconv_keras", "zoo")):
         for node in ast.walk(ast.parse(open(path).read())):

@@ -3,7 +3,8 @@
 One module per concern, each the only owner of its part of the format:
 
 - `manifest`: where the zoo is, names and ``NAME[@N]`` references,
-  ``MANIFEST.json``, the lock, checksums, listing;
+  ``MANIFEST.json`` (the only module that changes its structure), listing;
+- `storage`: the root's lock, hidden staging folders, checksums and sizes;
 - `savedmodel`: the version directory (SavedModel + ``assets.extra``) and its signatures;
 - `card`: the `ModelCard` schema (``assets.extra/metadata.json``);
 - `publish`: `export_version` (stage, atomic rename, register);
@@ -31,7 +32,6 @@ from iterconv_keras.zoo.manifest import (
     MANIFEST,
     contains,
     existing_root,
-    file_checksums,
     in_checkout,
     list_pretrained,
     parse_reference,
@@ -45,6 +45,7 @@ from iterconv_keras.zoo.manifest import (
 from iterconv_keras.zoo.publish import export_version
 from iterconv_keras.zoo.retire import retire_version
 from iterconv_keras.zoo.serving import CONTAINER_BASE_PATH, SERVING_CONFIG, refresh_zoo_config, serving_config
+from iterconv_keras.zoo.storage import file_checksums
 from iterconv_keras.zoo.verify import check_files, load_serving, raise_on_problems, verified, verify, verify_report
 
 __all__ = [

@@ -1,7 +1,11 @@
-"""Where the zoo is and what it holds: root, names, ``MANIFEST.json``, lock, checksums.
+"""Where the zoo is and what it holds: root, names, ``MANIFEST.json``, listing.
 
-Retiring a version moves its entry to the name's ``retired`` records
-(`iterconv_keras.zoo.retire`); `retired_message` says so to whoever asks for it.
+This is the one module that knows the manifest document's structure: it
+registers a version (`register_version`, for `iterconv_keras.zoo.publish`),
+moves one to the name's ``retired`` records (`retire_entry`, for
+`iterconv_keras.zoo.retire`; `retired_message` says so to whoever asks for it)
+and puts a previous manifest back when a change fails (`restore_manifest`).
+The lock, staging folders and checksums are `iterconv_keras.zoo.storage`'s.
 
 The zoo layout (docs/serving.md)::
 
@@ -18,21 +22,17 @@ Reading commands find the root at ``--zoo``, then ``$ITERCONV_ZOO``, then the
 This module imports no TensorFlow.
 """
 
-import contextlib
-import fcntl
-import hashlib
 import json
 import os
 import re
 
 from iterconv_keras.errors import IntegrityError, ModelNotFound, UsageError
 from iterconv_keras.fsutil import write_json_atomic
-from iterconv_keras.zoo import savedmodel
+from iterconv_keras.zoo import savedmodel, storage
 from iterconv_keras.zoo.card import ModelCard
 
 ENV_VAR = "ITERCONV_ZOO"
 MANIFEST = "MANIFEST.json"
-LOCK_FILE = ".lock"
 MANIFEST_SCHEMA = 1
 # A name's mapping of retired versions: what each held, when and why it was retired.
 RETIRED = "retired"
@@ -162,18 +162,6 @@ def read_manifest(root=None):
     return manifest
 
 
-@contextlib.contextmanager
-def locked(root):
-    """Hold the zoo's exclusive ``flock`` (creating the root) for a read-modify-write."""
-    os.makedirs(root, exist_ok=True)
-    with open(os.path.join(root, LOCK_FILE), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def versions_on_disk(root, name):
     """The integer version folders of ``name`` (registered or not), sorted."""
     folder = os.path.join(root, name)
@@ -189,7 +177,7 @@ def registered_versions(root, name):
 
 
 def register_version(root, name, version, checksums, card):
-    """Add ``name@version`` to the manifest (atomically; call under `locked`).
+    """Add ``name@version`` to the manifest (atomically; call under `storage.locked`).
 
     Args:
         root: zoo directory.
@@ -210,7 +198,7 @@ def register_version(root, name, version, checksums, card):
         "parameters": card.parameters,
         "files": checksums,
     }
-    entry["versions"] = by_version(entry["versions"])
+    entry["versions"] = _by_version(entry["versions"])
     entry["default_version"] = max(int(v) for v in entry["versions"])
     return write_manifest(root, manifest)
 
@@ -223,43 +211,44 @@ def write_manifest(root, manifest):
     return manifest
 
 
-def by_version(mapping):
-    """``mapping`` (version string -> record) ordered by version number, as the manifest stores it."""
+def retire_entry(root, name, version, reason, when):
+    """Move ``name@version`` to the name's ``retired`` records (atomically; call under `storage.locked`).
+
+    The record keeps everything the live entry held (creation time, dataset,
+    metrics, parameters, checksums) plus ``retired_at`` and ``reason``. If the
+    version was the default, the default moves to the highest live version.
+    The caller checks that the version is live and not the last one.
+
+    Returns:
+        The new manifest.
+    """
+    document = read_manifest(root)
+    entry = document["models"][name]
+    record = entry["versions"].pop(str(version))
+    retired = {**entry.get(RETIRED, {}), str(version): {**record, "retired_at": when, "reason": reason}}
+    entry[RETIRED] = _by_version(retired)
+    if int(entry["default_version"]) == int(version):
+        entry["default_version"] = max(int(v) for v in entry["versions"])
+    return write_manifest(root, document)
+
+
+def restore_manifest(root, previous):
+    """Write ``previous`` back as the manifest if it changed; errors here are swallowed (the first failure counts)."""
+    try:
+        if read_manifest(root) != previous:
+            write_manifest(root, previous)
+    except Exception:  # noqa: BLE001 - the original failure is the one to report
+        pass
+
+
+def _by_version(mapping):
+    # Version string -> record, ordered by version number, as the manifest stores it.
     return dict(sorted(mapping.items(), key=lambda item: int(item[0])))
 
 
 def retired_message(name, version, record):
     """One line saying that ``name@version`` was retired, when (the date) and why."""
     return f"{name}@{version} was retired on {str(record.get('retired_at'))[:10]}: {record.get('reason')}"
-
-
-# -- checksums
-
-
-def file_checksums(version_dir):
-    """``{relative posix path: sha256 hex}`` of every file under ``version_dir``."""
-    checksums = {}
-    for folder, _, files in os.walk(version_dir):
-        for filename in files:
-            path = os.path.join(folder, filename)
-            relative = os.path.relpath(path, version_dir).replace(os.sep, "/")
-            checksums[relative] = _sha256(path)
-    return dict(sorted(checksums.items()))
-
-
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def size_on_disk(path):
-    """Total bytes of the files under ``path`` (None when it does not exist)."""
-    if not os.path.isdir(path):
-        return None
-    return sum(os.path.getsize(os.path.join(folder, f)) for folder, _, files in os.walk(path) for f in files)
 
 
 # -- lookup
@@ -294,7 +283,7 @@ def list_pretrained(root=None):
                 "name": name,
                 "versions": versions,
                 "default_version": default,
-                "sizes": [size_on_disk(os.path.join(root, name, str(v))) for v in versions],
+                "sizes": [storage.size_on_disk(os.path.join(root, name, str(v))) for v in versions],
                 "dataset": latest.get("dataset"),
                 "metrics": latest.get("metrics") or {},
                 "parameters": latest.get("parameters"),
@@ -347,5 +336,5 @@ def show(reference, root=None):
     """
     name, version, version_dir, entry = resolve(reference, root)
     card = ModelCard.read(os.path.join(version_dir, savedmodel.METADATA_FILE))
-    return {"name": name, "version": version, "path": version_dir, "size": size_on_disk(version_dir),
+    return {"name": name, "version": version, "path": version_dir, "size": storage.size_on_disk(version_dir),
             "files": entry["files"], "card": card}

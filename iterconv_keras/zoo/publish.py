@@ -14,15 +14,11 @@ import datetime
 import errno
 import os
 import shutil
-import tempfile
 
 from iterconv_keras.errors import IntegrityError
-from iterconv_keras.zoo import manifest, savedmodel, serving
+from iterconv_keras.zoo import manifest, savedmodel, serving, storage
 from iterconv_keras.zoo.card import ModelCard, library_versions
 
-# Staging folders inside the root (same file system: renames are atomic); dot-prefixed
-# so that neither TF Serving nor a listing of <root>/<name>/ sees them.
-STAGING_PREFIX = ".tmp-"
 _MAX_RENAME_ATTEMPTS = 1000
 
 
@@ -64,12 +60,12 @@ def export_version(model, name, root=None, card=None):
     # Built inside the root so the final rename never crosses file systems; the
     # dot-prefixed name keeps it out of listings and away from TF Serving, which
     # only watches <root>/<name>/.
-    staging = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{name}-", dir=root)
+    staging = storage.staging_folder(root, f"{name}-")
     try:
         build = os.path.join(staging, "version")
         savedmodel.write_saved_model(export_model, build, card.to_json())
-        checksums = manifest.file_checksums(build)
-        with manifest.locked(root):
+        checksums = storage.file_checksums(build)
+        with storage.locked(root):
             previous = manifest.read_manifest(root)
             version, final = _rename_to_next_version(build, root, name)
             try:
@@ -155,13 +151,4 @@ def _unpublish(root, final, build, previous):
     # server polling <name>/ may already be loading it, and a directory renamed
     # away disappears at once instead of losing files one by one under the reader.
     os.rename(final, build)
-    restore_manifest(root, previous)
-
-
-def restore_manifest(root, previous):
-    """Write ``previous`` back as the manifest if it changed; errors here are swallowed (the first failure counts)."""
-    try:
-        if manifest.read_manifest(root) != previous:
-            manifest.write_manifest(root, previous)
-    except Exception:  # noqa: BLE001 - the original failure is the one to report
-        pass
+    manifest.restore_manifest(root, previous)

@@ -17,10 +17,9 @@ import contextlib
 import datetime
 import os
 import shutil
-import tempfile
 
 from iterconv_keras.errors import IntegrityError, UsageError
-from iterconv_keras.zoo import manifest, publish, serving
+from iterconv_keras.zoo import manifest, serving, storage
 
 
 def retire_version(name, version, reason, root=None):
@@ -67,20 +66,19 @@ def retire_version(name, version, reason, root=None):
     reason = " ".join(reason.split())
     manifest.writable_root(root)  # an installed package's own folder is not a zoo to change
     root = manifest.existing_root(root)
-    with manifest.locked(root):
+    with storage.locked(root):
         previous = manifest.read_manifest(root)
         _check_retirable(root, previous, name, version)
         when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         version_dir = os.path.join(root, name, str(version))
         present = os.path.isdir(version_dir)
-        # Same file system as the version (inside the root), dot-prefixed so that
-        # neither TF Serving nor a listing of <root>/<name>/ sees it.
-        staging = tempfile.mkdtemp(prefix=f"{publish.STAGING_PREFIX}retire-{name}-{version}-", dir=root)
+        # Same file system as the version (inside the root), hidden from TF Serving.
+        staging = storage.staging_folder(root, f"retire-{name}-{version}-")
         moved = os.path.join(staging, "version")
         try:
             if present:
                 os.rename(version_dir, moved)
-            document = retire_entry(root, name, version, reason, when)
+            document = manifest.retire_entry(root, name, version, reason, when)
             config = serving.write_zoo_config(root, document)
         except BaseException as exc:
             _unretire(root, moved if present else None, version_dir, staging, previous, exc)
@@ -115,7 +113,7 @@ def _unretire(root, moved, version_dir, staging, previous, failure):
             os.rename(moved, version_dir)
         except OSError as exc:
             stuck = exc
-    publish.restore_manifest(root, previous)
+    manifest.restore_manifest(root, previous)
     if stuck is not None:
         raise IntegrityError(
             f"retiring {version_dir} failed ({failure}) and its folder could not be moved back from {moved} "
@@ -123,24 +121,3 @@ def _unretire(root, moved, version_dir, staging, previous, failure):
         ) from failure
     with contextlib.suppress(OSError):
         os.rmdir(staging)
-
-
-def retire_entry(root, name, version, reason, when):
-    """Move ``name@version`` from the live versions to the name's ``retired`` records (atomically; under `locked`).
-
-    The record keeps everything the live entry held (creation time, dataset,
-    metrics, parameters, checksums) plus ``retired_at`` and ``reason``. If the
-    version was the default, the default moves to the highest live version.
-    The caller checks that the version is live and not the last one.
-
-    Returns:
-        The new manifest.
-    """
-    document = manifest.read_manifest(root)
-    entry = document["models"][name]
-    record = entry["versions"].pop(str(version))
-    retired = {**entry.get(manifest.RETIRED, {}), str(version): {**record, "retired_at": when, "reason": reason}}
-    entry[manifest.RETIRED] = manifest.by_version(retired)
-    if int(entry["default_version"]) == int(version):
-        entry["default_version"] = max(int(v) for v in entry["versions"])
-    return manifest.write_manifest(root, document)

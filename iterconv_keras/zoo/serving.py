@@ -16,7 +16,7 @@ default (highest) version. The base path of model NAME is ``BASE/NAME``:
 import os
 
 from iterconv_keras.fsutil import write_text_atomic
-from iterconv_keras.zoo import manifest
+from iterconv_keras.zoo import manifest, storage
 
 SERVING_CONFIG = "models.config"
 CONTAINER_BASE_PATH = "/models"
@@ -52,7 +52,7 @@ def refresh_zoo_config(root=None):
         The path written.
     """
     root = manifest.resolve_root(root)
-    with manifest.locked(root):
+    with storage.locked(root):
         return write_zoo_config(root, manifest.read_manifest(root))
 
 

@@ -9,7 +9,7 @@ it hashes.
 import os
 
 from iterconv_keras.errors import IntegrityError, ModelNotFound
-from iterconv_keras.zoo import manifest, savedmodel
+from iterconv_keras.zoo import manifest, savedmodel, storage
 
 
 def check_files(version_dir, expected):
@@ -25,7 +25,7 @@ def check_files(version_dir, expected):
     """
     if not os.path.isdir(version_dir):
         return [f"{version_dir}: version directory is missing"]
-    actual = manifest.file_checksums(version_dir)
+    actual = storage.file_checksums(version_dir)
     problems = []
     for relative, digest in expected.items():
         path = os.path.join(version_dir, relative)
