@@ -1,0 +1,93 @@
+"""Per-stage probe: accuracy with extra iterations of one stage at a time, and state norms per block.
+
+The divergence index iterates every stage's last block; this probe separates the stages, and
+prints the mean L2 norm of the state after each block, to tell a state that shrinks (its scale
+carries the depth) from one that converges to a fixed point of similar size. docs/results.md
+quotes it for the contractive block.
+
+Usage:
+    python experiments/probe_stages.py experiments/grid/digitclutter/contractive-l0-s0 --limit 1000
+
+Exit codes: 0 done, 2 usage error (a model or dataset that cannot be loaded): one line on stderr.
+"""
+
+import argparse
+import json
+import sys
+
+
+def stage_probe(model, x, y, extra=(1, 2), batch_size=250):
+    """Accuracy under the trained schedule and with ``k`` extra iterations of one stage's last block.
+
+    Args:
+        model: an `IterativeResNet`.
+        x, y: test images and labels.
+        extra: the numbers of extra iterations to try, per stage.
+        batch_size: evaluation batch size.
+
+    Returns:
+        ``{"trained": acc, "per_stage": [{k: acc} for each stage]}``.
+    """
+    from iterconv_keras.analysis.programs import StagePrograms
+
+    programs = StagePrograms(model)
+    trained = [list(range(len(blocks))) for blocks in model.stages]
+
+    def accuracy(schedule):
+        return float(programs.accuracy_and_loss(x, y, batch_size, schedule=schedule)[0])
+
+    per_stage = []
+    for stage in range(model.num_stages):
+        scores = {}
+        for k in extra:
+            schedule = [list(order) for order in trained]
+            schedule[stage] += [schedule[stage][-1]] * k
+            scores[k] = accuracy(schedule)
+        per_stage.append(scores)
+    return {"trained": accuracy(trained), "per_stage": per_stage}
+
+
+def state_norms(model, x):
+    """Per stage: the mean L2 norm of the state entering the stage and after each of its blocks."""
+    import tensorflow as tf
+
+    def mean_norm(h):
+        return float(tf.reduce_mean(tf.norm(tf.reshape(h, [tf.shape(h)[0], -1]), axis=1)))
+
+    h = model.embed(tf.constant(x), training=False)
+    norms = []
+    for stage in range(model.num_stages):
+        h = model.enter_stage(h, stage, training=False)
+        stage_norms = [mean_norm(h)]
+        for block in range(len(model.stages[stage])):
+            h = model.run_stage(h, stage, [block], training=False)
+            stage_norms.append(mean_norm(h))
+        norms.append(stage_norms)
+    return norms
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="run directory, .keras file or zoo reference")
+    parser.add_argument("--limit", type=int, default=1000, help="test images (default 1000)")
+    parser.add_argument("--norm-images", type=int, default=200, help="images for the state norms (default 200)")
+    args = parser.parse_args(argv)
+    from iterconv_keras.analysis import evaluation
+    from iterconv_keras.errors import IterconvError
+    from iterconv_keras.loading import load
+
+    try:
+        loaded = load(args.model)
+        data = evaluation.load_for_model(loaded.model, loaded.card.to_json(), limit=args.limit)
+    except (IterconvError, ValueError, OSError) as error:
+        print(f"probe_stages: {error}", file=sys.stderr)
+        return 2
+    x, y = data.x[:args.limit], data.y[:args.limit]
+    result = stage_probe(loaded.model, x, y)
+    result["state_norms"] = state_norms(loaded.model, x[:args.norm_images])
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
