@@ -19,6 +19,9 @@ import sys
 def stage_probe(model, x, y, extra=(1, 2), batch_size=250):
     """Accuracy under the trained schedule and with ``k`` extra iterations of one stage's last block.
 
+    The divergence index of Lippl, Peters & Kriegeskorte (2024), as operationalised in
+    docs/indices.md, iterates every stage at once; this separates them.
+
     Args:
         model: an `IterativeResNet`.
         x, y: test images and labels.
@@ -48,13 +51,18 @@ def stage_probe(model, x, y, extra=(1, 2), batch_size=250):
 
 
 def state_norms(model, x):
-    """Per stage: the mean L2 norm of the state entering the stage and after each of its blocks."""
+    """Per stage: the mean L2 norm of the state entering the stage and after each of its blocks.
+
+    ``x`` as the evaluation gets it (uint8 or float in [0, 1]); scaled as `StagePrograms` scales it.
+    """
     import tensorflow as tf
 
-    def mean_norm(h):
-        return float(tf.reduce_mean(tf.norm(tf.reshape(h, [tf.shape(h)[0], -1]), axis=1)))
+    from iterconv_keras.analysis.programs import per_example_norm, to_unit_float
 
-    h = model.embed(tf.constant(x), training=False)
+    def mean_norm(h):
+        return float(tf.reduce_mean(per_example_norm(h)))
+
+    h = model.embed(tf.constant(to_unit_float(x)), training=False)
     norms = []
     for stage in range(model.num_stages):
         h = model.enter_stage(h, stage, training=False)
@@ -66,11 +74,18 @@ def state_norms(model, x):
     return norms
 
 
+def _positive(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="run directory, .keras file or zoo reference")
-    parser.add_argument("--limit", type=int, default=1000, help="test images (default 1000)")
-    parser.add_argument("--norm-images", type=int, default=200, help="images for the state norms (default 200)")
+    parser.add_argument("--limit", type=_positive, default=1000, help="test images (default 1000)")
+    parser.add_argument("--norm-images", type=_positive, default=200, help="images for the state norms (default 200)")
     args = parser.parse_args(argv)
     from iterconv_keras.analysis import evaluation
     from iterconv_keras.errors import IterconvError

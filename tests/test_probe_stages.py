@@ -17,25 +17,36 @@ _spec.loader.exec_module(probe)
 def _model_and_data():
     tf.keras.utils.set_random_seed(3)
     model = create_model("tiny", (16, 16, 1), 4)
-    x = np.random.default_rng(0).random((40, 16, 16, 1), dtype=np.float32)
+    # uint8, as the evaluation loads test sets: the probe must scale them as the model expects.
+    x = np.random.default_rng(0).integers(0, 256, (40, 16, 16, 1), dtype=np.uint8)
     y = np.random.default_rng(1).integers(0, 4, 40)
     return model, x, y
 
 
-def test_zero_extra_iterations_score_like_the_model_itself():
+def _keras_accuracy(model, x, y, schedule=None):
+    """Keras' own forward pass (the model's call with a schedule) on [0, 1] images."""
+    logits = model(tf.constant(x.astype(np.float32) / 255), training=False, schedule=schedule)
+    return float(np.mean(np.argmax(logits.numpy(), -1) == y))
+
+
+def test_each_stage_alone_gets_its_extra_iterations():
     model, x, y = _model_and_data()
-    expected = float(np.mean(np.argmax(model.predict(x, verbose=0), -1) == y))  # Keras' own forward pass
-    result = probe.stage_probe(model, x, y, extra=(0, 1), batch_size=16)
-    assert result["trained"] == expected
-    assert [scores[0] for scores in result["per_stage"]] == [expected] * model.num_stages
+    result = probe.stage_probe(model, x, y, extra=(0, 1, 3), batch_size=16)
+    trained = [list(range(len(blocks))) for blocks in model.stages]
+    assert result["trained"] == _keras_accuracy(model, x, y)
+    for stage, scores in enumerate(result["per_stage"]):
+        for k, accuracy in scores.items():
+            schedule = [list(order) for order in trained]
+            schedule[stage] += [len(trained[stage]) - 1] * k
+            assert accuracy == _keras_accuracy(model, x, y, schedule), (stage, k)
 
 
-def test_state_norms_follow_the_blocks_one_by_one():
+def test_state_norms_follow_the_blocks_one_by_one_on_unit_scaled_images():
     model, x, _ = _model_and_data()
     norms = probe.state_norms(model, x[:8])
     assert [len(stage) for stage in norms] == [len(blocks) + 1 for blocks in model.stages]
-    # Independent: the whole stage at once, from the same stem, gives the last norm.
-    h = model.embed(tf.constant(x[:8]), training=False)
+    # Independent: whole stages at once, from [0, 1] images scaled here, in float64 NumPy norms.
+    h = model.embed(tf.constant(x[:8].astype(np.float32) / 255), training=False)
     for stage in range(model.num_stages):
         h = model.run_stage(model.enter_stage(h, stage, training=False), stage,
                             list(range(len(model.stages[stage]))), training=False)
