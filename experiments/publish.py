@@ -16,7 +16,8 @@ Usage:
     python experiments/publish.py --dry-run      # say what would be exported, change nothing
 
 Exit codes: 0 done, 1 an export failed (those before it stay published and
-recorded), 2 usage error (no grid, no README or no zoo table in it): one line on stderr.
+recorded), 2 usage error (no grid, no zoo, no README or no zoo table in it, a
+malformed record): one line on stderr, nothing exported or written.
 """
 
 import argparse
@@ -69,15 +70,28 @@ def exportable_runs(grid):
 
 
 def read_record(grid):
-    """run (relative to the grid) -> list of ``NAME@VERSION`` it was published as."""
+    """run (relative to the grid) -> list of ``NAME@VERSION`` it was published as.
+
+    Raises:
+        ValueError: the record is not JSON mapping run paths to lists of references.
+    """
     path = os.path.join(grid, RECORD)
     if not os.path.isfile(path):
         return {}
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"cannot read {path}: {error}") from None
+    if not isinstance(record, dict) or not all(
+            isinstance(run, str) and isinstance(refs, list) and all(isinstance(r, str) for r in refs)
+            for run, refs in record.items()):
+        raise ValueError(f"{path} must map run paths to lists of NAME@VERSION strings")
+    return record
 
 
 def record_export(grid, run, reference):
+    """Add ``reference`` (``NAME@VERSION``) to the record of ``run``, atomically."""
     from iterconv_keras import fsutil
 
     record = read_record(grid)
@@ -133,15 +147,23 @@ def replace_table(readme, lines):
 
 
 def export(grid, zoo_root, run, name):
-    """Export one run with the CLI and record it; ValueError (one line) when the export fails."""
+    """Export one run with the CLI and record it; ValueError (one line) when either step fails."""
     result = subprocess.run([sys.executable, "-m", "iterconv_cli.main", "export", os.path.join(grid, run),
                              "--name", name, "--zoo", zoo_root, "--json"], capture_output=True, text=True)
     if result.returncode != 0:
         last = (result.stderr.strip().splitlines() or [f"exit code {result.returncode}"])[-1]
         raise ValueError(f"exporting {run} failed: {last}")
-    exported = json.loads(result.stdout)
-    reference = f"{exported['name']}@{exported['version']}"
-    record_export(grid, run, reference)
+    try:
+        exported = json.loads(result.stdout)
+        reference = f"{exported['name']}@{exported['version']}"
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise ValueError(f"{run} was exported but its version could not be read from the export's output; "
+                         f"find it with 'iterconv zoo list' and add it to {RECORD} by hand") from None
+    try:
+        record_export(grid, run, reference)
+    except OSError as error:
+        raise ValueError(f"{run} was exported as {reference} but not recorded ({error.strerror}); "
+                         f"add it to {os.path.join(grid, RECORD)} by hand") from None
     return reference
 
 
@@ -155,16 +177,18 @@ def main(argv=None):
     try:  # checked before anything is exported
         if not os.path.isdir(args.grid):
             raise ValueError(f"no grid at {args.grid}")
+        if not os.path.isdir(args.zoo):  # a mistyped --zoo must not empty the README's table
+            raise ValueError(f"no zoo folder at {args.zoo}; pass --zoo DIR (an empty folder for a new zoo)")
         try:
             with open(args.readme) as f:
                 readme = f.read()
         except OSError as error:
             raise ValueError(f"cannot read {args.readme}: {error.strerror}") from None
         replace_table(readme, [])
+        published = read_record(args.grid)
     except ValueError as error:
         print(f"publish: {error}", file=sys.stderr)
         return 2
-    published = read_record(args.grid)
     todo = [(run, name) for run, name in exportable_runs(args.grid) if run not in published]
     code = 0
     try:

@@ -50,11 +50,30 @@ def test_the_record_keeps_every_export_of_a_run(tmp_path):
 
 def test_a_readme_without_the_table_is_refused_before_any_export(tmp_path, capsys):
     _finished_run_with_a_broken_model(tmp_path)
+    (tmp_path / "zoo").mkdir()
     (tmp_path / "README.md").write_text("# no table\n")
     code = publish.main(["--grid", str(tmp_path / "grid"), "--zoo", str(tmp_path / "zoo"),
                          "--readme", str(tmp_path / "README.md")])
     assert code == 2 and capsys.readouterr().err == "publish: no zoo table (its header row) in the README\n"
-    assert not (tmp_path / "grid" / publish.RECORD).exists() and not (tmp_path / "zoo").exists()
+    assert not (tmp_path / "grid" / publish.RECORD).exists() and not list((tmp_path / "zoo").iterdir())
+
+
+@pytest.mark.parametrize(("problem", "message"), [
+    ("zoo", "no zoo folder at"),
+    ("record", "cannot read"),
+    ("record-list", "must map run paths to lists"),
+])
+def test_a_bad_zoo_or_record_is_refused_and_the_readme_kept(tmp_path, capsys, problem, message):
+    _finished_run_with_a_broken_model(tmp_path)
+    if problem != "zoo":
+        (tmp_path / "zoo").mkdir()
+        (tmp_path / "grid" / publish.RECORD).write_text("{broken" if problem == "record" else "[]")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{publish.TABLE_HEADER}\n| `kept` |\n")
+    code = publish.main(["--grid", str(tmp_path / "grid"), "--zoo", str(tmp_path / "zoo"), "--readme", str(readme)])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert readme.read_text() == f"{publish.TABLE_HEADER}\n| `kept` |\n"
 
 
 def _finished_run_with_a_broken_model(tmp_path):
