@@ -150,7 +150,8 @@ def _unregistered_versions(root, document, names):
             path = os.path.join(root, name, str(version))
             retired = entry.get(manifest.RETIRED, {}).get(str(version))
             problem = (f"{path}: {manifest.retired_message(name, version, retired)}, but its folder is still "
-                       f"served; delete it" if retired is not None else f"{path}: version folder is not in the manifest")
+                       f"served; delete it" if retired is not None
+                       else f"{path}: version folder is not in the manifest")
             results.append({"name": name, "version": version, "path": path, "ok": False, "problems": [problem]})
     return results
 
