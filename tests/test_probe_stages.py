@@ -52,3 +52,32 @@ def test_state_norms_follow_the_blocks_one_by_one_on_unit_scaled_images():
                             list(range(len(model.stages[stage]))), training=False)
         flat = tf.reshape(h, [8, -1]).numpy().astype(np.float64)
         assert np.isclose(norms[stage][-1], np.linalg.norm(flat, axis=1).mean(), rtol=1e-5)
+
+
+def test_rescaling_with_no_extra_iterations_changes_nothing():
+    model, x, y = _model_and_data()
+    rescaled = probe.rescaled_stage_probe(model, x, y, extra=(0,), batch_size=16)
+    assert [scores[0] for scores in rescaled] == [_keras_accuracy(model, x, y)] * model.num_stages
+
+
+def test_rescaled_logits_against_numpy_rescaling_of_the_intermediates():
+    model, x, _ = _model_and_data()
+    trained = [list(range(len(blocks))) for blocks in model.stages]
+    images = tf.constant(x.astype(np.float32) / 255)
+    for stage in range(model.num_stages):
+        # Independent: the model's forward_intermediates under the longer schedule gives the
+        # state after the trained blocks and after the extras; rescale in float64 NumPy.
+        schedule = [list(order) for order in trained]
+        schedule[stage] += [len(trained[stage]) - 1] * 2
+        outputs = model.forward_intermediates(images, schedule=schedule)["block_outputs"][stage]
+        before = outputs[len(trained[stage]) - 1].numpy().astype(np.float64)
+        after = outputs[-1].numpy().astype(np.float64)
+        norm = lambda v: np.linalg.norm(v.reshape(len(v), -1), axis=1).reshape(-1, 1, 1, 1)  # noqa: E731
+        h = tf.constant((after * norm(before) / norm(after)).astype(np.float32))
+        for later in range(stage + 1, model.num_stages):
+            h = model.run_stage(model.enter_stage(h, later, training=False), later, training=False)
+        expected = model.classify(h, training=False).numpy()
+        unscaled = model.forward_intermediates(images, schedule=schedule)["logits"].numpy()
+        assert not np.allclose(expected, unscaled, atol=1e-3), "the oracle must see the rescaling"
+        np.testing.assert_allclose(probe.rescaled_logits(model, x, stage, 2).numpy(), expected,
+                                   rtol=1e-4, atol=1e-5, err_msg=f"stage {stage}")
