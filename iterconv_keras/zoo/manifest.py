@@ -315,11 +315,12 @@ def resolve(reference, root=None):
 
     Raises:
         ValueError: malformed reference.
-        ModelNotFound: unknown name or version, or a retired version (the
-            message says when and why); the message lists what exists.
+        ModelNotFound: no zoo folder at ``root`` (`existing_root`), unknown
+            name or version, or a retired version (the message says when and
+            why); the message lists what exists.
     """
-    root = resolve_root(root)
     name, version = parse_reference(reference)
+    root = existing_root(root)  # a missing zoo is not an empty one
     models = read_manifest(root)["models"]
     if name not in models:
         available = ", ".join(f"{n}@{m['default_version']}" for n, m in models.items()) or "none (the zoo is empty)"
