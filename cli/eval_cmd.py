@@ -3,9 +3,21 @@
 import os
 
 import click
+from click.core import ParameterSource
 
 from iterconv_cli._common import emit_json, report_errors
 from iterconv_keras.data.sources import DATASET_NAMES  # stdlib only: --help stays instant
+
+# The iterations-under-occlusion sweep of --occlusion runs at fixed settings
+# (occlusion.DEFAULT_ITERATIONS, DEFAULT_ITERATION_LEVEL; a test keeps these in step).
+_ITERATION_SWEEP = "K = 0, 1, 2, 4, 8, 16 extra iterations at 30 % occluded"
+
+# Options that only feed one part of the evaluation: given with that part switched off,
+# they would be silently ignored, so they are refused (click's parameter source tells
+# a given option from its default, whatever its value).
+_NEEDS_INDICES = ("extra_iterations", "tolerance")
+_NEEDS_OCCLUSION = ("levels",)
+_GIVEN = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT, ParameterSource.PROMPT)
 
 
 @click.command("eval")
@@ -15,11 +27,15 @@ from iterconv_keras.data.sources import DATASET_NAMES  # stdlib only: --help sta
 @click.option("--indices/--no-indices", default=True, show_default=True,
               help="Recurrence, divergence and convergence indices and effective parameters.")
 @click.option("--occlusion/--no-occlusion", default=True, show_default=True,
-              help="Patch-occlusion sweep, clutter digit counts or debris levels, iterations under occlusion.")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate the first N test examples only.")
+              help="Patch-occlusion sweep (--levels), clutter digit counts or debris levels, and iterations under "
+                   f"occlusion (always {_ITERATION_SWEEP}).")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="Evaluate the first N test examples only (default: the test set of a run trained with "
+                   "--test-size, else the whole test split).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--plots", "plots_dir", type=click.Path(file_okay=False), default=None,
-              help="Write PNG figures (index curves, update sizes, occlusion) into this folder.")
+              help="Write PNG figures (index curves, update sizes, occlusion) into this folder; needs --indices or "
+                   "--occlusion.")
 @click.option("--json", "json_output", is_flag=True, help="Print one JSON document on stdout.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the JSON document to FILE.")
 @click.option(
@@ -28,15 +44,17 @@ from iterconv_keras.data.sources import DATASET_NAMES  # stdlib only: --help sta
 @click.option("--zoo", "zoo_root", type=click.Path(file_okay=False), default=None,
               help="Zoo folder for NAME[@VERSION] references.")
 @click.option("--extra-iterations", default="1,2,4,8,16", show_default=True,
-              callback=lambda ctx, param, value: _numbers(value, int, param, "extra_iterations"),
+              callback=lambda ctx, param, value: _numbers(value, int, param),
               help="K of the divergence index, comma-separated, increasing; the last is K_max of the convergence "
-                   "index and rate.")
+                   f"index and rate. Needs --indices; iterations under occlusion keep {_ITERATION_SWEEP}.")
 @click.option("--tolerance", type=click.FloatRange(min=0.0), default=1e-3, show_default=True,
-              help="Recurrence index: skip a block whose drop changes the loss by less than this (nats).")
+              help="Recurrence index: skip a block whose drop changes the loss by less than this (nats). Needs "
+                   "--indices.")
 @click.option("--levels", default="0,0.1,0.2,0.3,0.4,0.5", show_default=True,
-              callback=lambda ctx, param, value: _numbers(value, float, param, "levels"),
-              help="Occluded fractions of the occlusion sweep, comma-separated, starting with 0.")
-@report_errors
+              callback=lambda ctx, param, value: _numbers(value, float, param),
+              help="Occluded fractions of the occlusion sweep, comma-separated, starting with 0. Needs --occlusion; "
+                   f"iterations under occlusion keep {_ITERATION_SWEEP}.")
+@report_errors(tensorflow=False)  # TensorFlow is imported below, once the options are known to be usable
 def COMMAND(model_reference, dataset, indices, occlusion, limit, batch_size, plots_dir, json_output, out,
             data_dir, zoo_root, extra_iterations, tolerance, levels):
     """Evaluate MODEL: accuracy, indices of iterative convergence, occlusion robustness.
@@ -45,10 +63,16 @@ def COMMAND(model_reference, dataset, indices, occlusion, limit, batch_size, plo
     reference NAME[@VERSION]. The indices are iterconv's operationalisation of
     Lippl, Peters & Kriegeskorte (PLoS One 2024); see docs/indices.md.
     """
-    from iterconv_keras import fsutil, loading
+    from iterconv_keras import _env
 
     # Everything that can be refused is checked before the (long) evaluation starts.
+    ctx = click.get_current_context()
+    _refuse_ignored_options(ctx, indices, occlusion)
+    _env.import_tensorflow()  # its native start-up lines hidden: errors stay one line
+    from iterconv_keras import fsutil, loading
     from iterconv_keras.analysis import evaluation
+
+    extra_iterations, levels = _validated(ctx, extra_iterations, levels)
     if plots_dir:
         if os.path.exists(plots_dir) and not os.path.isdir(plots_dir):
             raise ValueError(f"--plots {plots_dir} exists and is not a directory")
@@ -56,10 +80,15 @@ def COMMAND(model_reference, dataset, indices, occlusion, limit, batch_size, plo
     if out:
         fsutil.check_writable(out)
     loaded = loading.load(model_reference, zoo=zoo_root)
-    # The card's recipe holds the run's settings (data_dir, clutter_digits, ...).
-    data = evaluation.load_for_model(loaded.model, loaded.card.to_json(), dataset=dataset, data_dir=data_dir,
-                                     limit=limit)
-    evaluation.check_compatible(loaded.model, evaluation.as_eval_data(data))
+    # The card's recipe holds the run's settings (data_dir, clutter_digits, test_size, ...).
+    metadata = loaded.card.to_json()
+    data = evaluation.load_for_model(loaded.model, metadata, dataset=dataset, data_dir=data_dir, limit=limit)
+    data = evaluation.as_eval_data(data)
+    evaluation.check_compatible(loaded.model, data)
+    test_size = None if limit is not None else evaluation.recorded_test_size(metadata, dataset)
+    if test_size is not None:
+        click.echo(f"evaluating on the {len(data.x)} test images of the model's training run (--test-size "
+                   f"{test_size}); --limit N evaluates the first N of the whole test split", err=True)
     stderr = click.get_text_stream("stderr")
     with click.progressbar(length=1, label="evaluating", file=stderr) as bar:
 
@@ -84,6 +113,50 @@ def COMMAND(model_reference, dataset, indices, occlusion, limit, batch_size, plo
         emit_json(document)
     else:
         click.echo(format_table(document))
+
+
+def _refuse_ignored_options(ctx, indices, occlusion):
+    """A usage error for an option given with the part of the evaluation it feeds switched off."""
+
+    def given(names):
+        return [name for name in names if ctx.get_parameter_source(name) in _GIVEN]
+
+    ignored = []
+    if not indices:
+        ignored += [f"{_flag(ctx, name)} has no effect with --no-indices" for name in given(_NEEDS_INDICES)]
+    if not occlusion:
+        ignored += [f"{_flag(ctx, name)} has no effect with --no-occlusion" for name in given(_NEEDS_OCCLUSION)]
+    if not indices and not occlusion and given(["plots_dir"]):
+        ignored.append("--plots has nothing to draw with --no-indices and --no-occlusion")
+    if ignored:
+        raise click.UsageError("; ".join(ignored) + " (drop the option or the switch)", ctx=ctx)
+
+
+def _param(ctx, name):
+    return next(param for param in ctx.command.params if param.name == name)
+
+
+def _flag(ctx, name):
+    return _param(ctx, name).opts[0]
+
+
+def _validated(ctx, extra_iterations, levels):
+    """The lists checked by the library's own validators, a usage error naming the option otherwise.
+
+    A list the evaluators would refuse (levels not starting at 0, extra iterations
+    not increasing) is refused before the model is loaded, not after the index suite
+    has run.
+    """
+    from iterconv_keras.analysis import indices, occlusion
+
+    checked = []
+    for name, value, validate in (("extra_iterations", extra_iterations, indices.validate_extra_iterations),
+                                  ("levels", levels, occlusion.validate_levels)):
+        try:
+            checked.append(tuple(validate(value)))
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), ctx=ctx, param=_param(ctx, name)) from None
+    return checked
 
 
 def _fmt(value, digits=3):
@@ -163,23 +236,14 @@ def format_table(document):
     return "\n".join(lines)
 
 
-def _numbers(text, kind, param, setting):
-    """A comma-separated option as a tuple of ``kind``, checked by the library before anything runs.
+def _numbers(text, kind, param):
+    """A comma-separated option as a tuple of ``kind``; `_validated` checks the list itself.
 
-    A bad item or a list the evaluators would refuse (levels not starting at 0, extra
-    iterations not increasing) is a usage error naming it, not a failure after the
-    index suite has run.
+    A bad item is a usage error naming it. Nothing is imported here: click runs this
+    while it parses, before TensorFlow can be imported with its log lines hidden.
     """
     try:
-        values = tuple(kind(item) for item in text.split(","))
+        return tuple(kind(item) for item in text.split(","))
     except ValueError:
         raise click.BadParameter(f"expected comma-separated {kind.__name__} values, got {text!r}",
                                  param=param) from None
-    # Imported here, not at start-up: `iterconv eval --help` loads no TensorFlow.
-    from iterconv_keras.analysis import indices, occlusion
-
-    validate = {"levels": occlusion.validate_levels, "extra_iterations": indices.validate_extra_iterations}[setting]
-    try:
-        return tuple(validate(values))
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param=param) from None

@@ -10,13 +10,21 @@ _env.configure()
 
 
 class _OneLineErrors(click.Group):
-    """A group whose usage errors are one line on stderr (exit 2), like every other error."""
+    """A group whose usage errors are one line on stderr (exit 2), like every other error.
+
+    Bare ``iterconv`` or ``iterconv zoo`` (a group without its command) is the
+    exception: click shows the group's help, as it would itself, multi-line on
+    stderr with exit 2 (a usage error: the command is missing).
+    """
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            exc.show()  # the help text itself; flattening it to one line would garble it
+            sys.exit(exc.exit_code)
         except click.ClickException as exc:
             click.echo(f"iterconv: error: {' '.join(exc.format_message().split())}", err=True)
             sys.exit(exc.exit_code)

@@ -15,7 +15,7 @@ Example:
 
     model = ick.create_model("tiny", (32, 32, 1), 10)
     ick.list_variants()            # ['tiny', 'small', ...]
-    ick.list_pretrained()          # the zoo's models
+    ick.list_pretrained()          # the zoo's models (ModelNotFound if there is no zoo)
     model = ick.load_model("fashion-mnist-small")
 
 Reference: Lippl, Peters & Kriegeskorte, "Can neural networks benefit from

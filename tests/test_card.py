@@ -117,8 +117,10 @@ def test_from_run_dir_reads_the_three_files(run_dir):
     assert card.recipe == config and card.setting("data_dir") == "/data" and card.setting("missing") is None
     assert card.source == run and card.dataset == "mnist" and card.variant == "tiny"
     assert card.metrics == {"accuracy": 0.91, "loss": 0.3}  # the runner's metrics win over eval's
+    # The indices keep the number of images they were measured on: the eval document's, not the runner's.
     assert card.indices == {"recurrence": 0.12, "divergence": 0.85, "convergence": -0.4,
-                            "effective_parameters": 2000.5, "parameters": 3422, "per_stage": [{"stage": 0}]}
+                            "effective_parameters": 2000.5, "parameters": 3422, "per_stage": [{"stage": 0}],
+                            "examples": 100}
     assert card.effective_parameters == 2000.5 and card.occlusion_auc == 0.71
     assert card.lipschitz == {"certified": [[0.5, 0.7], [0.9, 0.2]], "bound": 0.9, "max_certified": 0.9}
     assert card.constraint == {"lipschitz": 0.9, "spectral_norm": True}

@@ -1,11 +1,13 @@
 """Commands that need no TensorFlow start without it, or numpy (--help, data info)."""
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Runs the CLI in a fresh interpreter and reports what it imported.
 _PROBE = (
     "import sys, json\n"
@@ -35,6 +37,21 @@ def test_help_imports_no_tensorflow(args):
     result, report = _probe(args)
     assert report == {"code": 0, "heavy": []}, result.stderr
     assert "Usage:" in result.stdout
+
+
+@pytest.mark.parametrize("group", [[], ["zoo"], ["data"]], ids=lambda g: " ".join(["iterconv", *g]))
+def test_a_group_without_its_command_shows_its_help_as_a_usage_error(group):
+    # The help as `--help` prints it, multi-line, on stderr; exit 2 (README: usage error), as click does.
+    def run(args):
+        return subprocess.run([sys.executable, "-m", "iterconv_cli.main", *args], cwd=REPO, capture_output=True,
+                              text=True, timeout=120)
+
+    result = run(group)
+    assert result.returncode == 2 and result.stdout == "", result.stderr
+    shown = result.stderr
+    assert shown == run([*group, "--help"]).stdout
+    assert shown.startswith(f"Usage: iterconv {' '.join(group)}".rstrip() + " [OPTIONS] COMMAND [ARGS]...\n")
+    assert "\nCommands:\n" in shown and "iterconv: error" not in shown
 
 
 def test_data_info_imports_no_tensorflow():

@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -13,6 +15,7 @@ from iterconv_cli.main import cli
 from iterconv_keras.models.variants import create_model
 
 LIMIT = 24
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -218,3 +221,161 @@ def test_evaluate_refuses_bad_levels_before_the_first_batch(run_dir):
     with pytest.raises(ValueError, match="must increase"):
         evaluation.evaluate(model, (images, labels), levels=(0.0, 0.4, 0.2), progress=lambda *a: calls.append(a))
     assert calls == []
+
+
+# -- no option is silently ignored
+
+
+@pytest.mark.parametrize("args, named", [
+    # Given at its default value it is still given: click's parameter source, not the value, decides.
+    (["--no-indices", "--tolerance", "0.001"], "--tolerance has no effect with --no-indices"),
+    (["--no-indices", "--extra-iterations", "1,2,4,8,16"], "--extra-iterations has no effect with --no-indices"),
+    (["--no-occlusion", "--levels", "0,0.3"], "--levels has no effect with --no-occlusion"),
+    (["--no-indices", "--no-occlusion", "--plots", "{plots}"],
+     "--plots has nothing to draw with --no-indices and --no-occlusion"),
+])
+def test_an_option_of_a_part_switched_off_is_a_usage_error(run_dir, tmp_path, args, named):
+    plots = tmp_path / "plots"
+    result = _invoke(["eval", run_dir, "--limit", "8", *[a.format(plots=plots) for a in args]])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"iterconv: error: {named}") and len(result.stderr.splitlines()) == 1
+    assert result.stdout == "" and not plots.exists()
+
+
+def test_every_ignored_option_is_named_in_one_line(run_dir, tmp_path):
+    # The audit's command line: each option that would have no effect is named.
+    result = _invoke(["eval", run_dir, "--limit", "20", "--no-indices", "--no-occlusion", "--tolerance", "0.5",
+                      "--extra-iterations", "1,2", "--levels", "0,0.3", "--plots", str(tmp_path / "x")])
+    assert result.exit_code == 2
+    [line] = result.stderr.splitlines()
+    for option in ("--extra-iterations", "--tolerance", "--levels", "--plots"):
+        assert option in line
+    assert not (tmp_path / "x").exists()
+
+
+def test_plots_with_one_part_draws_that_part(run_dir, tmp_path):
+    result = _invoke(["eval", run_dir, "--limit", "8", "--no-indices", "--plots", str(tmp_path / "plots")])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["occlusion.png"]
+
+
+def test_help_says_the_iteration_sweep_is_fixed():
+    from iterconv_keras.analysis import occlusion
+
+    text = " ".join(_invoke(["eval", "--help"]).stdout.split())
+    # Oracle: the sweep's constants, which --levels and --extra-iterations do not change.
+    fixed = (f"K = {', '.join(map(str, occlusion.DEFAULT_ITERATIONS))} extra iterations at "
+             f"{round(occlusion.DEFAULT_ITERATION_LEVEL * 100)} % occluded")
+    assert text.count(fixed) == 3  # --occlusion, --extra-iterations, --levels
+    assert "Needs --indices; iterations under occlusion keep" in text
+    assert "Needs --occlusion; iterations under occlusion keep" in text
+
+
+# -- TensorFlow's start-up lines stay hidden (a user's shell, not CliRunner: they are written to fd 2)
+
+
+@pytest.mark.parametrize("args, code", [(["{missing}", "--limit", "10"], 4),
+                                        (["{missing}", "--levels", "0.1,0.2"], 2)], ids=["exit-4", "exit-2"])
+def test_a_failing_eval_writes_exactly_one_line_on_stderr(tmp_path, args, code):
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("TF_")}  # as a user's shell has it
+    environment["PYTHONPATH"] = REPO
+    missing = str(tmp_path / "no-such-model.keras")
+    result = subprocess.run([sys.executable, "-m", "iterconv_cli.main", "eval", *[a.format(missing=missing)
+                                                                                   for a in args]],
+                            cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300)
+    assert result.returncode == code
+    assert result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("iterconv: error: ")
+
+
+# -- a run's --test-size is the test set its model is evaluated on
+
+
+@pytest.fixture(scope="module")
+def mnist_run(tmp_path_factory):
+    """`iterconv train --test-size 12` on tiny MNIST-format files (30 test images), as a user runs it."""
+    from test_datasets import write_idx
+
+    root = tmp_path_factory.mktemp("mnist-run")
+    written = write_idx(root / "mnist", n_train=60, n_test=30, seed=3)
+    out = root / "run"
+    result = _invoke(["train", "--dataset", "mnist", "--data-dir", str(root / "mnist"), "--variant", "tiny",
+                      "--epochs", "1", "--batch-size", "16", "--train-size", "40", "--validation-size", "10",
+                      "--test-size", "12", "--seed", "0", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.stderr
+    return str(out), json.loads(result.stdout)["test"], written
+
+
+def test_eval_of_a_run_uses_its_test_size(mnist_run, tmp_path):
+    run, test, _ = mnist_run
+    assert test["examples"] == 12
+    result = _invoke(["eval", run, "--json", "--no-occlusion", "--extra-iterations", "1,2",
+                      "--out", str(tmp_path / "eval.json")])
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["examples"] == 12
+    assert "evaluating on the 12 test images of the model's training run (--test-size 12)" in result.stderr
+    # Oracle: the training run's own test metrics (Keras' evaluate) on the same 12 subsampled images;
+    # the first 12 test images would give another loss.
+    assert document["accuracy"] == pytest.approx(test["accuracy"])
+    assert document["loss"] == pytest.approx(test["loss"], rel=1e-5)
+
+
+def test_the_card_records_the_examples_of_metrics_and_indices(mnist_run, tmp_path):
+    from iterconv_keras.zoo.card import ModelCard
+
+    run, _, _ = mnist_run
+    eval_file = os.path.join(run, "eval.json")
+    try:
+        for args, examples in ((["--limit", "7"], 7), ([], 12)):
+            result = _invoke(["eval", run, "--no-occlusion", "--extra-iterations", "1,2", "--out", eval_file, *args])
+            assert result.exit_code == 0, result.stderr
+            card = ModelCard.from_run_dir(run)
+            assert card.metrics["examples"] == 12  # the run's test set
+            assert card.indices["examples"] == examples  # the evaluation's
+            assert dict(card.summary())["evaluation examples"] == examples
+    finally:
+        os.remove(eval_file)
+
+
+def test_limit_overrides_the_test_size_with_the_first_images_of_the_split(mnist_run):
+    run, _, written = mnist_run
+    result = _invoke(["eval", run, "--json", "--no-indices", "--no-occlusion", "--limit", "5"])
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["examples"] == 5 and "--test-size" not in result.stderr
+    model = keras.saving.load_model(os.path.join(run, "model.keras"), compile=False)
+    images = written["t10k-images-idx3-ubyte"][:5, :, :, None].astype(np.float32) / 255
+    logits = np.asarray(model(images, training=False))
+    labels = written["t10k-labels-idx1-ubyte"][:5].astype(np.int64)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(labels, logits)
+    assert document["loss"] == pytest.approx(float(loss), rel=1e-5)
+
+
+@pytest.mark.parametrize("recorded", ["absent", "null"])
+def test_a_run_without_test_size_is_evaluated_on_the_whole_split(mnist_run, tmp_path, recorded):
+    # The grid's runs: no test_size (or null) in config.json, the whole test split as before.
+    run, _, _ = mnist_run
+    copy = tmp_path / "run"
+    copy.mkdir()
+    for name in ("model.keras", "metrics.json"):
+        (copy / name).write_bytes(open(os.path.join(run, name), "rb").read())
+    config = json.load(open(os.path.join(run, "config.json")))
+    if recorded == "absent":
+        del config["test_size"]
+    else:
+        config["test_size"] = None
+    (copy / "config.json").write_text(json.dumps(config))
+    result = _invoke(["eval", str(copy), "--json", "--no-indices", "--no-occlusion"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["examples"] == 30 and "--test-size" not in result.stderr
+
+
+def test_another_dataset_than_the_recorded_one_gets_its_whole_split():
+    from iterconv_keras.analysis.evaluation import recorded_test_size
+
+    recipe = {"dataset": "mnist", "test_size": 12}
+    assert recorded_test_size(recipe) == 12 and recorded_test_size(recipe, "mnist") == 12
+    assert recorded_test_size(recipe, "fashion_mnist") is None
+    assert recorded_test_size({"dataset": "mnist", "recipe": {"test_size": 12}}) == 12  # a zoo card

@@ -223,6 +223,38 @@ def test_an_installed_package_refuses_to_export_into_itself(installed, run_dir, 
     assert listed.returncode == 4 and f"no zoo found at {installed / 'zoo'}" in listed.stderr
 
 
+_LIST_PRETRAINED = textwrap.dedent(
+    """
+    import iterconv_keras as ick
+    for call in (ick.list_pretrained, lambda: ick.load_model("digits")):
+        try:
+            print(repr(call()))
+        except Exception as exc:
+            print(type(exc).__name__, exc)
+    """
+)
+
+
+def test_the_python_api_reports_a_missing_zoo_as_the_cli_does(installed, tmp_path):
+    # After a plain `pip install .` without $ITERCONV_ZOO there is no zoo: not an empty one.
+    environment = {k: v for k, v in os.environ.items() if k != "ITERCONV_ZOO"}
+    python = subprocess.run([sys.executable, "-c", _LIST_PRETRAINED], cwd=tmp_path, capture_output=True, text=True,
+                            env={**environment, "PYTHONPATH": str(installed)}, timeout=120)
+    listed = _run_installed(installed, ["zoo", "list"], cwd=tmp_path)
+    assert listed.returncode == 4
+    message = listed.stderr.strip().removeprefix("iterconv: error: ")
+    assert message.startswith(f"no zoo found at {installed / 'zoo'} (from the package's default)")
+    assert python.stdout.splitlines() == [f"ModelNotFound {message}"] * 2, python.stderr[-2000:]
+    # A zoo that exists and holds nothing yet is an empty list.
+    (tmp_path / "empty-zoo").mkdir()
+    empty = subprocess.run([sys.executable, "-c", _LIST_PRETRAINED], cwd=tmp_path, capture_output=True, text=True,
+                           env={**environment, "PYTHONPATH": str(installed), "ITERCONV_ZOO": "empty-zoo"},
+                           timeout=120)
+    assert empty.stdout.splitlines() == [
+        "[]", f"ModelNotFound no model 'digits' in the zoo at {tmp_path / 'empty-zoo'}; available: none (the zoo is "
+              "empty)"], empty.stderr[-2000:]
+
+
 # -- listing reads JSON only
 
 

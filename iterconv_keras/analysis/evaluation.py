@@ -264,6 +264,12 @@ def load_for_model(model, metadata, *, dataset=None, data_dir=None, limit=None):
     mean it normalises its inputs with, so no training set is loaded or generated
     for it (review S5).
 
+    A model whose training recorded a ``test_size`` (``iterconv train
+    --test-size N``) is evaluated on that same test subset, so its card's test
+    metrics and its indices describe the same images; ``limit`` overrides it
+    (the first ``limit`` images of the whole test split), and so does a
+    ``dataset`` other than the recorded one. See `recorded_test_size`.
+
     Args:
         model: the model (its ``multi_label`` decides Digitclutter when nothing else
             does; its ``input_mean`` is the occlusion fill).
@@ -278,6 +284,7 @@ def load_for_model(model, metadata, *, dataset=None, data_dir=None, limit=None):
     """
     from iterconv_keras.data import classes, datasets, generated, sources
 
+    test_size = None if limit is not None else recorded_test_size(metadata, dataset)
     name = dataset or metadata.get("dataset")
     if name is None:
         if not model.multi_label:
@@ -300,14 +307,28 @@ def load_for_model(model, metadata, *, dataset=None, data_dir=None, limit=None):
             return dataclasses.replace(as_eval_data(splits), mean=fill)
         # Generated on demand and prefix-stable: the first `limit` test images are the
         # test split's whatever its size, so only those are made.
-        count = limit or generated.CLUTTER_SIZES["test"]
+        count = limit or test_size or generated.CLUTTER_SIZES["test"]
         if name == "digitclutter":
             x, y, info = generated.clutter_test_set(digits, count)
         else:
             x, y, info = generated.debris_test_set(fragments, count)
         num_classes = len(classes.DATASET_CLASS_NAMES[name])  # the ten digits
         return EvalData(x, y, num_classes, name == "digitclutter", fill, name, "test", info)
-    return dataclasses.replace(as_eval_data(datasets.load(name, data_dir=data_dir)), mean=fill)
+    splits = datasets.load(name, data_dir=data_dir, test_size=test_size)  # training's own test subsample
+    return dataclasses.replace(as_eval_data(splits), mean=fill)
+
+
+def recorded_test_size(metadata, dataset=None):
+    """The ``test_size`` a model's training tested on, if evaluation should use it, else None.
+
+    Args:
+        metadata: the run's ``config.json`` or a zoo card (``"recipe"``).
+        dataset: the dataset asked for; a different one than the recorded
+            dataset gets its whole test split (the run's size says nothing about it).
+    """
+    if dataset is not None and dataset != metadata.get("dataset"):
+        return None
+    return _setting(metadata, "test_size")
 
 
 def _setting(metadata, key):

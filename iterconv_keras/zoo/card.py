@@ -55,10 +55,16 @@ class ModelCard:
         parameters: trainable parameters (batch-norm moving statistics are not learned).
         effective_parameters: the effective number of parameters from the
             indices, or None.
-        metrics: final test metrics (``accuracy``, ``loss``, ``examples``, ...).
+        metrics: the training run's final test metrics (``accuracy``,
+            ``loss``, ``examples``, ...); an evaluation's accuracy and loss
+            fill in where the run has none.
         indices: the index summary of the evaluation (recurrence, divergence,
-            convergence, per stage), or None.
-        occlusion_auc: area under the occlusion curve, or None.
+            convergence, per stage) and ``examples``, the number of test
+            images that evaluation ran on (it may differ from ``metrics``'
+            ``examples``, the training run's test set), or None.
+        occlusion_auc: area under the occlusion curve (of the same
+            evaluation, on ``indices["examples"]`` images when both were
+            computed), or None.
         signatures: the SavedModel's signatures (see `savedmodel.signature_summary`).
         probabilities: ``"softmax"`` or ``"sigmoid"``.
         libraries: versions of the libraries that wrote the export, or None.
@@ -150,7 +156,7 @@ class ModelCard:
             parameters=int(sum(math.prod(v.shape) for v in model.trainable_variables)),
             effective_parameters=eval_indices.get("effective_parameters"),
             metrics=_final_metrics(metrics, evaluation),
-            indices={k: eval_indices[k] for k in _INDEX_KEYS if k in eval_indices} or None,
+            indices=_index_summary(eval_indices, evaluation.get("examples")),
             occlusion_auc=(evaluation.get("occlusion") or {}).get("auc"),
             signatures=savedmodel.signature_summary(image_shape, int(model.num_classes)),
             probabilities="sigmoid" if model.multi_label else "softmax",
@@ -252,6 +258,8 @@ class ModelCard:
             ("parameters", self.parameters),
             ("effective parameters", self.effective_parameters),
             *((f"test {k}", v) for k, v in self.metrics.items()),
+            # The indices may come from an evaluation on other images than the test metrics.
+            ("evaluation examples", indices.get("examples")),
             *((f"{k} index", indices.get(k)) for k in ("recurrence", "divergence", "convergence")),
             ("occlusion AUC", self.occlusion_auc),
             ("recipe", ", ".join(f"{k}={v}" for k, v in sorted(self.recipe.items())) if self.recipe else None),
@@ -286,6 +294,14 @@ def _final_metrics(metrics, evaluation):
         if key not in result and isinstance(evaluation.get(key), (int, float)):
             result[key] = evaluation[key]
     return result
+
+
+def _index_summary(eval_indices, examples):
+    # The card keeps the index numbers and how many images they were measured on.
+    summary = {k: eval_indices[k] for k in _INDEX_KEYS if k in eval_indices}
+    if summary and isinstance(examples, int) and not isinstance(examples, bool):
+        summary["examples"] = examples
+    return summary or None
 
 
 def _lipschitz_summary(lipschitz):

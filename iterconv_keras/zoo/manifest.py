@@ -80,10 +80,10 @@ def existing_root(root=None):
     """
     path = resolve_root(root)
     if not os.path.isdir(path):
-        origin = "--zoo" if root else (f"${ENV_VAR}" if os.environ.get(ENV_VAR) else "the package's default")
+        origin = "--zoo or root=" if root else (f"${ENV_VAR}" if os.environ.get(ENV_VAR) else "the package's default")
         raise ModelNotFound(
-            f"no zoo found at {path} (from {origin}): the folder does not exist; pass --zoo DIR, "
-            f"set ${ENV_VAR}, or create one with 'iterconv export MODEL --name NAME --zoo DIR'"
+            f"no zoo found at {path} (from {origin}): the folder does not exist; pass --zoo DIR (in Python, "
+            f"root=DIR), set ${ENV_VAR}, or create one with 'iterconv export MODEL --name NAME --zoo DIR'"
         )
     return path
 
@@ -257,8 +257,12 @@ def retired_message(name, version, record):
 def list_pretrained(root=None):
     """One summary dict per model of the zoo.
 
+    An empty list means the zoo was found and holds no model; no zoo at all is
+    an error, as for ``iterconv zoo list``.
+
     Args:
-        root: zoo directory (see `resolve_root`).
+        root: zoo directory (default: ``$ITERCONV_ZOO``, then the checkout's
+            ``zoo/``; see `resolve_root`).
 
     Returns:
         A list of dicts: ``name``, ``versions`` (the live versions, ints),
@@ -268,11 +272,16 @@ def list_pretrained(root=None):
         ``retired``: ``{"version", "retired_at", "reason"}`` of each retired
         version (its folder is gone; its record stays in the manifest).
 
+    Raises:
+        ModelNotFound: there is no zoo folder where it was looked for (an
+            installed iterconv without ``root`` or ``$ITERCONV_ZOO``); the
+            message names the folder and what to pass.
+
     Example:
         >>> [row["name"] for row in list_pretrained()][:1]
         ['digitclutter-small']
     """
-    root = resolve_root(root)
+    root = existing_root(root)
     rows = []
     for name, entry in read_manifest(root)["models"].items():
         default = entry["default_version"]
@@ -306,11 +315,12 @@ def resolve(reference, root=None):
 
     Raises:
         ValueError: malformed reference.
-        ModelNotFound: unknown name or version, or a retired version (the
-            message says when and why); the message lists what exists.
+        ModelNotFound: no zoo folder at ``root`` (`existing_root`), unknown
+            name or version, or a retired version (the message says when and
+            why); the message lists what exists.
     """
-    root = resolve_root(root)
     name, version = parse_reference(reference)
+    root = existing_root(root)  # a missing zoo is not an empty one
     models = read_manifest(root)["models"]
     if name not in models:
         available = ", ".join(f"{n}@{m['default_version']}" for n, m in models.items()) or "none (the zoo is empty)"
