@@ -14,6 +14,7 @@ import re
 import click
 import pytest
 from click.testing import CliRunner
+from conftest import one_error_line
 from test_datasets import write_idx
 
 from iterconv_cli._common import option_spelling
@@ -34,12 +35,6 @@ def _invoke(args):
     return CliRunner().invoke(cli, args)
 
 
-def _one_error_line(result, code):
-    assert result.exit_code == code, (result.exit_code, result.output, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("iterconv: error:"), result.stderr
-    assert "Traceback" not in result.stderr
-    return lines[0]
 
 
 def _commands(command=cli, path=()):
@@ -112,7 +107,7 @@ def test_setting_names_are_spelled_as_the_commands_options(message, expected):
 ])
 def test_cli_errors_name_the_option_typed(tmp_path, args, needle):
     out = tmp_path / ("f.npz" if args[0] == "data" else "run")
-    line = _one_error_line(_invoke([*args, "--out", str(out)]), 2)
+    line = one_error_line(_invoke([*args, "--out", str(out)]), 2)
     assert needle in line
     assert not out.exists()
 
@@ -135,7 +130,7 @@ def test_the_library_keeps_its_keyword_names():
 def test_an_option_the_dataset_does_not_read_is_refused(tmp_path, dataset, option):
     option = [o.format(tmp=tmp_path) for o in option]
     out = tmp_path / "run"
-    line = _one_error_line(_invoke(["train", *FAST, "--dataset", dataset, *option, "--out", str(out)]), 2)
+    line = one_error_line(_invoke(["train", *FAST, "--dataset", dataset, *option, "--out", str(out)]), 2)
     assert f"{option[0]} applies to --dataset" in line and f"with --dataset '{dataset}'" in line
     assert not out.exists()
 
@@ -155,7 +150,7 @@ def test_the_python_api_refuses_them_too(tmp_path):
 def test_a_data_dir_that_does_not_exist_is_a_usage_error(tmp_path, command):
     missing = tmp_path / "nonexistent" / "dir"
     out = tmp_path / "run"
-    line = _one_error_line(_invoke([*command, "--data-dir", str(missing),
+    line = one_error_line(_invoke([*command, "--data-dir", str(missing),
                                     *(["--out", str(out)] if command[0] == "train" else [])]), 2)
     assert f"'{missing}' does not exist" in line
     assert not out.exists()
@@ -172,13 +167,13 @@ def test_the_hyphenated_dataset_name_is_read_as_fashion_mnist(tmp_path):
     assert result.exit_code == 0, result.stderr
     config = json.loads((out / "config.json").read_text())
     assert (config["dataset"], config["data_dir"]) == ("fashion_mnist", str(data))
-    line = _one_error_line(_invoke(["train", "--dataset", "fashion-mnist", "--fresh-data",
+    line = one_error_line(_invoke(["train", "--dataset", "fashion-mnist", "--fresh-data",
                                     "--out", str(tmp_path / "r2")]), 2)
     assert "--dataset 'fashion_mnist'" in line
 
 
 def test_an_unknown_dataset_still_lists_the_names(tmp_path):
-    line = _one_error_line(_invoke(["train", "--dataset", "fashion-mnist-v2", "--out", str(tmp_path / "r")]), 2)
+    line = one_error_line(_invoke(["train", "--dataset", "fashion-mnist-v2", "--out", str(tmp_path / "r")]), 2)
     assert re.search(r"'fashion-mnist-v2' is not one of .*'fashion_mnist'", line)
 
 
@@ -199,7 +194,7 @@ def clutter_file(tmp_path_factory):
 ])
 def test_a_file_that_contradicts_the_options_is_a_usage_error(clutter_file, tmp_path, args, needle):
     out = tmp_path / "run"
-    line = _one_error_line(_invoke(["train", *FAST, "--train-size", "16", *args, "--data-file", str(clutter_file),
+    line = one_error_line(_invoke(["train", *FAST, "--train-size", "16", *args, "--data-file", str(clutter_file),
                                     "--out", str(out)]), 2)
     assert needle in line and str(clutter_file) in line
     assert not out.exists()
@@ -214,5 +209,5 @@ def test_the_library_says_mismatch_in_keywords_and_corruption_stays_5(clutter_fi
     truncated.write_bytes(clutter_file.read_bytes()[:-100])
     with pytest.raises(IntegrityError):
         setfile.load_npz(str(truncated), dataset="digitclutter", level=3)
-    line = _one_error_line(_invoke(["train", *FAST, "--data-file", str(truncated), "--out", str(tmp_path / "r")]), 5)
+    line = one_error_line(_invoke(["train", *FAST, "--data-file", str(truncated), "--out", str(tmp_path / "r")]), 5)
     assert str(truncated) in line
