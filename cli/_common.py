@@ -1,13 +1,43 @@
-"""Shared plumbing of the commands: error reporting, JSON output, exit codes."""
+"""Shared plumbing of the commands: error reporting, JSON output, exit codes, shared options."""
 
 import contextlib
 import errno
 import functools
 import json
+import re
 import sys
 import traceback
 
 import click
+
+from iterconv_keras.data.sources import DATASET_NAMES, FILE_DATASETS, canonical_name  # stdlib only
+
+
+class _DatasetChoice(click.Choice):
+    """`DATASET_NAMES`, also in the zoo's hyphenated spelling (``fashion-mnist``)."""
+
+    def convert(self, value, param, ctx):
+        return super().convert(canonical_name(value), param, ctx)
+
+
+def dataset_option(**kwargs):
+    """The ``--dataset`` option: a name of `DATASET_NAMES` (``fashion-mnist`` is read as ``fashion_mnist``).
+
+    Args:
+        **kwargs: the rest of `click.option`'s arguments (``default``, ``help``, ...).
+    """
+    return click.option("--dataset", type=_DatasetChoice(DATASET_NAMES), **kwargs)
+
+
+def data_dir_option():
+    """The ``--data-dir`` option: an existing folder, else a usage error (exit 2) naming the path.
+
+    A folder that does not exist used to be skipped silently, and the dataset found
+    in the usual places instead.
+    """
+    return click.option("--data-dir", type=click.Path(exists=True, file_okay=False), default=None,
+                        help=f"Folder searched first for the files of {', '.join(FILE_DATASETS)} "
+                             "(it must exist).")
 
 
 def report_errors(func=None, *, tensorflow=True):
@@ -41,10 +71,10 @@ def report_errors(func=None, *, tensorflow=True):
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except errors.IterconvError as exc:
-            _fail(exc, exc.exit_code, debug)
+            _fail(option_spelling(exc, ctx.command) if exc.exit_code == 2 else exc, exc.exit_code, debug)
         except ValueError as exc:
             if _raised_by_iterconv(exc):
-                _fail(exc, 2, debug)
+                _fail(option_spelling(exc, ctx.command), 2, debug)
             _fail(f"unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", 1, debug)
         except OSError as exc:
             _fail(_describe_os_error(exc), 1 if exc.errno == errno.ENOSPC else 2, debug)
@@ -55,6 +85,44 @@ def report_errors(func=None, *, tensorflow=True):
             _fail(f"unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", 1, debug)
 
     return wrapper
+
+
+# Where a bare word names a setting rather than being prose: before "=" or a value (a
+# number, a quoted string, True/False/None) or a verb of the library's messages.
+_NAMES_A_SETTING = re.compile(r"=|\s(?:-?\d|['\"]|(?:True|False|None|must|applies|needs|holds|draws)\b)")
+
+
+def option_spelling(message, command):
+    """A usage error's ``message`` with the library's setting names spelled as ``command``'s options.
+
+    The library names settings by their keyword arguments (``epochs must be an
+    integer > 0``), right from Python; at the command line the user typed
+    ``--epochs``. A parameter name is rewritten wherever it appears as a word of
+    its own (not inside a quote, a path or an option) and names the setting: it
+    contains an underscore, starts the message, or is followed by ``=``, a value or
+    one of the messages' verbs ("must", "applies", ...). ``name=value`` becomes
+    ``--option value``.
+
+    Args:
+        message: the error (or its text).
+        command: the click command that ran; its options give the spellings.
+
+    Returns:
+        The rewritten text.
+    """
+    text = str(message)
+    spell = {p.name: p.opts[0] for p in command.params if isinstance(p, click.Option) and p.name and p.opts}
+    if not spell:
+        return text
+    names = "|".join(re.escape(name) for name in sorted(spell, key=len, reverse=True))
+
+    def rewrite(match):
+        name, after = match.group(1), text[match.end(1):]
+        if "_" in name or match.start() == 0 or _NAMES_A_SETTING.match(after):
+            return spell[name] + (" " if match.group(2) else "")
+        return match.group(0)
+
+    return re.sub(rf"(?<![\w\-./'\"])({names})(?![\w-])(=)?", rewrite, text)
 
 
 def _raised_by_iterconv(exc):

@@ -4,7 +4,7 @@ import os
 
 import click
 
-from iterconv_cli._common import emit_json, report_errors
+from iterconv_cli._common import data_dir_option, emit_json, report_errors
 
 
 @click.group("data")
@@ -112,7 +112,7 @@ def _write(out, generated, settings, json_output, message):
 
 
 @COMMAND.command("info")
-@click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Folder searched first.")
+@data_dir_option()
 @click.option("--json", "json_output", is_flag=True, help="Print JSON on stdout.")
 @report_errors(tensorflow=False)
 def info_command(data_dir, json_output):

@@ -2,7 +2,7 @@
 
 import click
 
-from iterconv_cli._common import emit_json, progress_to_stderr, report_errors
+from iterconv_cli._common import data_dir_option, dataset_option, emit_json, progress_to_stderr, report_errors
 from iterconv_keras.config import (  # stdlib only: --help stays instant
     BLOCK_INITS,
     LR_SCHEDULES,
@@ -11,13 +11,22 @@ from iterconv_keras.config import (  # stdlib only: --help stays instant
     STRATEGIES,
     TrainConfig,
 )
-from iterconv_keras.data.sources import DATASET_NAMES  # stdlib only
+from iterconv_keras.data.sources import CLUTTER_SIZES, MAX_DEFAULT_VALIDATION  # stdlib only
 from iterconv_keras.models.variants import list_variants  # a table of keyword rows, no imports
+
+# The default split sizes, as the help states them: the generated sets' from their table;
+# the real datasets train on their training split (these sizes) less the validation carved
+# from it (10 %, at most MAX_DEFAULT_VALIDATION) and test on their whole test split.
+_REAL_TRAIN_SPLITS = {"mnist and fashion_mnist": 60_000, "cifar10 and cifar100": 50_000}
+_REAL_TEST_SPLIT = 10_000  # all four
+_REAL_VALIDATION = {n: min(MAX_DEFAULT_VALIDATION, n // 10) for n in _REAL_TRAIN_SPLITS.values()}
+_GENERATED = "digitclutter and digitdebris"
 
 
 @click.command("train")
-@click.option("--dataset", type=click.Choice(DATASET_NAMES), default="digitclutter", show_default=True,
-              help="Dataset to train on (Digitclutter and digitdebris are generated offline).")
+@dataset_option(default="digitclutter", show_default=True,
+                help="Dataset to train on (digitclutter and digitdebris are generated offline; fashion-mnist is "
+                     "read as fashion_mnist).")
 @click.option("--variant", type=click.Choice(list_variants()), default="small", show_default=True,
               help="Architecture: a row of iterconv_keras.list_variants() (docs/method.md).")
 @click.option("--coupling", type=float, default=0.0, show_default=True,
@@ -34,23 +43,36 @@ from iterconv_keras.models.variants import list_variants  # a table of keyword r
                    "which converges by construction (switches the constraint on). Default: the variant's.")
 @click.option("--alpha", type=float, default=None,
               help="Step of the contractive form, in (0, 1] (default 0.5 or the variant's).")
-@click.option("--epochs", type=int, default=5, show_default=True)
-@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--epochs", type=int, default=5, show_default=True,
+              help="Passes over the training set (with fresh data: over --train-size new images each).")
+@click.option("--batch-size", type=int, default=128, show_default=True,
+              help="Images per training step: the global batch, split evenly over the replicas (--strategy).")
 @click.option("--lr", type=float, default=0.002, show_default=True, help="Peak learning rate.")
-@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adam", show_default=True)
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adam", show_default=True,
+              help="sgd, momentum (SGD with momentum 0.9), adam, or adamw (Adam with decoupled weight decay, "
+                   "see --weight-decay).")
 @click.option("--weight-decay", type=float, default=None,
               help="Decoupled weight decay; 0 switches it off [default: 1e-4 for adamw, none otherwise].")
 @click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES), default="cosine", show_default=True,
               help="Learning-rate schedule (cosine decays to 0 over the run).")
-@click.option("--train-size", type=int, default=None, help="Training images (default: the dataset's).")
+@click.option("--train-size", type=int, default=None,
+              help=f"Training images [default: {CLUTTER_SIZES['train']:,} for {_GENERATED} (new ones every epoch "
+                   "with fresh data); the rest of the training split for the real datasets: "
+                   + ", ".join(f"{n - _REAL_VALIDATION[n]:,} for {names}" for names, n in _REAL_TRAIN_SPLITS.items())
+                   + "; the rest of the file with --data-file].")
 @click.option("--validation-size", type=int, default=None,
-              help="Validation images (default: the dataset's).")
+              help=f"Validation images, 0 for none [default: {CLUTTER_SIZES['validation']:,} for {_GENERATED}; "
+                   f"10 % of the training split, at most {MAX_DEFAULT_VALIDATION:,}, for the real datasets: "
+                   + ", ".join(f"{_REAL_VALIDATION[n]:,} for {names}" for names, n in _REAL_TRAIN_SPLITS.items())
+                   + "; 10 % of the file with --data-file].")
 @click.option("--test-size", type=int, default=None,
-              help="Test images for the final evaluation (default: the dataset's).")
+              help=f"Test images for the final evaluation [default: {CLUTTER_SIZES['test']:,} for {_GENERATED}; "
+                   f"the whole test split for the real datasets, {_REAL_TEST_SPLIT:,} images; 20 % of the file with "
+                   "--data-file].")
 @click.option("--clutter-digits", type=int, default=3, show_default=True,
-              help="Digits per Digitclutter image (2..5).")
+              help="Digits per image (2..5); digitclutter only.")
 @click.option("--debris-fragments", type=int, default=10, show_default=True,
-              help="Digit fragments per digitdebris image (10, 30 or 50).")
+              help="Digit fragments per image (10, 30 or 50); digitdebris only.")
 @click.option("--fresh-data/--fixed-data", "fresh_data", default=None,
               help="Generated datasets: train on --train-size new images every epoch, seeded by (seed, epoch) "
                    "[default: fresh for digitclutter and digitdebris], or on one fixed set.")
@@ -61,11 +83,10 @@ from iterconv_keras.models.variants import list_variants  # a table of keyword r
               help="Blocks of a stage start identical (tied) or from their own initialisation "
                    "(independent: a conventional ResNet).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds initialisation and data order.")
-@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
-              help="Folder searched first for dataset files.")
+@data_dir_option()
 @click.option("--data-file", type=click.Path(dir_okay=False), default=None,
               help="digitclutter or digitdebris: a set written by `iterconv data` to use instead of generating "
-                   "(first 20%% test, next 10%% validation, the rest training, or --test-size/--validation-size/"
+                   "(first 20 % test, next 10 % validation, the rest training, or --test-size/--validation-size/"
                    "--train-size); `iterconv eval RUN` then tests on the same images.")
 @click.option("--xla/--no-xla", "jit_compile", default=False, show_default=True,
               help="Compile the train step with XLA.")
@@ -95,6 +116,9 @@ def train(ctx, resume, json_output, **settings):
     config = TrainConfig(**settings).validate()
     if resume:
         _check_resume_options(ctx, config)
+    else:
+        # `--clutter-digits 3 --dataset mnist` too: the default value, but typed, so expected to matter.
+        config.check_given_settings_apply(_given(ctx))
     from iterconv_keras import training
 
     with progress_to_stderr(json_output):
@@ -135,6 +159,12 @@ def _check_constraint_options(ctx, settings):
                          "drop --no-spectral-norm")
 
 
+def _given(ctx):
+    """The names of the options typed on the command line."""
+    return [p.name for p in ctx.command.params
+            if ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE]
+
+
 def _check_resume_options(ctx, config):
     """Refuse options given on the command line that contradict the stored run config."""
     from iterconv_keras import runs
@@ -142,9 +172,7 @@ def _check_resume_options(ctx, config):
 
     if config.out is None:
         raise UsageError("--resume needs --out RUN_DIR")
-    given = [p.name for p in ctx.command.params
-             if ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE]
-    runs.check_resume(config, runs.load_run_config(config.out), given,
+    runs.check_resume(config, runs.load_run_config(config.out), _given(ctx),
                       spell={p.name: p.opts[0] for p in ctx.command.params})
 
 

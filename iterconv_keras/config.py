@@ -186,6 +186,27 @@ class TrainConfig:
                  f"{self.strategy!r}")
         return self
 
+    def check_given_settings_apply(self, given):
+        """Refuse a setting in ``given`` that this config's dataset does not read.
+
+        A setting that only some datasets read (`dataset_settings`) would otherwise be
+        recorded in ``config.json`` with no effect: ``clutter_digits`` on Fashion-MNIST,
+        ``data_dir`` with a generated set. Values nobody chose (the defaults) are fine.
+
+        Args:
+            given: names of the settings the caller chose explicitly (the CLI: the
+                options on its command line; the Python API: `runs.explicit_settings`).
+
+        Raises:
+            ValueError: naming the first such setting, its value and the dataset.
+        """
+        for name, readers in dataset_settings().items():
+            if name in given and self.dataset not in readers:
+                names = [repr(r) for r in readers]
+                names = ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
+                raise ValueError(f"{name} applies to dataset {names} only, got {name}={getattr(self, name)!r} "
+                                 f"with dataset={self.dataset!r}")
+
     def _resolve_data_options(self, datasets):
         from iterconv_keras.data import sources
 
@@ -271,6 +292,18 @@ class TrainConfig:
             # ignored --lipschitz) for unconstrained runs; it was never applied.
             values["lipschitz"] = None
         return cls(**values)
+
+
+def dataset_settings():
+    """``{setting: the datasets that read it}`` for the settings only some datasets read.
+
+    The others (sizes, seed, the model and optimiser) apply to every dataset;
+    ``data_file``, ``fresh_data`` and ``augment`` are checked by `TrainConfig.validate`.
+    """
+    from iterconv_keras.data import sources
+
+    return {"clutter_digits": ("digitclutter",), "debris_fragments": ("digitdebris",),
+            "data_dir": tuple(sources.FILE_DATASETS)}
 
 
 def _is_int(value):

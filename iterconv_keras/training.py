@@ -61,7 +61,9 @@ def train(config, *, resume=False, log=None):
         ``cpu_seconds`` of this call (a resumed run counts only the resumed part).
 
     Raises:
-        UsageError: bad settings, an occupied ``out``, or a resume that changes a setting.
+        UsageError: bad settings (also one the dataset does not read, such as
+            ``clutter_digits`` for Fashion-MNIST: `TrainConfig.check_given_settings_apply`),
+            an occupied ``out``, or a resume that changes a setting.
         DatasetNotAvailable, TrainingDiverged.
 
     Example:
@@ -73,6 +75,8 @@ def train(config, *, resume=False, log=None):
     started = (time.perf_counter(), time.process_time())
     given = runs.explicit_settings(config)
     config.validate()
+    if not resume:  # a resume checks what is given against the stored run instead
+        config.check_given_settings_apply(given)
     if config.out is None:
         if resume:
             raise UsageError("--resume needs --out RUN_DIR")

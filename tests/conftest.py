@@ -93,3 +93,12 @@ def exact_set_accuracy(logits, labels):
     predicted = np.zeros_like(labels)
     np.put_along_axis(predicted, np.argsort(-logits, axis=1)[:, :n], 1.0, axis=1)
     return float(np.mean(np.all(predicted == labels, axis=1)))
+
+
+def one_error_line(result, code):
+    """The one ``iterconv: error:`` line of a failed CLI run (click's CliRunner result) with exit ``code``."""
+    assert result.exit_code == code, (result.exit_code, result.output, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("iterconv: error:"), result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0]

@@ -57,7 +57,7 @@ CASES = [
     ("train-unknown-dataset", ["train", "--dataset", "imagenet", "--out", "{out}"], 2, "imagenet", ["{out}"]),
     ("train-debris-fragments", ["train", "--dataset", "digitdebris", "--debris-fragments", "20", "--out", "{out}"],
      2, "got 20", ["{out}"]),
-    ("train-train-size-zero", ["train", "--train-size", "0", "--out", "{out}"], 2, "train_size", ["{out}"]),
+    ("train-train-size-zero", ["train", "--train-size", "0", "--out", "{out}"], 2, "--train-size", ["{out}"]),
     ("train-existing-output", ["train", "--out", "{full}"], 2, "already exists", []),
     ("train-resume-not-a-run", ["train", "--resume", "--out", "{not_a_run}"], 2, "not a run directory", []),
     ("train-missing-dataset", ["train", "--dataset", "cifar10", "--data-dir", "{empty_data}", "--out", "{out}"],

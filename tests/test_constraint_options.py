@@ -75,7 +75,7 @@ def test_configs_written_before_the_fix_keep_their_meaning():
         (["--no-spectral-norm", "--residual-form", "contractive"], "--residual-form contractive needs the constraint"),
         (["--no-spectral-norm", "--variant", "small_contractive"],
          "--variant small_contractive carries the constraint"),
-        (["--alpha", "0.5"], "alpha applies to residual_form 'contractive' only, got alpha=0.5"),
+        (["--alpha", "0.5"], "--alpha applies to --residual-form 'contractive' only, got --alpha 0.5"),
     ],
 )
 def test_cli_refuses_an_explicit_contradiction(args, needle, tmp_path):

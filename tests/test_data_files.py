@@ -10,7 +10,7 @@ import zipfile
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import exact_set_accuracy
+from conftest import exact_set_accuracy, one_error_line
 
 from iterconv_cli.main import cli
 from iterconv_keras.data import datasets, debris, digitclutter, setfile
@@ -25,11 +25,6 @@ def _invoke(*args):
     return CliRunner().invoke(cli, list(args))
 
 
-def _one_error_line(result, code):
-    assert result.exit_code == code, (result.exit_code, result.output, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("iterconv: error:") and "Traceback" not in result.stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -123,22 +118,23 @@ def test_malformed_files_are_integrity_errors(clutter_file, tmp_path):
 def test_the_cli_refuses_bad_or_mismatched_files_with_one_line(clutter_file, tmp_path):
     garbage = tmp_path / "garbage.npz"
     garbage.write_bytes(b"\x00" * 10)
-    line = _one_error_line(_invoke("train", *TRAIN, "--data-file", str(garbage), "--out", str(tmp_path / "r1")), 5)
+    line = one_error_line(_invoke("train", *TRAIN, "--data-file", str(garbage), "--out", str(tmp_path / "r1")), 5)
     assert str(garbage) in line
-    line = _one_error_line(_invoke("train", *TRAIN, "--dataset", "digitdebris", "--data-file", str(clutter_file),
-                                   "--out", str(tmp_path / "r2")), 5)
-    assert "holds a digitclutter set, not digitdebris" in line
-    line = _one_error_line(_invoke("train", *TRAIN, "--clutter-digits", "4", "--data-file", str(clutter_file),
-                                   "--out", str(tmp_path / "r3")), 5)
-    assert "n_digits 3, not 4" in line
-    line = _one_error_line(_invoke("train", *TRAIN, "--data-file", str(tmp_path / "absent.npz"),
+    # An intact file that contradicts the options: a usage error (2), not an integrity failure.
+    line = one_error_line(_invoke("train", *TRAIN, "--dataset", "digitdebris", "--data-file", str(clutter_file),
+                                   "--out", str(tmp_path / "r2")), 2)
+    assert "holds a digitclutter set, not one for --dataset 'digitdebris'" in line
+    line = one_error_line(_invoke("train", *TRAIN, "--clutter-digits", "4", "--data-file", str(clutter_file),
+                                   "--out", str(tmp_path / "r3")), 2)
+    assert "holds 3 digits per image, not --clutter-digits 4" in line
+    line = one_error_line(_invoke("train", *TRAIN, "--data-file", str(tmp_path / "absent.npz"),
                                    "--out", str(tmp_path / "r4")), 3)
     assert "does not exist" in line
-    line = _one_error_line(_invoke("train", *TRAIN, "--fresh-data", "--data-file", str(clutter_file),
+    line = one_error_line(_invoke("train", *TRAIN, "--fresh-data", "--data-file", str(clutter_file),
                                    "--out", str(tmp_path / "r5")), 2)
-    assert "fresh_data" in line
-    line = _one_error_line(_invoke("train", *TRAIN, "--dataset", "mnist", "--data-file", str(clutter_file),
+    assert "--fresh-data" in line
+    line = one_error_line(_invoke("train", *TRAIN, "--dataset", "mnist", "--data-file", str(clutter_file),
                                    "--out", str(tmp_path / "r6")), 2)
-    assert "data_file" in line
+    assert "--data-file holds a generated set" in line
     # Nothing half-written: no run directory was left by any refusal.
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("r")]

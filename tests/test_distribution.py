@@ -206,13 +206,13 @@ def test_bad_strategy_settings_are_refused(settings, needle):
 
 @pytest.mark.parametrize("args, env, needle", [
     (["--strategy", "tpu"], {}, "'tpu' is not one of 'auto', 'one-device', 'mirrored', 'multi-worker'"),
-    (["--devices", "2"], {}, "devices applies to strategy 'mirrored' only, got devices=2 with strategy 'auto'"),
+    (["--devices", "2"], {}, "--devices applies to --strategy 'mirrored' only, got --devices 2 with --strategy 'auto'"),
     (["--strategy", "multi-worker"], {}, "needs the TF_CONFIG environment variable"),
     (["--strategy", "multi-worker"], _env("{oops"), "TF_CONFIG is not valid JSON"),
     (["--strategy", "one-device"], _env(TWO_WORKERS), "describes a cluster of 2 workers"),
     (["--strategy", "mirrored", "--devices", "2", "--batch-size", "15"], {},
-     "batch_size 15 is the global batch and must split evenly over the 2 replicas"),
-    (["--strategy", "mirrored", "--devices", "8"], {}, "devices 8: TensorFlow already runs with 2 logical CPU"),
+     "--batch-size 15 is the global batch and must split evenly over the 2 replicas"),
+    (["--strategy", "mirrored", "--devices", "8"], {}, "--devices 8: TensorFlow already runs with 2 logical CPU"),
 ])
 def test_bad_strategy_options_exit_2_with_one_line_and_write_nothing(tmp_path, monkeypatch, args, env, needle):
     monkeypatch.delenv(distribution.TF_CONFIG, raising=False)

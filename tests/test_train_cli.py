@@ -7,6 +7,7 @@ import sys
 
 import pytest
 from click.testing import CliRunner
+from conftest import one_error_line
 
 from iterconv_cli.main import cli
 
@@ -18,12 +19,6 @@ def _invoke(args):
     return CliRunner().invoke(cli, args)
 
 
-def _one_error_line(result, code):
-    assert result.exit_code == code, (result.exit_code, result.output, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("iterconv: error:"), result.stderr
-    assert "Traceback" not in result.stderr
-    return lines[0]
 
 
 def test_train_json_is_one_document_and_progress_goes_to_stderr(tmp_path):
@@ -50,27 +45,27 @@ def test_train_json_is_one_document_and_progress_goes_to_stderr(tmp_path):
         (["--coupling", "-0.1"], 2, "got -0.1"),
         (["--variant", "huge"], 2, "'huge' is not one of 'tiny', 'small',"),
         (["--dataset", "imagenet"], 2, "'imagenet' is not one of"),
-        (["--epochs", "0"], 2, "epochs must be an integer > 0, got 0"),
+        (["--epochs", "0"], 2, "--epochs must be an integer > 0, got 0"),
         (["--epochs", "-3"], 2, "got -3"),
-        (["--lipschitz", "0"], 2, "lipschitz must be a number > 0, got 0.0"),
+        (["--lipschitz", "0"], 2, "--lipschitz must be a number > 0, got 0.0"),
         (["--lipschitz", "abc"], 2, "'abc' is not a valid float"),
-        (["--batch-size", "0"], 2, "batch_size"),
-        (["--clutter-digits", "9"], 2, "clutter_digits must be 2..5, got 9"),
+        (["--batch-size", "0"], 2, "--batch-size must be an integer > 0, got 0"),
+        (["--clutter-digits", "9"], 2, "--clutter-digits must be 2..5, got 9"),
         (
             ["--dataset", "digitdebris", "--debris-fragments", "25"],
             2,
-            "debris_fragments must be one of 10, 30, 50 (the debris levels), got 25",
+            "--debris-fragments must be one of 10, 30, 50 (the debris levels), got 25",
         ),
-        (["--dataset", "mnist", "--augment"], 2, "not available for dataset 'mnist': flips change digits"),
-        (["--augment"], 2, "not available for dataset 'digitclutter'"),
+        (["--dataset", "mnist", "--augment"], 2, "not available for --dataset 'mnist': flips change digits"),
+        (["--augment"], 2, "not available for --dataset 'digitclutter'"),
         (["--dataset", "fashion_mnist", "--fresh-data"], 2,
-         "fresh_data needs a generated dataset (digitclutter, digitdebris); dataset 'fashion_mnist' is a fixed"),
+         "--fresh-data needs a generated dataset (digitclutter, digitdebris); --dataset 'fashion_mnist' is a fixed"),
         (["--block-init", "shared"], 2, "'shared' is not one of 'tied', 'independent'"),
     ],
 )
 def test_bad_options_give_one_line_and_exit_code(tmp_path, args, code, needle):
     out = tmp_path / "run"
-    line = _one_error_line(_invoke(["train", *args, "--out", str(out)]), code)
+    line = one_error_line(_invoke(["train", *args, "--out", str(out)]), code)
     assert needle in line
     assert not out.exists()
 
@@ -86,7 +81,7 @@ def test_data_options_are_recorded_and_reach_the_model(tmp_path):
     import keras
 
     assert keras.saving.load_model(out / "model.keras", compile=False).block_init == "independent"
-    line = _one_error_line(_invoke(["train", "--resume", "--fresh-data", "--out", str(out)]), 2)
+    line = one_error_line(_invoke(["train", "--resume", "--fresh-data", "--out", str(out)]), 2)
     assert "--fresh-data True differs from the run's False" in line
 
 
@@ -94,21 +89,21 @@ def test_existing_output_without_resume(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "something").write_text("keep me")
-    line = _one_error_line(_invoke(["train", *FAST, "--out", str(out)]), 2)
+    line = one_error_line(_invoke(["train", *FAST, "--out", str(out)]), 2)
     assert "already exists" in line
     assert os.listdir(out) == ["something"]
 
 
 def test_resume_on_a_directory_that_is_not_a_run(tmp_path):
     (tmp_path / "plain").mkdir()
-    line = _one_error_line(_invoke(["train", "--resume", "--out", str(tmp_path / "plain")]), 2)
+    line = one_error_line(_invoke(["train", "--resume", "--out", str(tmp_path / "plain")]), 2)
     assert "not a run directory" in line
 
 
 def test_resume_refuses_contradicting_options(tmp_path):
     out = tmp_path / "run"
     assert _invoke(["train", *FAST, "--out", str(out)]).exit_code == 0
-    line = _one_error_line(_invoke(["train", "--resume", "--coupling", "0.5", "--out", str(out)]), 2)
+    line = one_error_line(_invoke(["train", "--resume", "--coupling", "0.5", "--out", str(out)]), 2)
     assert "--coupling 0.5 differs from the run's 0.0" in line
     # Resuming a finished run trains nothing more and succeeds.
     again = _invoke(["train", "--resume", "--out", str(out), "--json"])
@@ -119,7 +114,7 @@ def test_resume_refuses_contradicting_options(tmp_path):
 def test_missing_dataset_exits_3(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("ITERCONV_DATA_DIR", raising=False)
-    line = _one_error_line(
+    line = one_error_line(
         _invoke(["train", "--dataset", "cifar100", "--data-dir", str(tmp_path), "--out", str(tmp_path / "r")]), 3
     )
     assert str(tmp_path) in line

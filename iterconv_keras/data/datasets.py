@@ -29,10 +29,9 @@ from iterconv_keras.data.generated import (  # noqa: F401
     fresh_train_seed,
 )
 
-# Validation carved from train for file datasets: 10 %, at most this many images,
-# always the same images (this seed, not the training seed), so runs with different
+# Validation carved from train for file datasets: 10 %, at most `sources.MAX_DEFAULT_VALIDATION`
+# images, always the same images (this seed, not the training seed), so runs with different
 # seeds are compared on one validation set and train on the same remaining images.
-MAX_DEFAULT_VALIDATION = 5_000
 VALIDATION_SPLIT_SEED = 0
 # Random translation for augmentation, in pixels of padding on each side: the CIFAR
 # recipe's 4 px at 32x32; 3 px at 28x28 for Fashion-MNIST, whose items are scaled to
@@ -104,7 +103,7 @@ def _split_train(x, y, train_size, validation_size, seed):
     """
     n = x.shape[0]
     if validation_size is None:
-        validation_size = min(MAX_DEFAULT_VALIDATION, n // 10)
+        validation_size = min(sources.MAX_DEFAULT_VALIDATION, n // 10)
     if validation_size > n:
         raise ValueError(f"validation_size must be at most the {n} training images, got {validation_size}")
     rest = n - validation_size
@@ -194,7 +193,9 @@ def load(
         ValueError: unknown name, bad sizes, or ``fresh_data`` for a file dataset.
         DatasetNotAvailable: files missing (the message lists every place looked and
             how to obtain them) or unreadable.
-        IntegrityError: ``data_file`` is malformed or holds another set.
+        IntegrityError: ``data_file`` is malformed.
+        UsageError: ``data_file`` is intact but holds another set than ``name`` with
+            ``clutter_digits`` digits or ``debris_fragments`` fragments.
 
     Reference for Digitclutter and its debris variant: Spoerer, McClure &
     Kriegeskorte (2017), Front. Psychol. 8:1551.

@@ -13,9 +13,8 @@ import os
 
 import numpy as np
 
-# Default Digitclutter sizes: generated in about a second, large enough for the small
-# models to learn (the original used about 100k train / 10k test).
-CLUTTER_SIZES = {"train": 20_000, "validation": 2_000, "test": 5_000}
+from iterconv_keras.data.sources import CLUTTER_SIZES  # the default sizes (stdlib table, read by --help)
+
 # Fixed seeds per split; the digit count is mixed in so n-digit sets are independent.
 CLUTTER_SEEDS = {"train": 2017_1, "validation": 2017_2, "test": 2017_3}
 # Debris sets use the same sizes and their own seeds, the fragment count mixed in.

@@ -29,6 +29,9 @@ GENERATORS = {
     "iterconv_keras.data.digitclutter": ("digitclutter", "n_digits"),
     "iterconv_keras.data.debris": ("digitdebris", "n_fragments"),
 }
+# Dataset -> (what its level counts, the setting that asks for a level: `datasets.load`'s
+# and `TrainConfig`'s keyword), for the message when a file holds another level.
+_LEVEL_SETTINGS = {"digitclutter": ("digits", "clutter_digits"), "digitdebris": ("fragments", "debris_fragments")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,9 +85,10 @@ def load_npz(path, dataset=None, level=None):
 
     Raises:
         DatasetNotAvailable: the file does not exist or cannot be read (exit 3).
-        IntegrityError: the file is not a generated set, its arrays contradict
-            each other, or it is not the set the caller expects (exit 5); the
-            message names the file and what is wrong.
+        IntegrityError: the file is not a generated set or its arrays contradict
+            each other (exit 5); the message names the file and what is wrong.
+        UsageError: an intact file that is not the set the caller asked for (another
+            generator or level: the options contradict the file, exit 2).
     """
     if not os.path.isfile(path):
         raise errors.DatasetNotAvailable(f"data file {path} does not exist")
@@ -121,9 +125,11 @@ def load_npz(path, dataset=None, level=None):
           or (n and not (labels.min() >= 0 and labels.max() <= 9))):
         raise bad(f"labels have shape {labels.shape} {labels.dtype}, expected [{n}] integers in 0..9")
     if dataset is not None and dataset != name:
-        raise errors.IntegrityError(f"data file {path} holds a {name} set, not {dataset}")
+        raise errors.UsageError(f"data file {path} holds a {name} set, not one for dataset={dataset!r}")
     if level is not None and level != found_level:
-        raise errors.IntegrityError(f"data file {path} holds {level_key} {found_level}, not {level}")
+        counted, setting = _LEVEL_SETTINGS[name]
+        raise errors.UsageError(f"data file {path} holds {found_level} {counted} per image, not {setting}={level}; "
+                                f"pass {setting}={found_level} or another file")
     return SetFile(name, int(found_level), images, labels, info, path)
 
 

@@ -18,6 +18,24 @@ from iterconv_keras import errors
 DATASET_NAMES = ("digitclutter", "digitdebris", "mnist", "fashion_mnist", "cifar10", "cifar100")
 GENERATED_NAMES = ("digitclutter", "digitdebris")
 ENV_VAR = "ITERCONV_DATA_DIR"
+# Default sizes of the generated sets (Digitclutter and debris): generated in about a
+# second, large enough for the small models to learn (the original used about 100k
+# train / 10k test). Here, not in `generated`, so `iterconv train --help` can state them.
+CLUTTER_SIZES = {"train": 20_000, "validation": 2_000, "test": 5_000}
+# Validation carved from train for file datasets: 10 %, at most this many images
+# (`datasets.load`).
+MAX_DEFAULT_VALIDATION = 5_000
+
+
+def canonical_name(name):
+    """The dataset name ``name`` spells: one of `DATASET_NAMES`, or ``name`` unchanged.
+
+    Zoo names spell datasets with hyphens (``fashion-mnist-small``), so the hyphenated
+    spelling of a name is accepted too: ``canonical_name("fashion-mnist")`` is
+    ``"fashion_mnist"``. An unknown name comes back as it was, for the caller to refuse.
+    """
+    underscored = name.replace("-", "_") if isinstance(name, str) else name
+    return underscored if underscored in DATASET_NAMES else name
 
 
 @dataclasses.dataclass(frozen=True)
