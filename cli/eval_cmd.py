@@ -5,8 +5,7 @@ import os
 import click
 from click.core import ParameterSource
 
-from iterconv_cli._common import emit_json, report_errors
-from iterconv_keras.data.sources import DATASET_NAMES  # stdlib only: --help stays instant
+from iterconv_cli._common import data_dir_option, dataset_option, emit_json, report_errors
 
 # The iterations-under-occlusion sweep of --occlusion runs at fixed settings
 # (occlusion.DEFAULT_ITERATIONS, DEFAULT_ITERATION_LEVEL; a test keeps these in step).
@@ -22,8 +21,8 @@ _GIVEN = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT, ParameterSou
 
 @click.command("eval")
 @click.argument("model_reference", metavar="MODEL")
-@click.option("--dataset", type=click.Choice(DATASET_NAMES), default=None,
-              help="Dataset to evaluate on (default: the one in the model's metadata).")
+@dataset_option(default=None,
+                help="Dataset to evaluate on (default: the one in the model's metadata).")
 @click.option("--indices/--no-indices", default=True, show_default=True,
               help="Recurrence, divergence and convergence indices and effective parameters.")
 @click.option("--occlusion/--no-occlusion", default=True, show_default=True,
@@ -32,15 +31,14 @@ _GIVEN = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT, ParameterSou
 @click.option("--limit", type=click.IntRange(min=1), default=None,
               help="Evaluate the first N test examples only (default: the test set of a run trained with "
                    "--test-size, else the whole test split).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Images per forward pass: memory and speed; the results are the same up to float rounding.")
 @click.option("--plots", "plots_dir", type=click.Path(file_okay=False), default=None,
               help="Write PNG figures (index curves, update sizes, occlusion) into this folder; needs --indices or "
                    "--occlusion.")
 @click.option("--json", "json_output", is_flag=True, help="Print one JSON document on stdout.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the JSON document to FILE.")
-@click.option(
-    "--data-dir", type=click.Path(file_okay=False), default=None, help="Folder searched first for dataset files."
-)
+@data_dir_option()
 @click.option("--zoo", "zoo_root", type=click.Path(file_okay=False), default=None,
               help="Zoo folder for NAME[@VERSION] references.")
 @click.option("--extra-iterations", default="1,2,4,8,16", show_default=True,

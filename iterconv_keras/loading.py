@@ -28,6 +28,7 @@ from iterconv_keras import zoo as zoo_lib
 from iterconv_keras.errors import ModelNotFound, UsageError
 from iterconv_keras.models.saving import load_keras
 from iterconv_keras.runs import MODEL_FILE as RUN_MODEL_FILE
+from iterconv_keras.runs import checkpoint_epochs
 from iterconv_keras.zoo.card import ModelCard
 from iterconv_keras.zoo.savedmodel import METADATA_FILE as ZOO_METADATA_FILE
 from iterconv_keras.zoo.savedmodel import MODEL_FILE as ZOO_MODEL_FILE
@@ -156,9 +157,13 @@ def _load_path(reference):
         if os.path.isfile(zoo_model):
             provenance = Provenance(reference, "zoo_version", zoo_model)
             return LoadedModel(load_keras(zoo_model), _zoo_card(reference), provenance)
+        epochs = checkpoint_epochs(reference)
+        # A run stopped before its end has checkpoints but no model: say how to finish it.
+        interrupted = (f"; it holds checkpoints up to epoch {epochs[-1]}: interrupted? resume with "
+                       f"`iterconv train --resume --out {reference}`") if epochs else ""
         raise ModelNotFound(
             f"{reference} is a directory but holds neither {RUN_MODEL_FILE} (a finished "
-            f"training run) nor {ZOO_MODEL_FILE} (a zoo version)"
+            f"training run) nor {ZOO_MODEL_FILE} (a zoo version){interrupted}"
         )
     if reference.endswith(".keras"):
         model = load_keras(reference)

@@ -28,7 +28,7 @@ from iterconv_keras.errors import IntegrityError, UsageError
 FAST = ["--variant", "tiny", "--epochs", "1", "--batch-size", "32", "--train-size", "64",
         "--validation-size", "0", "--test-size", "16"]
 # Options still without help on another branch (cli-eval adds it); remove on merge.
-KNOWN_WITHOUT_HELP = {("eval", "--batch-size")}
+KNOWN_WITHOUT_HELP = set()
 
 
 def _invoke(args):

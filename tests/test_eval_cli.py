@@ -379,3 +379,29 @@ def test_another_dataset_than_the_recorded_one_gets_its_whole_split():
     assert recorded_test_size(recipe) == 12 and recorded_test_size(recipe, "mnist") == 12
     assert recorded_test_size(recipe, "fashion_mnist") is None
     assert recorded_test_size({"dataset": "mnist", "recipe": {"test_size": 12}}) == 12  # a zoo card
+
+
+def test_a_data_dir_for_a_generated_dataset_is_a_usage_error(run_dir, tmp_path):
+    # Digitclutter is generated, so a folder of files would be silently ignored.
+    from conftest import one_error_line
+
+    out = tmp_path / "eval.json"
+    line = one_error_line(_invoke(["eval", run_dir, "--limit", "4", "--data-dir", str(tmp_path),
+                                   "--out", str(out)]), 2)
+    assert "--data-dir" in line and "'digitclutter'" in line and "fashion_mnist" in line
+    assert not out.exists()
+
+
+def test_a_data_dir_that_does_not_exist_is_a_usage_error(run_dir, tmp_path):
+    from conftest import one_error_line
+
+    line = one_error_line(_invoke(["eval", run_dir, "--limit", "4", "--data-dir", str(tmp_path / "gone")]), 2)
+    assert "gone" in line and "does not exist" in line
+
+
+def test_the_hyphenated_dataset_name_is_read_as_the_python_one(run_dir):
+    # The model is a multi-label Digitclutter net: asked for fashion-mnist, eval must
+    # compare it with fashion_mnist (and refuse the mismatch), not reject the spelling.
+    result = _invoke(["eval", run_dir, "--limit", "4", "--dataset", "fashion-mnist", "--no-occlusion"])
+    assert result.exit_code != 0
+    assert "invalid choice" not in result.stderr.lower() and "fashion" in result.stderr

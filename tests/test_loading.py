@@ -112,6 +112,32 @@ def test_a_directory_without_a_model_and_without_a_zoo_entry(files, monkeypatch,
         loading.load("notes", zoo=files["zoo"])
 
 
+def test_an_interrupted_run_is_told_how_to_resume(files, tmp_path):
+    from iterconv_cli.train_cmd import COMMAND as train_command
+    from iterconv_keras import runs
+
+    run = tmp_path / "stopped"
+    for epoch in (1, 2):  # what a run stopped after its second epoch leaves: checkpoints, no model.keras
+        model_file, state_file = runs.checkpoint_files(runs.checkpoint_path(str(run), epoch))
+        os.makedirs(os.path.dirname(model_file))
+        files["models"]["run"].save(model_file)
+        with open(state_file, "w") as f:
+            json.dump({"epoch": epoch}, f)
+    with pytest.raises(ModelNotFound) as caught:
+        loading.load(str(run), zoo=files["zoo"])
+    message = str(caught.value)
+    assert "holds neither model.keras" in message
+    assert f"checkpoints up to epoch 2: interrupted? resume with `iterconv train --resume --out {run}`" in message
+    # The hint names options train really has.
+    assert {"--resume", "--out"} <= {opt for param in train_command.params for opt in param.opts}
+    # A folder without complete checkpoints gets no such hint.
+    os.remove(runs.checkpoint_files(runs.checkpoint_path(str(run), 1))[1])
+    os.remove(runs.checkpoint_files(runs.checkpoint_path(str(run), 2))[1])
+    with pytest.raises(ModelNotFound) as caught:
+        loading.load(str(run), zoo=files["zoo"])
+    assert "resume with" not in str(caught.value)
+
+
 def test_load_keras_reports_missing_and_corrupt_files(tmp_path):
     with pytest.raises(ModelNotFound, match="does not exist"):
         load_keras(str(tmp_path / "none.keras"))
