@@ -29,6 +29,12 @@ def dataset_option(**kwargs):
     return click.option("--dataset", type=_DatasetChoice(DATASET_NAMES), **kwargs)
 
 
+def given_options(ctx):
+    """The names of ``ctx``'s options the user typed (not defaults), for options that must not be ignored."""
+    return [p.name for p in ctx.command.params
+            if ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE]
+
+
 def data_dir_option():
     """The ``--data-dir`` option: an existing folder, else a usage error (exit 2) naming the path.
 
@@ -111,18 +117,25 @@ def option_spelling(message, command):
         The rewritten text.
     """
     text = str(message)
-    spell = {p.name: p.opts[0] for p in command.params if isinstance(p, click.Option) and p.name and p.opts}
-    if not spell:
-        return text
-    names = "|".join(re.escape(name) for name in sorted(spell, key=len, reverse=True))
+    params = {p.name: p for p in command.params if isinstance(p, click.Option) and p.name and p.opts}
+    if not params or not text:
+        return message  # an empty message keeps its type, which _fail shows instead
+    names = "|".join(re.escape(name) for name in sorted(params, key=len, reverse=True))
 
     def rewrite(match):
-        name, after = match.group(1), text[match.end(1):]
-        if "_" in name or match.start() == 0 or _NAMES_A_SETTING.match(after):
-            return spell[name] + (" " if match.group(2) else "")
-        return match.group(0)
+        name, equals, boolean = match.group(1), match.group(2), match.group(3)
+        if not ("_" in name or match.start() == 0 or _NAMES_A_SETTING.match(text[match.end(1):])):
+            return match.group(0)
+        option = params[name]
+        if boolean and option.is_flag:
+            # A flag takes no value: True is the flag itself, False its --no- form (if it has one).
+            flags = option.opts if boolean.strip() == "True" else option.secondary_opts
+            if flags:
+                return flags[0]
+        value = (" " + boolean.strip()) if boolean else ""
+        return option.opts[0] + (" " if equals and not boolean else "") + value
 
-    return re.sub(rf"(?<![\w\-./'\"])({names})(?![\w-])(=)?", rewrite, text)
+    return re.sub(rf"(?<![\w\-./'\"])({names})(?![\w-])(=)?((?:(?<==)|\s)(?:True|False)\b)?", rewrite, text)
 
 
 def _raised_by_iterconv(exc):

@@ -3,9 +3,8 @@
 import os
 
 import click
-from click.core import ParameterSource
 
-from iterconv_cli._common import data_dir_option, dataset_option, emit_json, report_errors
+from iterconv_cli._common import data_dir_option, dataset_option, emit_json, given_options, report_errors
 
 # The iterations-under-occlusion sweep of --occlusion runs at fixed settings
 # (occlusion.DEFAULT_ITERATIONS, DEFAULT_ITERATION_LEVEL; a test keeps these in step).
@@ -16,7 +15,6 @@ _ITERATION_SWEEP = "K = 0, 1, 2, 4, 8, 16 extra iterations at 30 % occluded"
 # a given option from its default, whatever its value).
 _NEEDS_INDICES = ("extra_iterations", "tolerance")
 _NEEDS_OCCLUSION = ("levels",)
-_GIVEN = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT, ParameterSource.PROMPT)
 
 
 @click.command("eval")
@@ -77,6 +75,9 @@ def COMMAND(model_reference, dataset, indices, occlusion, limit, batch_size, plo
         fsutil.check_writable(os.path.join(plots_dir, "indices.png"))
     if out:
         fsutil.check_writable(out)
+    if zoo_root is not None and loading.looks_like_path(model_reference):
+        # A path is loaded from where it points; the zoo folder would be silently ignored.
+        raise click.UsageError(f"--zoo applies to NAME[@VERSION] references only, got the path {model_reference!r}")
     loaded = loading.load(model_reference, zoo=zoo_root)
     # The card's recipe holds the run's settings (data_dir, clutter_digits, test_size, ...).
     metadata = loaded.card.to_json()
@@ -116,8 +117,10 @@ def COMMAND(model_reference, dataset, indices, occlusion, limit, batch_size, plo
 def _refuse_ignored_options(ctx, indices, occlusion):
     """A usage error for an option given with the part of the evaluation it feeds switched off."""
 
+    typed = given_options(ctx)
+
     def given(names):
-        return [name for name in names if ctx.get_parameter_source(name) in _GIVEN]
+        return [name for name in names if name in typed]
 
     ignored = []
     if not indices:

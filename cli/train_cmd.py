@@ -2,7 +2,14 @@
 
 import click
 
-from iterconv_cli._common import data_dir_option, dataset_option, emit_json, progress_to_stderr, report_errors
+from iterconv_cli._common import (
+    data_dir_option,
+    dataset_option,
+    emit_json,
+    given_options,
+    progress_to_stderr,
+    report_errors,
+)
 from iterconv_keras.config import (  # stdlib only: --help stays instant
     BLOCK_INITS,
     LR_SCHEDULES,
@@ -11,14 +18,25 @@ from iterconv_keras.config import (  # stdlib only: --help stays instant
     STRATEGIES,
     TrainConfig,
 )
-from iterconv_keras.data.sources import CLUTTER_SIZES, MAX_DEFAULT_VALIDATION  # stdlib only
+from iterconv_keras.data.sources import CLUTTER_SIZES, FILE_DATASETS, MAX_DEFAULT_VALIDATION  # stdlib only
 from iterconv_keras.models.variants import list_variants  # a table of keyword rows, no imports
+
 
 # The default split sizes, as the help states them: the generated sets' from their table;
 # the real datasets train on their training split (these sizes) less the validation carved
 # from it (10 %, at most MAX_DEFAULT_VALIDATION) and test on their whole test split.
-_REAL_TRAIN_SPLITS = {"mnist and fashion_mnist": 60_000, "cifar10 and cifar100": 50_000}
-_REAL_TEST_SPLIT = 10_000  # all four
+def _names_by_size(which):
+    """``{"mnist and fashion_mnist": 60000, ...}``: the real datasets grouped by one of their split sizes."""
+    groups = {}
+    for spec in FILE_DATASETS.values():
+        groups.setdefault(spec.split_sizes[which], []).append(spec.name)
+    return {" and ".join(names): size for size, names in groups.items()}
+
+
+_REAL_TRAIN_SPLITS = _names_by_size(0)
+_REAL_TEST_SPLITS = _names_by_size(1)
+_REAL_TEST_SPLIT = ", ".join(f"{size:,}" + (f" for {names}" if len(_REAL_TEST_SPLITS) > 1 else "")
+                             for names, size in _REAL_TEST_SPLITS.items())
 _REAL_VALIDATION = {n: min(MAX_DEFAULT_VALIDATION, n // 10) for n in _REAL_TRAIN_SPLITS.values()}
 _GENERATED = "digitclutter and digitdebris"
 
@@ -67,7 +85,7 @@ _GENERATED = "digitclutter and digitdebris"
                    + "; 10 % of the file with --data-file].")
 @click.option("--test-size", type=int, default=None,
               help=f"Test images for the final evaluation [default: {CLUTTER_SIZES['test']:,} for {_GENERATED}; "
-                   f"the whole test split for the real datasets, {_REAL_TEST_SPLIT:,} images; 20 % of the file with "
+                   f"the whole test split for the real datasets, {_REAL_TEST_SPLIT} images; 20 % of the file with "
                    "--data-file].")
 @click.option("--clutter-digits", type=int, default=3, show_default=True,
               help="Digits per image (2..5); digitclutter only.")
@@ -118,7 +136,7 @@ def train(ctx, resume, json_output, **settings):
         _check_resume_options(ctx, config)
     else:
         # `--clutter-digits 3 --dataset mnist` too: the default value, but typed, so expected to matter.
-        config.check_given_settings_apply(_given(ctx))
+        config.check_given_settings_apply(given_options(ctx))
     from iterconv_keras import training
 
     with progress_to_stderr(json_output):
@@ -159,12 +177,6 @@ def _check_constraint_options(ctx, settings):
                          "drop --no-spectral-norm")
 
 
-def _given(ctx):
-    """The names of the options typed on the command line."""
-    return [p.name for p in ctx.command.params
-            if ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE]
-
-
 def _check_resume_options(ctx, config):
     """Refuse options given on the command line that contradict the stored run config."""
     from iterconv_keras import runs
@@ -172,7 +184,7 @@ def _check_resume_options(ctx, config):
 
     if config.out is None:
         raise UsageError("--resume needs --out RUN_DIR")
-    runs.check_resume(config, runs.load_run_config(config.out), _given(ctx),
+    runs.check_resume(config, runs.load_run_config(config.out), given_options(ctx),
                       spell={p.name: p.opts[0] for p in ctx.command.params})
 
 

@@ -92,7 +92,14 @@ def rescaled_stage_probe(model, x, y, extra=(1, 2), batch_size=250):
 def rescaled_logits(model, images, stage, k):
     """Logits with ``k`` extra iterations of ``stage``'s last block, then the state rescaled per image.
 
-    ``images`` as the evaluation gets them (uint8 or float in [0, 1]).
+    Args:
+        model: an `IterativeResNet`.
+        images: a batch as the evaluation gets it (uint8, or float in [0, 1]).
+        stage: the stage whose last block gets the extra iterations.
+        k: how many extra iterations (0: the trained schedule).
+
+    Returns:
+        The logits, ``[batch, classes]``.
     """
     import tensorflow as tf
 

@@ -198,7 +198,9 @@ def evaluate_run(run_dir, limit):
     if not os.path.isfile(path):
         wall, cpu = time.perf_counter(), time.process_time()
         loaded = load(run_dir)
-        data = evaluation.load_for_model(loaded.model, loaded.card.to_json(), limit=limit)
+        # No limit here: the run's recorded test_size (= --limit) picks the images its training
+        # tested on (a seeded subsample for file datasets, not the first N).
+        data = evaluation.load_for_model(loaded.model, loaded.card.to_json())
         document = evaluation.evaluate(loaded.model, data, limit=limit, model_reference=run_dir)
         write_json_atomic(path, document)  # evaluate() returns strict-JSON values
         _add_timing(run_dir, "evaluation", time.perf_counter() - wall, time.process_time() - cpu)

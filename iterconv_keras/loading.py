@@ -100,7 +100,7 @@ def load(reference, *, zoo=None):
         ('fashion_mnist', 'fashion-mnist-small@1')
     """
     reference = os.fspath(reference)
-    if _looks_like_path(reference):  # runs/lr@1e-3 is a path too: '@' makes a zoo reference only in a bare name
+    if looks_like_path(reference):  # runs/lr@1e-3 is a path too: '@' makes a zoo reference only in a bare name
         return _load_path(reference)
     bare_name = "@" not in reference
     local_model = bare_name and _holds_model(reference)
@@ -136,7 +136,8 @@ def load_model(reference, *, zoo=None):
     return load(reference, zoo=zoo).model
 
 
-def _looks_like_path(reference):
+def looks_like_path(reference):
+    """Whether ``reference`` is read as a path, never as a zoo name (a separator, a leading '.', '.keras')."""
     return (os.sep in reference or (os.altsep or os.sep) in reference or reference.startswith(".")
             or reference.endswith(".keras"))
 

@@ -27,14 +27,12 @@ from iterconv_keras.errors import IntegrityError, UsageError
 
 FAST = ["--variant", "tiny", "--epochs", "1", "--batch-size", "32", "--train-size", "64",
         "--validation-size", "0", "--test-size", "16"]
-# Options still without help on another branch (cli-eval adds it); remove on merge.
+# Options allowed to have no help text: none.
 KNOWN_WITHOUT_HELP = set()
 
 
 def _invoke(args):
     return CliRunner().invoke(cli, args)
-
-
 
 
 def _commands(command=cli, path=()):
@@ -90,9 +88,18 @@ def test_train_help_states_the_default_sizes():
     ("data file /runs/seed 3/f.npz: the strategy is 'auto'", "data file /runs/seed 3/f.npz: the strategy is 'auto'"),
     ("got 'epochs' and --lr 0.1", "got 'epochs' and --lr 0.1"),
     ("n_digits must be in 2..5", "n_digits must be in 2..5"),  # not an option of train
+    # A flag takes no value: True is the flag, False its --no- (or other) form.
+    ("fresh_data=False with data_file", "--fixed-data with --data-file"),
+    ("spectral_norm False needs lipschitz < 1", "--no-spectral-norm needs lipschitz < 1"),
+    ("augment=True", "--augment"),
 ])
 def test_setting_names_are_spelled_as_the_commands_options(message, expected):
     assert option_spelling(message, train) == expected
+
+
+def test_an_empty_message_keeps_its_exception_type_for_the_error_line():
+    error = ValueError("")
+    assert option_spelling(error, train) is error
 
 
 @pytest.mark.parametrize("args, needle", [

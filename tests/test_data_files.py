@@ -25,8 +25,6 @@ def _invoke(*args):
     return CliRunner().invoke(cli, list(args))
 
 
-
-
 @pytest.fixture(scope="module")
 def clutter_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("files") / "clutter.npz"

@@ -352,3 +352,14 @@ def test_digitdebris_uses_fixed_seeds_independent_of_training_seed():
     for bad in (20, 30.0, True):
         with pytest.raises(ValueError, match=f"debris_fragments must be one of 10, 30, 50.*got {bad!r}"):
             datasets.load("digitdebris", debris_fragments=bad)
+
+
+@pytest.mark.skipif(not os.path.isdir(FASHION_DIR), reason="the real Fashion-MNIST is not installed")
+def test_the_stated_split_sizes_are_those_of_the_real_files():
+    # The table's (train, test) sizes, which `iterconv train --help` states, against the IDX
+    # headers of the installed files (big-endian counts after the magic number).
+    counts = []
+    for split in ("train", "t10k"):
+        with gzip.open(os.path.join(FASHION_DIR, f"{split}-labels-idx1-ubyte.gz")) as f:
+            counts.append(struct.unpack(">II", f.read(8))[1])
+    assert tuple(counts) == sources.FILE_DATASETS["fashion_mnist"].split_sizes == (60_000, 10_000)

@@ -308,7 +308,7 @@ def mnist_run(tmp_path_factory):
 
 
 def test_eval_of_a_run_uses_its_test_size(mnist_run, tmp_path):
-    run, test, _ = mnist_run
+    run, test, written = mnist_run
     assert test["examples"] == 12
     result = _invoke(["eval", run, "--json", "--no-occlusion", "--extra-iterations", "1,2",
                       "--out", str(tmp_path / "eval.json")])
@@ -320,6 +320,11 @@ def test_eval_of_a_run_uses_its_test_size(mnist_run, tmp_path):
     # the first 12 test images would give another loss.
     assert document["accuracy"] == pytest.approx(test["accuracy"])
     assert document["loss"] == pytest.approx(test["loss"], rel=1e-5)
+    model = keras.saving.load_model(os.path.join(run, "model.keras"), compile=False)
+    first = written["t10k-images-idx3-ubyte"][:12, :, :, None].astype(np.float32) / 255
+    labels = written["t10k-labels-idx1-ubyte"][:12].astype(np.int64)
+    first_loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(labels, model(first, training=False))
+    assert float(first_loss) != pytest.approx(test["loss"], rel=1e-3)  # so the oracle tells the two sets apart
 
 
 def test_the_card_records_the_examples_of_metrics_and_indices(mnist_run, tmp_path):
@@ -388,7 +393,8 @@ def test_a_data_dir_for_a_generated_dataset_is_a_usage_error(run_dir, tmp_path):
     out = tmp_path / "eval.json"
     line = one_error_line(_invoke(["eval", run_dir, "--limit", "4", "--data-dir", str(tmp_path),
                                    "--out", str(out)]), 2)
-    assert "--data-dir" in line and "'digitclutter'" in line and "fashion_mnist" in line
+    assert "--data-dir" in line and "'digitclutter', the model's dataset" in line and "fashion_mnist" in line
+    assert "--dataset" not in line  # the user typed none
     assert not out.exists()
 
 
@@ -402,6 +408,15 @@ def test_a_data_dir_that_does_not_exist_is_a_usage_error(run_dir, tmp_path):
 def test_the_hyphenated_dataset_name_is_read_as_the_python_one(run_dir):
     # The model is a multi-label Digitclutter net: asked for fashion-mnist, eval must
     # compare it with fashion_mnist (and refuse the mismatch), not reject the spelling.
+    from conftest import one_error_line
+
     result = _invoke(["eval", run_dir, "--limit", "4", "--dataset", "fashion-mnist", "--no-occlusion"])
-    assert result.exit_code != 0
-    assert "invalid choice" not in result.stderr.lower() and "fashion" in result.stderr
+    assert "model and --dataset 'fashion_mnist' do not fit" in one_error_line(result, 2)
+
+
+def test_a_zoo_folder_with_a_model_path_is_a_usage_error(run_dir, tmp_path):
+    # A path is loaded from where it points: --zoo would be silently ignored.
+    from conftest import one_error_line
+
+    line = one_error_line(_invoke(["eval", run_dir, "--limit", "4", "--zoo", str(tmp_path)]), 2)
+    assert "--zoo applies to NAME[@VERSION] references only" in line and run_dir in line

@@ -19,8 +19,6 @@ def _invoke(args):
     return CliRunner().invoke(cli, args)
 
 
-
-
 def test_train_json_is_one_document_and_progress_goes_to_stderr(tmp_path):
     out = tmp_path / "run"
     result = _invoke(["train", *FAST, "--coupling", "1", "--seed", "3", "--out", str(out), "--json"])

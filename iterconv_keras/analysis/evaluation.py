@@ -292,10 +292,11 @@ def load_for_model(model, metadata, *, dataset=None, data_dir=None, limit=None):
                 "the model carries no dataset in its metadata (a bare .keras file?): pass --dataset NAME"
             )
         name = "digitclutter"
-    if data_dir is not None and name in sources.GENERATED_NAMES:
+    if data_dir is not None and name not in sources.FILE_DATASETS:
         # Generated sets read no files: a folder passed for one would be silently ignored.
+        whose = f"dataset {name!r}" if dataset else f"{name!r}, the model's dataset"
         raise ValueError(f"data_dir applies to the file datasets ({', '.join(sources.FILE_DATASETS)}) only, "
-                         f"got data_dir {data_dir!r} for dataset {name!r}")
+                         f"got data_dir {data_dir!r} for {whose}")
     data_dir = data_dir or _setting(metadata, "data_dir")  # a zoo card keeps it under "recipe"
     fill = tuple(float(m) for m in model.input_mean)
     if name in sources.GENERATED_NAMES:

@@ -49,6 +49,8 @@ class FileDataset:
         folders: sub-folders of a search root that may hold its files.
         tfds_name: its tensorflow-datasets name (a prepared directory is read too).
         how_to_get: the "to get it" part of the message when it is missing.
+        split_sizes: ``(train, test)`` images of its official splits (what
+            ``iterconv train --help`` states as the defaults).
     """
 
     name: str
@@ -57,6 +59,7 @@ class FileDataset:
     folders: tuple
     tfds_name: str
     how_to_get: str
+    split_sizes: tuple
 
 
 _MNIST_FILES = (
@@ -74,6 +77,7 @@ FILE_DATASETS = {
         "https://storage.googleapis.com/cvdf-datasets/mnist/) or keras' mnist.npz "
         "(https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz) in --data-dir, "
         "or prepare it with `tfds build mnist --data_dir DIR` on a machine with internet",
+        (60_000, 10_000),
     ),
     "fashion_mnist": FileDataset(
         "fashion_mnist",
@@ -84,6 +88,7 @@ FILE_DATASETS = {
         "on Debian/Ubuntu `apt install dataset-fashion-mnist` (installs /usr/share/datasets/fashion-mnist), "
         f"or put the IDX files ({_MNIST_FILES}, from https://github.com/zalandoresearch/fashion-mnist) "
         "in --data-dir or DIR/fashion-mnist",
+        (60_000, 10_000),
     ),
     "cifar10": FileDataset(
         "cifar10",
@@ -93,6 +98,7 @@ FILE_DATASETS = {
         "cifar10",
         "download https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz and extract it into --data-dir "
         "(it creates cifar-10-batches-py/), or prepare it with `tfds build cifar10 --data_dir DIR`",
+        (50_000, 10_000),
     ),
     "cifar100": FileDataset(
         "cifar100",
@@ -102,6 +108,7 @@ FILE_DATASETS = {
         "cifar100",
         "download https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz and extract it into --data-dir "
         "(it creates cifar-100-python/), or prepare it with `tfds build cifar100 --data_dir DIR`",
+        (50_000, 10_000),
     ),
 }
 
