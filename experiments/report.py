@@ -400,6 +400,8 @@ def condition_color(condition):
 
 
 def plot_curves(rows, datasets, path, extract, xs_of, xlabel, ylabel, title, dashed=None):
+    from matplotlib import ticker
+
     plt, fig, axes = _figure(len(datasets))
     for ax, dataset in zip(axes[0], datasets, strict=True):
         runs = by_condition(rows, dataset)
@@ -414,6 +416,7 @@ def plot_curves(rows, datasets, path, extract, xs_of, xlabel, ylabel, title, das
                 ax.errorbar(xs, mean, yerr=sd, ls=style, marker=".", capsize=2, color=condition_color(condition),
                             label=condition if style == "-" else None)
         ax.set_xlabel(xlabel)
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))  # epochs, iterations, digits: whole numbers
         ax.set_ylabel(ylabel)
         ax.set_title(DATASET_TITLES.get(dataset, dataset))
         ax.grid(alpha=0.3)
@@ -451,7 +454,7 @@ def make_figures(rows, datasets, folder):
     made.append(plot_curves(
         rows, datasets, os.path.join(folder, "learning_curves.png"),
         lambda r: [h["val_accuracy"] for h in r["history"]], lambda r: [h["epoch"] for h in r["history"]],
-        "epoch", "validation accuracy", "Learning curves (validation, mean over seeds)"))
+        "epoch", "validation accuracy", "Learning curves (validation, mean over seeds, error bars 1 sd)"))
     return [m for m in made if m]
 
 
