@@ -152,6 +152,15 @@ def test_env_var_and_keras_home_are_searched(tmp_path, monkeypatch, isolated_hom
     assert datasets.load("mnist").source.startswith(str(isolated_home))
 
 
+def test_an_env_var_naming_no_folder_is_a_usage_error_not_a_silent_fallback(tmp_path, monkeypatch):
+    # The real Fashion-MNIST may be installed in a usual place: without the check, a typo in
+    # $ITERCONV_DATA_DIR would silently load that instead.
+    monkeypatch.setenv(sources.ENV_VAR, str(tmp_path / "typo"))
+    with pytest.raises(errors.UsageError, match=r"\$ITERCONV_DATA_DIR names '.*typo', which is not a directory"):
+        datasets.load("fashion_mnist")
+    assert datasets.load("digitclutter", train_size=4, validation_size=0, test_size=4).x_test.shape[0] == 4
+
+
 def test_cifar10_pickles_channel_layout(tmp_path):
     written = write_cifar(tmp_path / "cifar-10-batches-py")
     split = datasets.load("cifar10", data_dir=tmp_path, validation_size=0)
@@ -286,6 +295,7 @@ def test_unknown_name_lists_valid_names():
 
 
 def test_missing_dataset_says_where_it_looked_and_how_to_get_it(tmp_path, monkeypatch, isolated_home):
+    (tmp_path / "envdir").mkdir()
     monkeypatch.setenv(sources.ENV_VAR, str(tmp_path / "envdir"))
     with pytest.raises(errors.DatasetNotAvailable) as caught:
         datasets.load("cifar10", data_dir=tmp_path / "given")

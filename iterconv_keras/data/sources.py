@@ -118,6 +118,10 @@ def _user_roots(data_dir=None):
     if data_dir:
         roots.append(os.fspath(data_dir))
     if os.environ.get(ENV_VAR):
+        if not os.path.isdir(os.environ[ENV_VAR]):
+            # Set on purpose, so a typo must not fall back silently to the usual places (as --data-dir).
+            raise errors.UsageError(f"${ENV_VAR} names {os.environ[ENV_VAR]!r}, which is not a directory: "
+                                    f"fix or unset it")
         roots.append(os.environ[ENV_VAR])
     return roots
 
