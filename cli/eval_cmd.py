@@ -82,9 +82,8 @@ def COMMAND(model_reference, dataset, indices, occlusion, limit, batch_size, plo
     # The card's recipe holds the run's settings (data_dir, clutter_digits, test_size, ...).
     metadata = loaded.card.to_json()
     data = evaluation.load_for_model(loaded.model, metadata, dataset=dataset, data_dir=data_dir, limit=limit)
-    data = evaluation.as_eval_data(data)
     evaluation.check_compatible(loaded.model, data)
-    test_size = None if limit is not None else evaluation.recorded_test_size(metadata, dataset)
+    test_size = evaluation.recorded_test_size(metadata, dataset, limit)  # the one load_for_model used
     if test_size is not None:
         click.echo(f"evaluating on the {len(data.x)} test images of the model's training run (--test-size "
                    f"{test_size}); --limit N evaluates the first N of the whole test split", err=True)
@@ -116,18 +115,14 @@ def COMMAND(model_reference, dataset, indices, occlusion, limit, batch_size, plo
 
 def _refuse_ignored_options(ctx, indices, occlusion):
     """A usage error for an option given with the part of the evaluation it feeds switched off."""
-
-    typed = given_options(ctx)
-
-    def given(names):
-        return [name for name in names if name in typed]
-
+    typed = set(given_options(ctx))
     ignored = []
     if not indices:
-        ignored += [f"{_flag(ctx, name)} has no effect with --no-indices" for name in given(_NEEDS_INDICES)]
+        ignored += [f"{_flag(ctx, name)} has no effect with --no-indices" for name in _NEEDS_INDICES if name in typed]
     if not occlusion:
-        ignored += [f"{_flag(ctx, name)} has no effect with --no-occlusion" for name in given(_NEEDS_OCCLUSION)]
-    if not indices and not occlusion and given(["plots_dir"]):
+        ignored += [f"{_flag(ctx, name)} has no effect with --no-occlusion"
+                    for name in _NEEDS_OCCLUSION if name in typed]
+    if not indices and not occlusion and "plots_dir" in typed:
         ignored.append("--plots has nothing to draw with --no-indices and --no-occlusion")
     if ignored:
         raise click.UsageError("; ".join(ignored) + " (drop the option or the switch)", ctx=ctx)

@@ -284,7 +284,7 @@ def load_for_model(model, metadata, *, dataset=None, data_dir=None, limit=None):
     """
     from iterconv_keras.data import classes, datasets, generated, sources
 
-    test_size = None if limit is not None else recorded_test_size(metadata, dataset)
+    test_size = recorded_test_size(metadata, dataset, limit)
     name = dataset or metadata.get("dataset")
     if name is None:
         if not model.multi_label:
@@ -323,15 +323,16 @@ def load_for_model(model, metadata, *, dataset=None, data_dir=None, limit=None):
     return dataclasses.replace(as_eval_data(splits), mean=fill)
 
 
-def recorded_test_size(metadata, dataset=None):
+def recorded_test_size(metadata, dataset=None, limit=None):
     """The ``test_size`` a model's training tested on, if evaluation should use it, else None.
 
     Args:
         metadata: the run's ``config.json`` or a zoo card (``"recipe"``).
         dataset: the dataset asked for; a different one than the recorded
             dataset gets its whole test split (the run's size says nothing about it).
+        limit: the evaluation's ``limit``; given, it overrides the recorded size.
     """
-    if dataset is not None and dataset != metadata.get("dataset"):
+    if limit is not None or (dataset is not None and dataset != metadata.get("dataset")):
         return None
     return _setting(metadata, "test_size")
 

@@ -5,8 +5,8 @@ under the same lock: the version folder is renamed out of ``<name>/`` into a
 hidden staging folder of the root (one atomic step for a polling server), the
 manifest moves the version's entry to the name's ``retired`` records,
 ``models.config`` is regenerated, and only then is the staging folder deleted. If
-the manifest or config cannot be written, the folder is renamed back. Version numbers are never reused: the next export
-counts retired numbers too.
+the manifest or config cannot be written, the folder is renamed back. Version
+numbers are never reused: the next export counts retired numbers too.
 
 The record (what the version held, when and why it was retired) stays in
 ``MANIFEST.json`` under the name's ``retired`` key, so asking for the version
