@@ -173,6 +173,9 @@ def test_rate_contraction_bound_and_certified_lipschitz_in_json_and_table(run_di
     assert float(stage0[7]) == pytest.approx(ind["per_stage"][0]["convergence_rate"], abs=1e-3)
     assert float(stage0[8]) == pytest.approx(ind["per_stage"][0]["contraction_bound"], abs=1e-3)
     assert "contractive, alpha = 0.5" in table
+    terms = [t for row in ind["per_stage"] for t in row["recurrence_per_block"] if t is not None]
+    median = next(line for line in table.splitlines() if line.startswith("RI median")).split()[6]
+    assert float(median) == pytest.approx(float(np.median(terms)), abs=1e-3)
 
 
 def test_index_and_occlusion_parameters_from_the_command_line(run_dir):

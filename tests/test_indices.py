@@ -108,6 +108,7 @@ def test_identical_blocks_give_recurrence_one_and_different_blocks_do_not():
         assert row["recurrence_skipped"] == 0  # every denominator was meaningful
         np.testing.assert_allclose(row["recurrence_per_block"], 1.0, atol=1e-4)
     assert result["recurrence"] == pytest.approx(1.0, abs=1e-4)
+    assert result["recurrence_median"] == pytest.approx(1.0, abs=1e-4)
 
     for s, blocks in enumerate(model.stages):
         for t, block in enumerate(blocks):
@@ -278,6 +279,31 @@ def test_recurrence_terms_skip_and_sign():
     assert terms == [1.0, None, -1.0]
     assert indices.mean_or_nan(terms) == 0.0
     assert math.isnan(indices.mean_or_nan([None, None]))
+
+
+def test_recurrence_median_is_the_median_of_every_stages_terms():
+    # One term far below the others carries the mean (-1.825) but not the median.
+    per_stage = [{"recurrence_per_block": [1.0, 0.9, -10.0]}, {"recurrence_per_block": [None, 0.8]}]
+    assert indices.mean_or_nan([1.0, 0.9, -10.0, 0.8]) == pytest.approx(-1.825)
+    assert indices.recurrence_median(per_stage) == pytest.approx(0.85)  # of 1.0, 0.9, 0.8, -10.0
+    assert math.isnan(indices.recurrence_median([{"recurrence_per_block": [None]}]))
+    assert indices.median_or_nan([float("nan"), 2.0, None]) == 2.0
+
+
+def test_recurrence_terms_are_recomputed_from_the_recorded_losses():
+    x, y = _class_images()
+    model = _hand_model(blocks=3, stage_widths=(CLASSES, CLASSES))
+    for s, blocks in enumerate(model.stages):
+        for t, block in enumerate(blocks):
+            _set_random_block(block, seed=10 * s + t + 2)
+    result = _indices(model, x, y, full=True)
+    for row in result["indices"]["per_stage"]:
+        parts = row["recurrence_losses"]
+        assert parts["full"] == pytest.approx(result["loss"], rel=1e-5)
+        drop, rep = np.array(parts["drop"]), np.array(parts["rep"])
+        np.testing.assert_allclose(row["recurrence_per_block"], (drop - rep) / (drop - parts["full"]), rtol=1e-6)
+    terms = [t for row in result["indices"]["per_stage"] for t in row["recurrence_per_block"]]
+    assert result["indices"]["recurrence_median"] == pytest.approx(float(np.median(terms)))
 
 
 def test_chance_levels():

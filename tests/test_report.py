@@ -101,7 +101,8 @@ def _row(condition, seed, train=None, epochs=0.0, evaluation=0.0, certified=None
     if train is not None:
         timing["train"] = {"cpu_seconds": train}
     indices = {"recurrence": 0.5, "divergence": 0.25, "lipschitz": {"certified": certified},
-               "per_stage": [{"convergence_rate": 1.5}, {"convergence_rate": None}]}
+               "per_stage": [{"convergence_rate": 1.5, "recurrence_per_block": [1.0, 0.9, -10.0]},
+                             {"convergence_rate": None, "recurrence_per_block": [0.8, None]}]}
     return {"dataset": "fashion_mnist", "condition": condition, "seed": seed, "timing": timing,
             "test": {"accuracy": 0.9}, "evaluation": {"indices": indices, "occlusion": {"auc": 0.5}}}
 
@@ -119,8 +120,9 @@ def test_runs_table_has_one_row_per_run_with_its_numbers():
     rows = [_row("l0", 1, train=120.0), _row("l0", 0, certified=[[0.5, None], [0.875]])]
     lines = report.runs_table(rows, "fashion_mnist").splitlines()
     assert len(lines) == 4
-    assert lines[2] == "| l0 | 0 | 0.900 | 0.50 | 0.25 | 1.50 / n/a | 0.875 | 0.50 | n/a |"
-    assert lines[3] == "| l0 | 1 | 0.900 | 0.50 | 0.25 | 1.50 / n/a | n/a | 0.50 | 2.0 |"
+    # RI median: of 1.0, 0.9, -10.0 and 0.8 (the skipped term left out).
+    assert lines[2] == "| l0 | 0 | 0.900 | 0.50 | 0.85 | 0.25 | 1.50 / n/a | 0.875 | 0.50 | n/a |"
+    assert lines[3] == "| l0 | 1 | 0.900 | 0.50 | 0.85 | 0.25 | 1.50 / n/a | n/a | 0.50 | 2.0 |"
 
 
 def test_every_condition_of_the_sweep_has_its_own_colour():
@@ -136,7 +138,7 @@ def test_every_condition_of_the_sweep_has_its_own_colour():
 def test_a_claim_without_b_compares_a_with_zero():
     def row(seed, ri):
         return {"dataset": "digitclutter", "condition": "conventional", "seed": seed, "test": {"accuracy": 0.9},
-                "evaluation": {"indices": {"recurrence": ri}}}
+                "evaluation": {"indices": {"recurrence": ri, "per_stage": [{"recurrence_per_block": [ri, None]}]}}}
 
     table = report.claims_table([row(0, -1.0), row(1, -0.5), row(2, -0.75)], ["digitclutter"])
     line = next(x for x in table.splitlines() if x.startswith("| Conventionally trained"))
@@ -144,6 +146,9 @@ def test_a_claim_without_b_compares_a_with_zero():
     assert line == ("| Conventionally trained ResNets do not learn iterative solutions | digitclutter | "
                     "recurrence index | conventional | 0 | 3 | -0.750 | [-1.371, -0.129] | A < B | "
                     "A <= B (paper) | agrees | - |")
+    check = next(x for x in table.splitlines() if x.startswith("| Conventionally trained ResNets do not learn "
+                                                                  "iterative solutions (check"))
+    assert "| median recurrence index | conventional | 0 | 3 | -0.750 | [-1.371, -0.129] | A < B |" in check
 
 
 def test_an_unresolvable_difference_reads_more_than_the_limit():

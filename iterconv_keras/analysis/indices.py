@@ -23,6 +23,10 @@ A = accuracy, chance = 1/K or the exact-set chance 1/C(K, n)):
             contraction bound L of a contractive last block (r <= L, CI >= 1 - L^Kmax)
 
 Every stage is manipulated on its own; the reported index is the mean over stages.
+Beside RI, ``recurrence_median`` is the median of every stage's RI_t: RI_t <= 1
+whenever repeating is no better than the trained block, but it is unbounded below
+(a block whose removal costs little gives a small denominator), so one term can
+carry the mean; the median is the summary one term cannot move far.
 """
 
 import math
@@ -68,6 +72,30 @@ def mean_or_nan(values):
     """Mean of the values that are not None/NaN; NaN when there are none."""
     kept = [v for v in values if v is not None and not math.isnan(v)]
     return float(np.mean(kept)) if kept else float("nan")
+
+
+def median_or_nan(values):
+    """Median of the values that are not None/NaN; NaN when there are none."""
+    kept = [v for v in values if v is not None and not math.isnan(v)]
+    return float(np.median(kept)) if kept else float("nan")
+
+
+def recurrence_median(per_stage):
+    """Median of the recurrence terms RI_t of every stage (skipped terms left out).
+
+    A robust companion of the mean RI (docs/indices.md): RI_t is at most 1 when
+    repeating block t-1 is no better than the trained block t, but unbounded
+    below, so a single term with a small denominator ``L(drop_t) - L(full)`` can
+    move the mean over terms by more than the difference between conditions.
+
+    Args:
+        per_stage: the ``per_stage`` rows of `compute_indices` (each with
+            ``recurrence_per_block``).
+
+    Returns:
+        float; NaN when every term was skipped.
+    """
+    return median_or_nan([term for row in per_stage for term in row["recurrence_per_block"]])
 
 
 def divergence_terms(full, extended, chance, tolerance):
@@ -353,7 +381,7 @@ def compute_indices(
     Returns:
         dict: ``{"accuracy", "loss", "indices"}`` where ``indices`` follows the
         ``iterconv eval --json`` document described in docs/indices.md (``recurrence``,
-        ``divergence``, ``convergence``, ``convergence_rate``,
+        ``recurrence_median``, ``divergence``, ``convergence``, ``convergence_rate``,
         ``effective_parameters``, ``parameters``, ``per_stage`` with
         ``contraction_bound``, ``lipschitz``, ``curves``) plus the accuracy/loss
         twins, the skip counts and the settings used. Undefined values are NaN.
@@ -383,6 +411,7 @@ def compute_indices(
             "recurrence_accuracy", "divergence_loss", "convergence_relative",
         )
     }
+    indices["recurrence_median"] = recurrence_median(per_stage)
     indices["effective_parameters"] = params["effective_parameters"]
     indices["parameters"] = params["parameters"]
     indices["recurrence_skipped"] = sum(row["recurrence_skipped"] for row in per_stage)
@@ -413,10 +442,9 @@ def compute_indices(
 def _stage_indices(totals, s, count, extra, tolerance, accuracy_tolerance, chance_acc, chance_nll):
     full_loss, full_acc = totals.mean(("full", "loss")), totals.mean(("full", "correct"))
     ts = range(1, count)
-    ri_loss = recurrence_terms(
-        full_loss, [totals.mean(("drop", s, t, "loss")) for t in ts],
-        [totals.mean(("rep", s, t, "loss")) for t in ts], tolerance,
-    )
+    drop_loss = [totals.mean(("drop", s, t, "loss")) for t in ts]
+    rep_loss = [totals.mean(("rep", s, t, "loss")) for t in ts]
+    ri_loss = recurrence_terms(full_loss, drop_loss, rep_loss, tolerance)
     ri_acc = recurrence_terms(
         full_acc, [totals.mean(("drop", s, t, "correct")) for t in ts],
         [totals.mean(("rep", s, t, "correct")) for t in ts], accuracy_tolerance,
@@ -441,6 +469,8 @@ def _stage_indices(totals, s, count, extra, tolerance, accuracy_tolerance, chanc
         "recurrence_skipped": sum(term is None for term in ri_loss),
         "recurrence_per_block": ri_loss,
         "recurrence_accuracy_per_block": ri_acc,
+        # The terms' parts, so another summary (a ratio of sums, say) needs no re-evaluation.
+        "recurrence_losses": {"full": full_loss, "drop": drop_loss, "rep": rep_loss},
         "divergence_per_k": di_acc,
         "divergence_loss_per_k": di_loss,
         "blocks": count,
