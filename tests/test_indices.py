@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import pytest
 
-from iterconv_keras.analysis import indices
+from iterconv_keras.analysis import formulas, indices
 from iterconv_keras.analysis.programs import StagePrograms, padded_batches
 from iterconv_keras.models import coupling
 from iterconv_keras.models.resnet import IterativeResNet
@@ -266,28 +266,28 @@ def test_divergence_is_null_within_tolerance_of_chance(keep, skipped):
 
 
 def test_divergence_terms_guard():
-    assert indices.divergence_terms(0.9, [0.5], 0.1, 0.01) == [pytest.approx(0.5)]
-    assert all(math.isnan(v) for v in indices.divergence_terms(0.105, [0.0], 0.1, 0.01))
-    assert all(math.isnan(v) for v in indices.divergence_terms(0.05, [0.0], 0.1, 0.01))  # below chance
+    assert formulas.divergence_terms(0.9, [0.5], 0.1, 0.01) == [pytest.approx(0.5)]
+    assert all(math.isnan(v) for v in formulas.divergence_terms(0.105, [0.0], 0.1, 0.01))
+    assert all(math.isnan(v) for v in formulas.divergence_terms(0.05, [0.0], 0.1, 0.01))  # below chance
 
 
 # --------------------------------------------------------------------------- formulas
 
 
 def test_recurrence_terms_skip_and_sign():
-    terms = indices.recurrence_terms(1.0, [2.0, 1.0, 1.5], [1.0, 0.7, 2.0], tolerance=1e-3)
+    terms = formulas.recurrence_terms(1.0, [2.0, 1.0, 1.5], [1.0, 0.7, 2.0], tolerance=1e-3)
     assert terms == [1.0, None, -1.0]
-    assert indices.mean_or_nan(terms) == 0.0
-    assert math.isnan(indices.mean_or_nan([None, None]))
+    assert formulas.mean_or_nan(terms) == 0.0
+    assert math.isnan(formulas.mean_or_nan([None, None]))
 
 
 def test_recurrence_median_is_the_median_of_every_stages_terms():
-    # One term far below the others carries the mean (-1.825) but not the median.
+    # One term far below the others carries the mean of the terms (-1.825) but not their median.
     per_stage = [{"recurrence_per_block": [1.0, 0.9, -10.0]}, {"recurrence_per_block": [None, 0.8]}]
-    assert indices.mean_or_nan([1.0, 0.9, -10.0, 0.8]) == pytest.approx(-1.825)
-    assert indices.recurrence_median(per_stage) == pytest.approx(0.85)  # of 1.0, 0.9, 0.8, -10.0
-    assert math.isnan(indices.recurrence_median([{"recurrence_per_block": [None]}]))
-    assert indices.median_or_nan([float("nan"), 2.0, None]) == 2.0
+    assert formulas.mean_or_nan([1.0, 0.9, -10.0, 0.8]) == pytest.approx(-1.825)
+    assert formulas.recurrence_median(per_stage) == pytest.approx(0.85)  # of 1.0, 0.9, 0.8, -10.0
+    assert math.isnan(formulas.recurrence_median([{"recurrence_per_block": [None]}]))
+    assert formulas.median_or_nan([float("nan"), 2.0, None]) == 2.0
 
 
 def test_recurrence_terms_are_recomputed_from_the_recorded_losses():
@@ -307,11 +307,11 @@ def test_recurrence_terms_are_recomputed_from_the_recorded_losses():
 
 
 def test_chance_levels():
-    assert indices.chance_accuracy(np.arange(8), 10, False) == 0.1
+    assert formulas.chance_accuracy(np.arange(8), 10, False) == 0.1
     three_digits = np.zeros((4, 10))
     three_digits[:, :3] = 1
-    assert indices.chance_accuracy(three_digits, 10, True) == pytest.approx(1 / 120)
-    assert indices.chance_loss(np.arange(8), 10, False) == pytest.approx(math.log(10))
+    assert formulas.chance_accuracy(three_digits, 10, True) == pytest.approx(1 / 120)
+    assert formulas.chance_loss(np.arange(8), 10, False) == pytest.approx(math.log(10))
 
 
 def test_group_rho_oracles():

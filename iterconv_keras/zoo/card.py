@@ -23,7 +23,8 @@ from iterconv_keras.zoo import savedmodel
 
 CARD_SCHEMA = 1
 # The index numbers a card keeps; the curves are bulky and stay in the eval document.
-_INDEX_KEYS = ("recurrence", "divergence", "convergence", "effective_parameters", "parameters", "per_stage")
+_INDEX_KEYS = ("recurrence", "recurrence_median", "divergence", "convergence", "effective_parameters", "parameters",
+               "per_stage")
 
 
 @dataclasses.dataclass(frozen=True)
