@@ -96,19 +96,20 @@ def paired_interval(a, b):
         a, b: dicts seed -> value; only seeds present in both with non-None values pair up.
 
     Returns:
-        ``{"n", "mean", "sd", "low", "high"}`` (``sd``, ``low``, ``high`` None when n < 2), or
-        None for n = 0.
+        ``{"n", "above", "mean", "sd", "low", "high"}`` (``above``: how many differences are
+        > 0, a description beside the interval at small n; ``sd``, ``low``, ``high`` None
+        when n < 2), or None for n = 0.
     """
     seeds = sorted(s for s in a if s in b and a[s] is not None and b[s] is not None)
     diffs = np.array([a[s] - b[s] for s in seeds], np.float64)
     if diffs.size == 0:
         return None
-    mean = float(diffs.mean())
+    mean, above = float(diffs.mean()), int((diffs > 0).sum())
     if diffs.size < 2:
-        return {"n": 1, "mean": mean, "sd": None, "low": None, "high": None}
+        return {"n": 1, "above": above, "mean": mean, "sd": None, "low": None, "high": None}
     sd = float(diffs.std(ddof=1))
     half = t975(diffs.size - 1) * sd / math.sqrt(diffs.size)
-    return {"n": int(diffs.size), "mean": mean, "sd": sd, "low": mean - half, "high": mean + half}
+    return {"n": int(diffs.size), "above": above, "mean": mean, "sd": sd, "low": mean - half, "high": mean + half}
 
 
 def verdict(interval):
@@ -242,8 +243,8 @@ def _fmt(x, digits=3):
 
 
 def claims_table(rows, datasets):
-    lines = ["| claim | dataset | measure | A | B | n | mean A - B | 95 % interval | verdict | expected (source) | "
-             "outcome | seeds to resolve |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| claim | dataset | measure | A | B | n | A > B in | mean A - B | 95 % interval | verdict | "
+             "expected (source) | outcome | seeds to resolve |", "|" + "---|" * 13]
     for claim in CLAIMS:
         for dataset in datasets:
             runs = by_condition(rows, dataset)
@@ -254,9 +255,10 @@ def claims_table(rows, datasets):
             ci = (f"[{_fmt(interval['low'])}, {_fmt(interval['high'])}]"
                   if interval and interval["low"] is not None else "-")
             needed = seeds_to_resolve(interval) if verdict(interval) == "no detectable difference" else None
+            above = f"{interval['above']} of {n}" if interval else "-"
             expected = f"{claim.expected} ({claim.source})" if claim.expected else f"- ({claim.source})"
             lines.append(f"| {claim.title} | {dataset} | {claim.metric} | {claim.a} | "
-                         f"{'0' if claim.b is None else claim.b} | {n} | "
+                         f"{'0' if claim.b is None else claim.b} | {n} | {above} | "
                          f"{_fmt(interval['mean'] if interval else None)} | {ci} | {verdict(interval)} | "
                          f"{expected} | {agreement(interval, claim.expected)} | {_seeds(needed)} |")
     return "\n".join(lines) + "\n"
@@ -493,7 +495,8 @@ CLAIMS_LEGEND = (
     "spread held (a planning number, not a result). Rows marked *check: median RI* repeat a "
     "recurrence claim with the median of the per-block terms (docs/indices.md), added after the first "
     "runs showed single terms moving the mean: a check of robustness, not a second chance; the mean "
-    "stays the primary measure.")
+    "stays the primary measure. *A > B in*: the seeds whose difference is above 0, a description "
+    "beside the interval (at n = 3 a t interval can contain 0 while every seed points one way).")
 
 
 def render(summary, datasets, figures, figure_prefix):

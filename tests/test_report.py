@@ -14,7 +14,7 @@ _spec.loader.exec_module(report)
 def test_paired_interval_by_hand():
     # Differences 1, 2, 3: mean 2, sd 1, t(0.975, 2) = 4.303 -> half width 4.303 / sqrt(3) = 2.4843.
     interval = report.paired_interval({0: 1.0, 1: 2.5, 2: 3.0, 3: 9.0}, {0: 0.0, 1: 0.5, 2: 0.0})
-    assert interval["n"] == 3 and interval["mean"] == pytest.approx(2.0)
+    assert interval["n"] == 3 and interval["above"] == 3 and interval["mean"] == pytest.approx(2.0)
     assert interval["low"] == pytest.approx(2.0 - 2.48434, abs=1e-4)
     assert interval["high"] == pytest.approx(2.0 + 2.48434, abs=1e-4)
     assert report.verdict(interval) == "no detectable difference"
@@ -23,7 +23,8 @@ def test_paired_interval_by_hand():
 def test_paired_interval_edge_cases_and_verdicts():
     assert report.paired_interval({0: 1.0}, {1: 1.0}) is None
     single = report.paired_interval({0: 1.0}, {0: 0.25})
-    assert single == {"n": 1, "mean": 0.75, "sd": None, "low": None, "high": None}
+    assert single == {"n": 1, "above": 1, "mean": 0.75, "sd": None, "low": None, "high": None}
+    assert report.paired_interval({0: 1.0, 1: 0.0, 2: 2.0}, {0: 1.5, 1: 0.0, 2: 1.0})["above"] == 1  # -0.5, 0, 1
     assert report.verdict(single) == "one seed only: no interval"
     assert report.verdict(report.paired_interval({0: 1.0, 1: 1.1}, {0: 0.0, 1: 0.0})) == "A > B"
     assert report.verdict(report.paired_interval({0: 0.0, 1: 0.1}, {0: 1.0, 1: 1.0})) == "A < B"
@@ -146,13 +147,13 @@ def test_a_claim_without_b_compares_a_with_zero():
     line = next(x for x in table.splitlines() if x.startswith("| Conventionally trained"))
     # Mean -0.75, sd 0.25, half width 4.303 * 0.25 / sqrt(3) = 0.6211: [-1.371, -0.129].
     assert line == ("| Conventionally trained ResNets do not learn iterative solutions | digitclutter | "
-                    "recurrence index | conventional | 0 | 3 | -0.750 | [-1.371, -0.129] | A < B | "
+                    "recurrence index | conventional | 0 | 3 | 0 of 3 | -0.750 | [-1.371, -0.129] | A < B | "
                     "A <= B (paper) | agrees | - |")
     check = next(x for x in table.splitlines() if x.startswith("| Conventionally trained ResNets do not learn "
                                                                   "iterative solutions (check"))
     # The medians are RI + 0.25 (-0.75, -0.25, -0.5): mean -0.5, the same sd and half width: [-1.121, 0.121].
-    assert ("| median recurrence index | conventional | 0 | 3 | -0.500 | [-1.121, 0.121] | no detectable difference "
-            "| A <= B (paper) | not contradicted |") in check
+    assert ("| median recurrence index | conventional | 0 | 3 | 0 of 3 | -0.500 | [-1.121, 0.121] | "
+            "no detectable difference | A <= B (paper) | not contradicted |") in check
 
 
 def test_an_unresolvable_difference_reads_more_than_the_limit():
