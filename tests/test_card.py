@@ -102,7 +102,7 @@ def run_dir(tmp_path_factory):
     (run / "config.json").write_text(json.dumps(config))
     (run / "metrics.json").write_text(json.dumps({"accuracy": 0.91, "loss": 0.3, "dataset": "mnist"}))
     evaluation = {"dataset": "mnist", "accuracy": 0.9, "loss": 0.31, "examples": 100,
-                  "indices": {"recurrence": 0.12, "divergence": 0.85, "convergence": -0.4,
+                  "indices": {"recurrence": 0.12, "recurrence_median": 0.4, "divergence": 0.85, "convergence": -0.4,
                               "effective_parameters": 2000.5, "parameters": 3422, "per_stage": [{"stage": 0}],
                               "curves": {"accuracy": [0.1]},
                               "lipschitz": {"certified": [[0.5, 0.7], [0.9, 0.2]], "bound": 0.9}},
@@ -118,7 +118,7 @@ def test_from_run_dir_reads_the_three_files(run_dir):
     assert card.source == run and card.dataset == "mnist" and card.variant == "tiny"
     assert card.metrics == {"accuracy": 0.91, "loss": 0.3}  # the runner's metrics win over eval's
     # The indices keep the number of images they were measured on: the eval document's, not the runner's.
-    assert card.indices == {"recurrence": 0.12, "divergence": 0.85, "convergence": -0.4,
+    assert card.indices == {"recurrence": 0.12, "recurrence_median": 0.4, "divergence": 0.85, "convergence": -0.4,
                             "effective_parameters": 2000.5, "parameters": 3422, "per_stage": [{"stage": 0}],
                             "examples": 100}
     assert card.effective_parameters == 2000.5 and card.occlusion_auc == 0.71

@@ -120,6 +120,13 @@ def test_table_modules_import_only_the_standard_library_at_import(module):
     assert not third_party, third_party
 
 
+def test_index_formulas_import_no_tensorflow():
+    # experiments/report.py computes summaries of stored results with them: no TensorFlow start-up.
+    for module in _files_run_by_importing("iterconv_keras.analysis.formulas"):
+        names = _imports(PACKAGE / module, module_level_only=True)
+        assert not _hits(names, ("tensorflow", "keras", "matplotlib", "iterconv_keras.models")), (module, names)
+
+
 def _top_level_names(path, imported):
     """Names a module binds at its top level: its own definitions, or (``imported``) the names it imports."""
     names = set()
