@@ -207,9 +207,8 @@ def format_table(document):
                 f"{_fmt(row.get('contraction_bound')):>7}{_fmt(row['rho'], 2):>7}"
                 f"{_fmt(max(lip) if lip else None, 2):>8}"
             )
-        if "recurrence_median" in ind:  # absent from documents written before 0.2
-            lines.append(f"RI median over every stage's terms {_fmt(ind['recurrence_median'])} "
-                         "(one outlying term cannot move it far; docs/indices.md)")
+        lines.append(f"RI median over every stage's terms {_fmt(ind['recurrence_median'])} "
+                     "(one outlying term cannot move it far; docs/indices.md)")
         lines += _table_notes(ind)
         lines.append(
             f"parameters {_fmt(ind['parameters'])}, effective {_fmt(round(ind['effective_parameters']))}"

@@ -195,3 +195,12 @@ def test_results_md_holds_what_the_report_makes_of_the_committed_summary(tmp_pat
     assert (docs / "results.md").read_text() == committed, "rerun experiments/report.py --results docs/results.md"
     assert sorted(p.name for p in (docs / "figures").iterdir()) == sorted(
         p.name for p in (_REPO / "docs" / "figures").iterdir())
+
+
+def test_every_recurrence_claim_is_followed_by_its_median_check():
+    primary = [c for c in report.CLAIMS if c.metric == "recurrence index"]
+    assert len(primary) == 4
+    for claim in primary:
+        check = report.CLAIMS[report.CLAIMS.index(claim) + 1]
+        assert check == claim._replace(title=claim.title + " (check: median RI)", metric="median recurrence index")
+    assert sum(c.metric == "median recurrence index" for c in report.CLAIMS) == len(primary)

@@ -6,7 +6,6 @@ Kriegeskorte, PLoS One 19(3): e0293440, 2024; docs/indices.md) are in
 need (`iterconv_keras.analysis.programs`) and assembles the ``indices`` document.
 """
 
-
 import numpy as np
 import tensorflow as tf
 
