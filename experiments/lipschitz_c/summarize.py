@@ -10,6 +10,8 @@ Usage:
     python experiments/lipschitz_c/summarize.py [--grid experiments/grid]
 
 A run that has not finished (no metrics.json or eval.json) is left out and named on stderr.
+Exit codes: 0 written; 2 no finished run, or a run whose config.json disagrees with its
+folder name (one line on stderr, nothing written).
 """
 
 import argparse
@@ -40,14 +42,19 @@ def _row(run_dir):
     return {"run_dir": run_dir, "config": loaded["config"], "test": loaded["metrics"], "evaluation": loaded["eval"]}
 
 
-def collect(grid):
-    """Finished runs by bound c (math.inf for the unconstrained network), and the unfinished run dirs."""
+def collect(grid, folder=HERE):
+    """Finished runs by bound c (math.inf for the unconstrained network), and the unfinished run dirs.
+
+    Args:
+        grid: the sweep's output folder (its seed-0 Digitclutter ``l0`` and ``sn-l0`` runs).
+        folder: where the ``c<c>-s0`` runs of this experiment are.
+    """
     found, missing = {}, []
     candidates = [
         (math.inf, os.path.join(grid, "digitclutter", "l0-s0")),
         (0.9, os.path.join(grid, "digitclutter", "sn-l0-s0")),
     ]
-    for path in sorted(glob.glob(os.path.join(HERE, "c*-s0"))):
+    for path in sorted(glob.glob(os.path.join(folder, "c*-s0"))):
         match = re.fullmatch(r"c([0-9.]+)-s0", os.path.basename(path))
         if match:
             candidates.append((float(match.group(1)), path))
@@ -58,7 +65,7 @@ def collect(grid):
             continue
         stored = row["config"].get("lipschitz") if row["config"].get("spectral_norm") else math.inf
         if stored != c:  # the folder name and the run's own config must agree
-            raise SystemExit(f"{path}: config.json has lipschitz {stored}, the folder says {c}")
+            raise ValueError(f"{path}: config.json has lipschitz {stored}, the folder name says {c}")
         found[c] = row
     return found, missing
 
@@ -118,7 +125,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--grid", default=os.path.join(os.path.dirname(HERE), "grid"))
     args = parser.parse_args(argv)
-    found, missing = collect(args.grid)
+    try:
+        found, missing = collect(args.grid)
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     for path in missing:
         print(f"not finished, left out: {path}", file=sys.stderr)
     if not found:
