@@ -44,8 +44,29 @@ def test_runs_are_found_by_bound_with_their_rows(tmp_path):
     assert lines[2].startswith("| none | 0.9700 |") and "| +1.000 | - | 3.000 |" in lines[2]
 
 
-def test_a_folder_name_that_disagrees_with_its_config_is_refused(tmp_path):
+def test_main_writes_the_table_and_figure(tmp_path):
     grid, folder = tmp_path / "grid", tmp_path / "exp"
-    _run(folder / "c0.5-s0", 0.25, [1.0])
-    with pytest.raises(ValueError, match="lipschitz 0.25, the folder name says 0.5"):
-        summarize.collect(str(grid), str(folder))
+    _run(folder / "c0.5-s0", 0.5, [0.1, 1.0, 1.0])
+    assert summarize.main(["--grid", str(grid), "--folder", str(folder)]) == 0
+    assert (folder / "summary.md").read_text() == summarize.table(summarize.collect(str(grid), str(folder))[0])
+    assert (folder / "rates_vs_c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    "runs, message",
+    [
+        ({"c0.5-s0": (0.25, [1.0])}, "lipschitz 0.25, the folder name says 0.5"),
+        ({"c0.9-s0": (0.9, [1.0])}, "a second run with bound c = 0.9"),
+        ({"c1.2.3-s0": (0.5, [1.0])}, "expected a folder named c<number>-s0"),
+        ({"c0.5-s0": (0.5, [1.0, None])}, "convergence rate per stage"),
+    ],
+)
+def test_runs_that_cannot_be_summarised_are_exit_2_with_one_line(tmp_path, capsys, runs, message):
+    grid, folder = tmp_path / "grid", tmp_path / "exp"
+    _run(grid / "digitclutter" / "sn-l0-s0", 0.9, [1.0])
+    for name, (lipschitz, rates) in runs.items():
+        _run(folder / name, lipschitz, rates)
+    assert summarize.main(["--grid", str(grid), "--folder", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (folder / "summary.md").exists() and not (folder / "rates_vs_c.png").exists()

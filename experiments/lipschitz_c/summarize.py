@@ -4,14 +4,16 @@ Sets the runs of this folder (``c<c>-s0``, from ``run.sh``) beside the grid's se
 Digitclutter runs with the same budget: ``sn-l0`` (c = 0.9) and ``l0`` (no constraint).
 Writes ``summary.md`` (one row per bound c) and ``rates_vs_c.png`` (per-stage convergence
 rate against c, with the interval [1 - c, 1 + c] the bound allows; docs/results.md,
-"The constraint makes networks convergent").
+"The constraint makes networks convergent") into the folder.
 
 Usage:
-    python experiments/lipschitz_c/summarize.py [--grid experiments/grid]
+    python experiments/lipschitz_c/summarize.py [--grid experiments/grid] [--folder DIR]
 
 A run that has not finished (no metrics.json or eval.json) is left out and named on stderr.
-Exit codes: 0 written; 2 no finished run, or a run whose config.json disagrees with its
-folder name (one line on stderr, nothing written).
+Exit codes: 0 written; 2 no finished run, or a run that cannot be summarised (a folder
+name that is not ``c<number>-s0`` or disagrees with the run's config.json, two runs with
+one bound, an evaluation without the indices or occlusion): one line on stderr for the
+error, nothing written.
 """
 
 import argparse
@@ -31,7 +33,11 @@ from iterconv_keras import fsutil  # noqa: E402
 
 
 def _row(run_dir):
-    """A run as report.py's metrics read it, or None when unfinished."""
+    """A run as report.py's metrics read it, or None when unfinished.
+
+    Raises:
+        ValueError: naming the run, when its evaluation lacks what the summary reads.
+    """
     paths = {name: os.path.join(run_dir, f"{name}.json") for name in ("config", "metrics", "eval")}
     if not all(os.path.isfile(p) for p in paths.values()):
         return None
@@ -39,7 +45,12 @@ def _row(run_dir):
     for name, path in paths.items():
         with open(path) as f:
             loaded[name] = json.load(f)
-    return {"run_dir": run_dir, "config": loaded["config"], "test": loaded["metrics"], "evaluation": loaded["eval"]}
+    evaluation = loaded["eval"]
+    stages = evaluation.get("indices", {}).get("per_stage") or []
+    if not stages or any(s.get("convergence_rate") is None for s in stages) or "occlusion" not in evaluation:
+        raise ValueError(f"{run_dir}: eval.json needs the indices with a convergence rate per stage and the "
+                         "occlusion sweep (rerun `iterconv eval` without --no-indices / --no-occlusion)")
+    return {"run_dir": run_dir, "config": loaded["config"], "test": loaded["metrics"], "evaluation": evaluation}
 
 
 def collect(grid, folder=HERE):
@@ -48,16 +59,20 @@ def collect(grid, folder=HERE):
     Args:
         grid: the sweep's output folder (its seed-0 Digitclutter ``l0`` and ``sn-l0`` runs).
         folder: where the ``c<c>-s0`` runs of this experiment are.
+
+    Raises:
+        ValueError: a run that cannot be summarised (see the module's exit codes).
     """
-    found, missing = {}, []
     candidates = [
         (math.inf, os.path.join(grid, "digitclutter", "l0-s0")),
         (0.9, os.path.join(grid, "digitclutter", "sn-l0-s0")),
     ]
     for path in sorted(glob.glob(os.path.join(folder, "c*-s0"))):
-        match = re.fullmatch(r"c([0-9.]+)-s0", os.path.basename(path))
-        if match:
-            candidates.append((float(match.group(1)), path))
+        match = re.fullmatch(r"c(\d+(?:\.\d+)?)-s0", os.path.basename(path))
+        if not match:
+            raise ValueError(f"{path}: not a run of this experiment (expected a folder named c<number>-s0)")
+        candidates.append((float(match.group(1)), path))
+    found, missing = {}, []
     for c, path in candidates:
         row = _row(path)
         if row is None:
@@ -66,15 +81,19 @@ def collect(grid, folder=HERE):
         stored = row["config"].get("lipschitz") if row["config"].get("spectral_norm") else math.inf
         if stored != c:  # the folder name and the run's own config must agree
             raise ValueError(f"{path}: config.json has lipschitz {stored}, the folder name says {c}")
+        if c in found:
+            raise ValueError(f"{path}: a second run with bound c = {c} (the other: {found[c]['run_dir']})")
         found[c] = row
     return found, missing
 
 
-def _stage_rates(row):
+def stage_rates(row):
+    """The run's measured convergence rate of each stage (docs/indices.md)."""
     return [s["convergence_rate"] for s in row["evaluation"]["indices"]["per_stage"]]
 
 
 def table(found):
+    """Markdown table, one row per bound c (the unconstrained run last), with report.py's metrics."""
     lines = [
         "| bound c | test accuracy | RI | DI | rate per stage | log10 rate (mean over stages) "
         "| allowed by the bound | max certified Lip(f) | occlusion AUC |",
@@ -82,7 +101,7 @@ def table(found):
     ]
     for c in sorted(found):
         row = found[c]
-        rates = " / ".join(f"{r:.3f}" for r in _stage_rates(row))
+        rates = " / ".join(f"{r:.3f}" for r in stage_rates(row))
         allowed = "-" if math.isinf(c) else f"[{1 - c:.2f}, {1 + c:.2f}]"
         certified = report.max_certified_lipschitz(row)
         lines.append(
@@ -93,40 +112,38 @@ def table(found):
     return "\n".join(lines) + "\n"
 
 
-def figure(found, path):
-    plt, fig, axes = report._figure(1, width=5.4, height=3.8)
-    ax = axes[0][0]
+def figure(found):
+    """Per-stage convergence rate against c (crosses at the right: no constraint); a matplotlib figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.4, 3.8))
     bounded = sorted(c for c in found if not math.isinf(c))
-    if bounded:
-        grid_c = [0.0, 1.0]
-        ax.fill_between(
-            grid_c,
-            [1 - c for c in grid_c],
-            [1 + c for c in grid_c],
-            color="grey",
-            alpha=0.15,
-            label="allowed by Lip(f) <= c: [1 - c, 1 + c]",
-        )
-    stages = len(_stage_rates(next(iter(found.values()))))
-    for stage in range(stages):
-        ax.plot(bounded, [_stage_rates(found[c])[stage] for c in bounded], marker="o", label=f"stage {stage}")
+    ax.fill_between([0.0, 1.0], [1.0, 0.0], [1.0, 2.0], color="grey", alpha=0.15,
+                    label="allowed by Lip(f) <= c: [1 - c, 1 + c]")
+    for stage in range(len(stage_rates(next(iter(found.values()))))):
+        (line,) = ax.plot(bounded, [stage_rates(found[c])[stage] for c in bounded], marker="o", label=f"stage {stage}")
         if math.inf in found:
-            ax.scatter([1.05], [_stage_rates(found[math.inf])[stage]], marker="x", color=ax.lines[-1].get_color())
+            ax.scatter([1.05], [stage_rates(found[math.inf])[stage]], marker="x", color=line.get_color())
     ax.axhline(1.0, color="black", lw=0.6)
     ax.set_xlim(0, 1.1)
     ax.set_xlabel("bound c on Lip(f)  (x at right: no constraint)")
     ax.set_ylabel("convergence rate (update ratio per extra iteration)")
     ax.set_title("Digitclutter (3 digits), lambda 0, seed 0", fontsize=9)
     ax.legend(fontsize=7)
-    return report._save(plt, fig, path)
+    fig.tight_layout()
+    return plt, fig
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--grid", default=os.path.join(os.path.dirname(HERE), "grid"))
+    parser.add_argument("--folder", default=HERE, help="the c<c>-s0 runs; summary.md and rates_vs_c.png go here")
     args = parser.parse_args(argv)
     try:
-        found, missing = collect(args.grid)
+        found, missing = collect(args.grid, args.folder)
     except ValueError as exc:
         print(exc, file=sys.stderr)
         return 2
@@ -135,9 +152,14 @@ def main(argv=None):
     if not found:
         print("no finished run", file=sys.stderr)
         return 2
-    fsutil.write_text_atomic(os.path.join(HERE, "summary.md"), table(found))
-    figure(found, os.path.join(HERE, "rates_vs_c.png"))
-    print(table(found), end="")
+    text = table(found)
+    plt, fig = figure(found)  # both built before either is written
+    fsutil.write_text_atomic(os.path.join(args.folder, "summary.md"), text)
+    png = os.path.join(args.folder, "rates_vs_c.png")
+    fig.savefig(png + ".tmp", dpi=110, format="png")
+    plt.close(fig)
+    os.replace(png + ".tmp", png)
+    print(text, end="")
     return 0
 
 
