@@ -488,7 +488,9 @@ def make_figures(rows, datasets, folder):
 
 BEGIN, END = "<!-- grid-report:begin -->", "<!-- grid-report:end -->"
 CLAIMS_LEGEND = (
-    "A - B per seed (B = 0: A itself), then the mean with its 95 % Student-t interval; the verdict "
+    "A - B per seed (B = 0: A itself; only the seeds both conditions ran, so a condition with more "
+    "seeds than its partner, as the tables above average them, contributes only the shared ones), "
+    "then the mean with its 95 % Student-t interval; the verdict "
     "says on which side of 0 the interval lies. *expected (source)*: what the claim says of A - B "
     "(A <= B: A does not help) and whose claim it is: *paper* (Lippl, Peters & Kriegeskorte 2024, who "
     "tested MNIST, CIFAR and Digitclutter, not Fashion-MNIST), *ours* (beyond the paper: patch "
