@@ -4,7 +4,7 @@
 # Resumable: rerunning skips finished runs and resumes a killed one from its checkpoint.
 set -e
 cd "$(dirname "$0")"
-for c in 0.5 0.25; do
+for c in 0.5 0.25 0.1; do
     run="c$c-s0"
     if [ ! -f "$run/metrics.json" ]; then
         resume=""
