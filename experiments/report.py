@@ -257,17 +257,24 @@ def claims_table(rows, datasets):
             first = values(runs.get(claim.a, {}), claim.metric)
             second = values(runs.get(claim.b, {}), claim.metric) if claim.b is not None else dict.fromkeys(first, 0.0)
             interval = paired_interval(first, second)
-            n = interval["n"] if interval else 0
+            n = f"{interval['n']}{second_look_tag(runs, claim, first, second)}" if interval else 0
             ci = (f"[{_fmt(interval['low'])}, {_fmt(interval['high'])}]"
                   if interval and interval["low"] is not None else "-")
             needed = seeds_to_resolve(interval) if verdict(interval) == "no detectable difference" else None
-            above = f"{interval['above']} of {n}" if interval else "-"
+            above = f"{interval['above']} of {interval['n']}" if interval else "-"
             expected = f"{claim.expected} ({claim.source})" if claim.expected else f"- ({claim.source})"
             lines.append(f"| {claim.title} | {dataset} | {claim.metric} | {claim.a} | "
                          f"{'0' if claim.b is None else claim.b} | {n} | {above} | "
                          f"{_fmt(interval['mean'] if interval else None)} | {ci} | {verdict(interval)} | "
                          f"{expected} | {agreement(interval, claim.expected)} | {_seeds(needed)} |")
     return "\n".join(lines) + "\n"
+
+
+def second_look_tag(runs, claim, first, second):
+    """" (second look)" when a paired seed of the claim's conditions was added after looking (sweep.py)."""
+    paired = [s for s in first if s in second and first[s] is not None and second[s] is not None]
+    later = any(runs.get(name, {}).get(s, {}).get("added_later") for name in (claim.a, claim.b) for s in paired)
+    return " (second look)" if later else ""
 
 
 def _seeds(needed, most=1000):
@@ -505,9 +512,9 @@ CLAIMS_LEGEND = (
     "runs showed single terms moving the mean: a check of robustness, not a second chance; the mean "
     "stays the primary measure. *A > B in*: the seeds whose difference is above 0, a description "
     "beside the interval (at n = 3 a t interval can contain 0 while every seed points one way). "
-    "Digitclutter's lambda 0 and 1 have a fourth seed, added after the first three to the planning "
-    "number: rows comparing them are a second look, and docs/results.md gives the interval corrected "
-    "for it.")
+    "*n (second look)*: the pairs include seeds added after the first ones had been looked at "
+    "(experiments/sweep.py records which); the interval is not corrected for it, docs/results.md "
+    "gives the corrected one.")
 
 
 def render(summary, datasets, figures, figure_prefix):

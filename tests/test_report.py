@@ -204,3 +204,23 @@ def test_every_recurrence_claim_is_followed_by_its_median_check():
         check = report.CLAIMS[report.CLAIMS.index(claim) + 1]
         assert check == claim._replace(title=claim.title + " (check: median RI)", metric="median recurrence index")
     assert sum(c.metric == "median recurrence index" for c in report.CLAIMS) == len(primary)
+
+
+def test_a_comparison_using_a_seed_added_later_is_tagged_a_second_look():
+    def row(condition, seed, ri, later=False):
+        return {"dataset": "digitclutter", "condition": condition, "seed": seed, "added_later": later,
+                "test": {"accuracy": 0.9},
+                "evaluation": {"indices": {"recurrence": ri, "divergence": 0.5,
+                                           "per_stage": [{"convergence_rate": 1.0, "recurrence_per_block": [ri]}]},
+                               "occlusion": {"auc": 0.5}}}
+
+    def coupling_line(rows):
+        table = report.claims_table(rows, ["digitclutter"])
+        return next(x for x in table.splitlines() if x.startswith("| Coupling makes networks iterative |"))
+
+    base = [row("l0", 0, 0.0), row("l1", 0, 1.0), row("l0", 1, 0.0), row("l1", 1, 2.0)]
+    assert "| l1 | l0 | 2 | 2 of 2 |" in coupling_line(base)
+    # Seed 2 of l1 added later, but l0 has no seed 2: not paired, so no tag.
+    assert "| l1 | l0 | 2 | 2 of 2 |" in coupling_line([*base, row("l1", 2, 3.0, later=True)])
+    tagged = coupling_line([*base, row("l1", 2, 3.0, later=True), row("l0", 2, 0.0, later=True)])
+    assert "| l1 | l0 | 3 (second look) | 3 of 3 |" in tagged

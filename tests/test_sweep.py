@@ -81,6 +81,15 @@ def test_summary_holds_every_finished_run_with_its_cost(finished):
     assert "| digitclutter | l0 | 0 |" in (finished / "summary.md").read_text()
 
 
+def test_a_seed_added_later_is_marked_in_its_row(finished):
+    l0 = next(c for c in sweep.CONDITIONS if c.name == "l0")
+    run_dir = str(finished / "digitclutter" / "l0-s0")
+    assert sweep.summary_row("digitclutter", l0, 0, run_dir)["added_later"] is False
+    later = sweep.Condition("l0", l0.overrides, l0.seeds, {"digitclutter": (0,)})
+    assert sweep.summary_row("digitclutter", later, 0, run_dir)["added_later"] is True
+    assert sweep.summary_row("fashion_mnist", later, 0, run_dir)["added_later"] is False
+
+
 def test_rerun_trains_and_evaluates_nothing(finished, monkeypatch):
     from iterconv_keras import training
     from iterconv_keras.analysis import evaluation
